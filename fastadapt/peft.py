@@ -1,0 +1,182 @@
+"""The PEFT bridge: ``accelerate(model)`` patches PEFT tuner layers in place, ``revert`` undoes it.
+
+One registry maps a PEFT tuner layer class to fused forwards.  Each kernel family lists its
+entries in ``PEFT_BRIDGE`` inside its layers module (named in :data:`BRIDGE_MODULES`).  A patched
+layer keeps PEFT's own parameters and class, so save_pretrained, loading, merge_and_unload,
+set_adapter and disable_adapter behave exactly as before; only the instance's ``forward`` is
+shadowed.  Every call checks whether the fused path serves it exactly; if not, PEFT's own
+forward runs and the report counts the reason.  Never a silently different result.
+"""
+from __future__ import annotations
+
+import importlib
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+from ._catalog import entry as _catalog_entry
+
+# Layers modules that define ``PEFT_BRIDGE: list[BridgeEntry]``; a family issue adds its own.
+BRIDGE_MODULES = ("fastadapt.layers.cayley", "fastadapt.layers.dora")
+
+_ATTR_REPORT = "_fastadapt_report"
+
+
+@dataclass(frozen=True)
+class BridgeEntry:
+    """One fused forward for one PEFT layer class.
+
+    peft_class: dotted path of the PEFT layer class, e.g. "peft.tuners.oft.layer.Linear".
+    method:     catalog name this entry serves.
+    forward:    ``forward(layer, adapter_name, x) -> y``, the fused forward for one active adapter.
+    applies:    ``applies(layer, adapter_name) -> bool``: does this entry serve the adapter's
+                configuration (e.g. LoRA with use_dora)?  Entries of one class are tried in order.
+    check:      ``check(layer, adapter_name, x) -> reason or None``: a per-call reason to run
+                PEFT's forward instead (e.g. dropout in training on a path without it).
+    """
+
+    peft_class: str
+    method: str
+    forward: Callable
+    applies: Callable = lambda layer, adapter: True
+    check: Optional[Callable] = None
+
+
+@dataclass
+class AccelerationReport:
+    """What ``accelerate`` did, kept up to date as the model runs.
+
+    patched:   layer class -> number of patched layers.
+    skipped:   PEFT tuner layer class -> reason it was not patched.
+    fused_calls / fallbacks: forward calls served by the fused path / by PEFT, with the reason.
+    """
+
+    patched: Counter = field(default_factory=Counter)
+    skipped: dict = field(default_factory=dict)
+    fused_calls: int = 0
+    fallbacks: Counter = field(default_factory=Counter)
+
+    @property
+    def num_patched(self) -> int:
+        return sum(self.patched.values())
+
+    def __str__(self) -> str:
+        lines = [f"fastadapt: {self.num_patched} layer(s) patched"]
+        lines += [f"  patched {n} x {cls}" for cls, n in sorted(self.patched.items())]
+        lines += [f"  not patched {cls}: {why}" for cls, why in sorted(self.skipped.items())]
+        lines.append(f"  calls: {self.fused_calls} fused, {sum(self.fallbacks.values())} PEFT fallback")
+        lines += [f"    fallback x{n}: {why}" for why, n in self.fallbacks.most_common()]
+        return "\n".join(lines)
+
+
+def _dotted(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def registry() -> dict[str, list[BridgeEntry]]:
+    """PEFT class path -> its fused entries, from every importable bridge module."""
+    table: dict[str, list[BridgeEntry]] = {}
+    for name in BRIDGE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # the family has not landed yet
+                continue
+            raise
+        for e in getattr(module, "PEFT_BRIDGE", ()):
+            table.setdefault(e.peft_class, []).append(e)
+    return table
+
+
+def bridged_methods() -> set[str]:
+    return {e.method for entries in registry().values() for e in entries}
+
+
+def _peft_base_tuner_layer():
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError as exc:  # pragma: no cover - exercised only without peft
+        raise ImportError("fastadapt.accelerate needs PEFT: pip install 'fastadapt[peft]'") from exc
+    return BaseTunerLayer
+
+
+def _common_reason(layer, args, kwargs) -> Optional[str]:
+    """Reasons any fused path must defer to PEFT, whatever the method."""
+    if args or set(kwargs) - {"adapter_names"}:
+        return "extra forward arguments"
+    if kwargs.get("adapter_names") is not None:
+        return "adapter_names (mixed-adapter batch)"
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "merged layer"
+    active = [a for a in layer.active_adapters]
+    if len(active) != 1:
+        return f"{len(active)} active adapters"
+    base = layer.get_base_layer()
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not nn.Linear (quantized or conv)"
+    return None
+
+
+def _patched_forward(layer, x, *args, **kwargs):
+    report: AccelerationReport = getattr(layer, _ATTR_REPORT)
+    reason = _common_reason(layer, args, kwargs)
+    chosen = None
+    if reason is None:
+        adapter = layer.active_adapters[0]
+        chosen = next((e for e in layer._fastadapt_entries if e.applies(layer, adapter)), None)
+        if chosen is None:
+            reason = "adapter configuration has no fused path"
+        elif chosen.check is not None:
+            reason = chosen.check(layer, adapter, x)
+    if reason is not None:
+        report.fallbacks[reason] += 1
+        return type(layer).forward(layer, x, *args, **kwargs)
+    report.fused_calls += 1
+    return chosen.forward(layer, adapter, x)
+
+
+def accelerate(model: nn.Module, methods=None) -> AccelerationReport:
+    """Patch every supported PEFT tuner layer of ``model`` in place; returns the live report.
+
+    methods: optional iterable of catalog names to restrict patching to (e.g. ["oft"]).
+    Calling it again first reverts, then patches afresh.
+    """
+    base_tuner_layer = _peft_base_tuner_layer()
+    wanted = None if methods is None else {_catalog_entry(m).name for m in methods}
+    revert(model)
+    table = registry()
+    report = AccelerationReport()
+    for module in model.modules():
+        if not isinstance(module, base_tuner_layer):
+            continue
+        cls = _dotted(type(module))
+        entries = [e for e in table.get(cls, []) if wanted is None or e.method in wanted]
+        if not entries:
+            report.skipped[cls] = ("not among methods=" + str(sorted(wanted)) if wanted is not None and cls in table
+                                   else "no fused path registered for this layer class")
+            continue
+        module._fastadapt_entries = entries
+        setattr(module, _ATTR_REPORT, report)
+        module.forward = types.MethodType(_patched_forward, module)
+        report.patched[cls] += 1
+    setattr(model, _ATTR_REPORT, report)
+    return report
+
+
+def revert(model: nn.Module) -> int:
+    """Undo ``accelerate``; returns the number of layers restored."""
+    restored = 0
+    for module in model.modules():
+        if hasattr(module, "_fastadapt_entries"):
+            del module.forward
+            del module._fastadapt_entries
+            delattr(module, _ATTR_REPORT)
+            restored += 1
+    if _ATTR_REPORT in vars(model):
+        delattr(model, _ATTR_REPORT)
+    return restored
