@@ -6,10 +6,10 @@ and (where the method has one) ``delta_weight``.
 """
 from __future__ import annotations
 
-from . import butterfly, cayley, circulant, clover, dora, hadamard, lowrank, model
+from . import butterfly, cayley, circulant, clover, dora, hadamard, lowrank, model, structured
 from ._base import ReferenceAdapter, peft_base_layer
 
-_MODULES = (lowrank, hadamard, dora, cayley, butterfly, circulant, clover, model)
+_MODULES = (lowrank, structured, hadamard, dora, cayley, butterfly, circulant, clover, model)
 
 REFERENCES: dict = {}
 for _m in _MODULES:

@@ -1,0 +1,2 @@
+"""Dense references: structured (sparse, shared, diagonal) updates (filled in by its issue)."""
+REFERENCES: dict = {}
