@@ -1,0 +1,122 @@
+"""The PEFT bridge mechanism: patch, fall back with a counted reason, revert, checkpoints unchanged.
+
+Uses a toy fused entry for PEFT's LoRA layer (exact LoRA math in torch) so the mechanism is tested
+independently of any kernel family.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, LoHaConfig, get_peft_model
+
+import fastadapt
+from fastadapt import peft as bridge
+from fastadapt.numerics import assert_rel_close
+from fastadapt.testing import linear_model, randn, randomize_
+
+LORA_CLASS = "peft.tuners.lora.layer.Linear"
+
+
+def _toy_lora_forward(layer, adapter, x):
+    base = layer.get_base_layer()
+    y = F.linear(x, base.weight, base.bias)
+    return y + layer.scaling[adapter] * layer.lora_B[adapter](layer.lora_A[adapter](x))
+
+
+def _toy_check(layer, adapter, x):
+    if layer.training and getattr(layer.lora_dropout[adapter], "p", 0) > 0:
+        return "dropout in training"
+    return None
+
+
+def linear_forward(model, x):
+    """The frozen base model's output, computed from the base layers' own weights."""
+    net = model.base_model.model
+    h = F.linear(x, net[0].get_base_layer().weight, net[0].get_base_layer().bias)
+    return F.linear(torch.relu(h), net[2].get_base_layer().weight, net[2].get_base_layer().bias)
+
+
+@pytest.fixture
+def toy_registry(monkeypatch):
+    entry = bridge.BridgeEntry(LORA_CLASS, "lora", _toy_lora_forward, check=_toy_check,
+                               applies=lambda layer, a: not layer.use_dora[a])
+    monkeypatch.setattr(bridge, "registry", lambda: {LORA_CLASS: [entry]})
+    return entry
+
+
+def _lora_model(**kw):
+    model = get_peft_model(linear_model(12, 10, depth=2), LoraConfig(r=4, target_modules=["0", "2"], **kw))
+    randomize_(model, names=["lora_B"], scale=0.5)
+    return model
+
+
+def test_accelerate_patches_and_matches_peft(toy_registry):
+    model = _lora_model()
+    x = randn(3, 5, 12)
+    expected = model(x)
+    report = fastadapt.accelerate(model)
+    assert report.num_patched == 2 and report.patched[LORA_CLASS] == 2
+    assert_rel_close(model(x), expected)
+    assert report.fused_calls == 2 and not report.fallbacks
+    assert "2 layer(s) patched" in str(report)
+
+
+def test_fallback_reasons_are_counted(toy_registry):
+    model = _lora_model(lora_dropout=0.1)
+    x = randn(2, 12)
+    report = fastadapt.accelerate(model)
+    model.train()
+    model(x)
+    assert report.fallbacks["dropout in training"] == 2
+    model.eval()
+    with model.disable_adapter():
+        assert_rel_close(model(x), linear_forward(model, x))
+    assert report.fallbacks["adapters disabled"] >= 2
+    layer = model.base_model.model[0]
+    out_unmerged = model(x)
+    layer.merge()
+    assert_rel_close(model(x), out_unmerged)
+    assert report.fallbacks["merged layer"] >= 1
+    layer.unmerge()
+    assert report.fused_calls >= 2
+
+
+def test_second_adapter_and_adapter_names_fall_back(toy_registry):
+    model = _lora_model()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["0", "2"]))
+    report = fastadapt.accelerate(model)
+    x = randn(4, 12)
+    layer = model.base_model.model[0]
+    layer.set_adapter(["default", "other"])
+    layer(x)
+    assert report.fallbacks["2 active adapters"] == 1
+    layer.set_adapter("default")
+    model.eval()
+    model(x, adapter_names=["default", "other", "default", "other"])
+    assert report.fallbacks["adapter_names (mixed-adapter batch)"] >= 1
+
+
+def test_revert_restores_peft_forward_and_state_dict_is_unchanged(toy_registry, tmp_path):
+    model = _lora_model()
+    keys = sorted(model.state_dict())
+    fastadapt.accelerate(model)
+    assert sorted(model.state_dict()) == keys
+    model.save_pretrained(tmp_path)
+    assert fastadapt.revert(model) == 2
+    assert "forward" not in vars(model.base_model.model[0])
+    assert not hasattr(model, "_fastadapt_report")
+    assert fastadapt.revert(model) == 0
+
+
+def test_unregistered_layers_are_reported_not_patched():
+    model = get_peft_model(linear_model(8, 8), LoHaConfig(r=2, target_modules=["0"]))
+    report = fastadapt.accelerate(model)
+    assert report.num_patched == 0
+    assert report.skipped == {"peft.tuners.loha.layer.Linear": "no fused path registered for this layer class"}
+
+
+def test_methods_filter_and_unknown_name(toy_registry):
+    model = _lora_model()
+    report = fastadapt.accelerate(model, methods=["oft"])
+    assert report.num_patched == 0 and "not among methods" in report.skipped[LORA_CLASS]
+    with pytest.raises(ValueError, match="valid choices"):
+        fastadapt.accelerate(model, methods=["nolora"])

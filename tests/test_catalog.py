@@ -1,0 +1,67 @@
+"""The catalog, fastadapt.methods(), the reference registry and the CLI."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastadapt
+from fastadapt import cli
+from fastadapt._catalog import CATALOG, entry
+from fastadapt.numerics import assert_rel_close
+from fastadapt.reference import REFERENCES, ReferenceAdapter, get
+from fastadapt.testing import randn
+
+
+def test_catalog_has_the_33_methods_with_valid_families():
+    assert len(CATALOG) == 33
+    assert {e.family for e in CATALOG.values()} <= set(fastadapt.FAMILIES) | {"model"}
+    assert entry("VB-LoRA").name == "vblora"
+    with pytest.raises(ValueError, match="valid choices"):
+        entry("bone")
+
+
+def test_methods_reports_every_catalog_method_with_boolean_fields():
+    table = fastadapt.methods()
+    assert list(table) == list(CATALOG)
+    for support in table.values():
+        for field in fastadapt.SUPPORT_FIELDS:
+            assert isinstance(getattr(support, field), bool)
+        assert support.reference == (support.name in REFERENCES)
+
+
+def test_every_catalog_method_has_a_reference():
+    missing = sorted(set(CATALOG) - set(REFERENCES))
+    assert not missing, f"no reference for {missing}"
+
+
+def test_reference_lookup():
+    with pytest.raises(ValueError, match="valid choices"):
+        get("not-a-method")
+
+
+WEIGHT_REFERENCES = sorted(n for n, c in REFERENCES.items()
+                           if issubclass(c, ReferenceAdapter) and c.has_delta_weight and hasattr(c, "demo"))
+
+
+@pytest.mark.parametrize("name", WEIGHT_REFERENCES)
+def test_reference_forward_equals_merged_weight(name):
+    """(W + dW) x + b == forward(x) in float64, for every method with a weight delta."""
+    ref = REFERENCES[name].demo()
+    x = randn(3, 2, ref.in_features)
+    expected = F.linear(x, ref.weight + ref.delta_weight(), ref.bias)
+    out = ref(x)
+    assert out.dtype == torch.float64
+    assert_rel_close(out, expected, torch.float64, name=name)
+
+
+def test_cli_info_prints_backends_and_matrix(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "triton interpreter" in out and "peft" in out
+    for name in CATALOG:
+        assert name in out
+
+
+def test_cli_matrix_is_markdown(capsys):
+    assert cli.main(["matrix"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| method |") and len(lines) == 2 + len(CATALOG)
