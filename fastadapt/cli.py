@@ -71,7 +71,7 @@ def _demo(args) -> int:
             continue
         ref = demo()
         x = torch.randn(4, ref.in_features, dtype=torch.float64)
-        err = rel_error(ref(x), torch.nn.functional.linear(x, ref.merged_weight(), ref.bias))
+        err = rel_error(ref(x), torch.nn.functional.linear(x, ref.merged_weight(), ref.merged_bias()))
         ok = err < 1e-10
         failed += not ok
         print(f"{name:>16}: forward vs merged weight rel err {err:.1e} {'ok' if ok else 'FAIL'}")

@@ -44,10 +44,10 @@ WEIGHT_REFERENCES = sorted(n for n, c in REFERENCES.items()
 
 @pytest.mark.parametrize("name", WEIGHT_REFERENCES)
 def test_reference_forward_equals_merged_weight(name):
-    """(W + dW) x + b == forward(x) in float64, for every method with a weight delta."""
+    """x (W + dW)^T + merged bias == forward(x) in float64, for every method with a weight delta."""
     ref = REFERENCES[name].demo()
     x = randn(3, 2, ref.in_features)
-    expected = F.linear(x, ref.weight + ref.delta_weight(), ref.bias)
+    expected = F.linear(x, ref.weight + ref.delta_weight(), ref.merged_bias())
     out = ref(x)
     assert out.dtype == torch.float64
     assert_rel_close(out, expected, torch.float64, name=name)

@@ -16,7 +16,7 @@ class ReferenceAdapter(nn.Module):
     ``weight``: (out_features, in_features) buffer; ``bias``: (out_features,) buffer or None.
     Subclasses define ``delta_weight()`` (the dense change of W, where the method has one) and may
     override ``forward`` with the method's activation-space form; tests check that
-    ``forward(x) == x (W + delta_weight())^T + b``.
+    ``forward(x) == x (W + delta_weight())^T + merged_bias()``.
     """
 
     has_delta_weight = True
@@ -42,11 +42,15 @@ class ReferenceAdapter(nn.Module):
     def merged_weight(self) -> torch.Tensor:
         return self.weight + self.delta_weight()
 
+    def merged_bias(self) -> torch.Tensor | None:
+        """The bias of the merged layer (methods that act on outputs may change it)."""
+        return self.bias
+
     def base(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.merged_weight(), self.bias)
+        return F.linear(x, self.merged_weight(), self.merged_bias())
 
 
 def peft_base_layer(layer) -> nn.Module:
