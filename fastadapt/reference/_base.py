@@ -5,9 +5,13 @@ reading: dense matrices, the paper's notation, float64 by default.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import _validate
 
 
 class ReferenceAdapter(nn.Module):
@@ -51,6 +55,35 @@ class ReferenceAdapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.merged_weight(), self.merged_bias())
+
+
+def float64(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A detached float64 copy of ``t`` (None stays None)."""
+    return None if t is None else t.detach().to(torch.float64).clone()
+
+
+def checked_parameter(name: str, value: torch.Tensor, shape, like: torch.Tensor) -> nn.Parameter:
+    """``value`` checked against ``shape`` and ``like``'s dtype/device, as a fresh Parameter."""
+    _validate.tensor(name, value, shape=shape)
+    _validate.same(name, value, "weight", like)
+    return nn.Parameter(value.detach().clone())
+
+
+def demo_linear(d_in: int, d_out: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random float64 base (weight scaled by 1/sqrt(d_in), bias) for ``demo()`` instances."""
+    weight = torch.randn(d_out, d_in, generator=generator, dtype=torch.float64) / math.sqrt(d_in)
+    bias = torch.randn(d_out, generator=generator, dtype=torch.float64)
+    return weight, bias
+
+
+def peft_weight_and_bias(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float64 copies of the (out_features, in_features) weight and the bias under a PEFT layer.
+
+    PEFT stores the weight transposed when its layer has ``fan_in_fan_out=True`` (Conv1D).
+    """
+    base = peft_base_layer(layer)
+    weight = base.weight.T if getattr(layer, "fan_in_fan_out", False) else base.weight
+    return float64(weight), float64(base.bias)
 
 
 def peft_base_layer(layer) -> nn.Module:

@@ -18,14 +18,13 @@ method.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import _validate
-from ._base import ReferenceAdapter, peft_base_layer
+from ._base import ReferenceAdapter, demo_linear, peft_weight_and_bias
 
 _DEMO_SEED = 20240531
 
@@ -34,24 +33,12 @@ def _demo_generator() -> torch.Generator:
     return torch.Generator().manual_seed(_DEMO_SEED)
 
 
-def _demo_linear(d_in: int, d_out: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in)
-    bias = torch.randn(d_out, generator=g, dtype=torch.float64)
-    return weight, bias
-
-
 def _parameter(value: torch.Tensor | None, default: torch.Tensor, name: str) -> nn.Parameter:
     """``value`` (checked against ``default``'s shape, cast to its dtype) or ``default``."""
     if value is None:
         return nn.Parameter(default)
     _validate.tensor(name, value, shape=default.shape)
     return nn.Parameter(value.detach().clone().to(default.dtype))
-
-
-def _peft_weight_and_bias(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    base = peft_base_layer(layer)
-    bias = None if base.bias is None else base.bias.to(torch.float64)
-    return base.weight.to(torch.float64), bias
 
 
 def cayley(params: torch.Tensor) -> torch.Tensor:
@@ -153,7 +140,7 @@ class BOFT(ReferenceAdapter):
 
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default") -> "BOFT":
-        weight, bias = _peft_weight_and_bias(layer)
+        weight, bias = peft_weight_and_bias(layer)
         boft_R = layer.boft_R[adapter_name].detach().to(torch.float64)
         return cls(weight, bias, block_size=layer.boft_block_size[adapter_name],
                    n_butterfly_factor=boft_R.shape[0], boft_R=boft_R,
@@ -162,7 +149,7 @@ class BOFT(ReferenceAdapter):
     @classmethod
     def demo(cls) -> "BOFT":
         g = _demo_generator()
-        weight, bias = _demo_linear(16, 12, g)
+        weight, bias = demo_linear(16, 12, g)
         return cls(weight, bias, block_size=4, n_butterfly_factor=2,
                    boft_R=0.1 * torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64),
                    boft_s=1 + 0.1 * torch.randn(12, 1, generator=g, dtype=torch.float64))
@@ -245,7 +232,7 @@ class GOFT(ReferenceAdapter):
     @classmethod
     def demo(cls) -> "GOFT":
         g = _demo_generator()
-        weight, bias = _demo_linear(16, 12, g)
+        weight, bias = demo_linear(16, 12, g)
         return cls(weight, bias, goft_theta=0.3 * torch.randn(4, 8, generator=g, dtype=torch.float64))
 
 
@@ -310,14 +297,14 @@ class HRA(ReferenceAdapter):
 
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default") -> "HRA":
-        weight, bias = _peft_weight_and_bias(layer)
+        weight, bias = peft_weight_and_bias(layer)
         return cls(weight, bias, r=layer.hra_r[adapter_name], apply_GS=layer.hra_apply_GS[adapter_name],
                    hra_u=layer.hra_u[adapter_name].detach().to(torch.float64))
 
     @classmethod
     def demo(cls) -> "HRA":
         g = _demo_generator()
-        weight, bias = _demo_linear(16, 12, g)
+        weight, bias = demo_linear(16, 12, g)
         return cls(weight, bias, r=4, hra_u=torch.randn(16, 4, generator=g, dtype=torch.float64))
 
 
@@ -405,7 +392,7 @@ class ETHER(ReferenceAdapter):
     @classmethod
     def demo(cls) -> "ETHER":
         g = _demo_generator()
-        weight, bias = _demo_linear(16, 12, g)
+        weight, bias = demo_linear(16, 12, g)
         ether = cls(weight, bias, n_blocks=4, plus=True)
         with torch.no_grad():
             ether.ether_v.add_(0.1 * torch.randn(4, 4, generator=g, dtype=torch.float64))
@@ -496,7 +483,7 @@ class RoAd(ReferenceAdapter):
 
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default") -> "RoAd":
-        weight, bias = _peft_weight_and_bias(layer)
+        weight, bias = peft_weight_and_bias(layer)
         return cls(weight, bias, variant=str(layer.variant[adapter_name]), group_size=layer.group_size[adapter_name],
                    road_theta=layer.road_theta[adapter_name].detach().to(torch.float64),
                    road_alpha=layer.road_alpha[adapter_name].detach().to(torch.float64))
@@ -506,7 +493,7 @@ class RoAd(ReferenceAdapter):
         """Without a bias: RoAd rotates the bias too (``merged_bias``), which a caller that pairs
         ``merged_weight`` with the frozen ``bias`` would miss."""
         g = _demo_generator()
-        weight, _ = _demo_linear(16, 12, g)
+        weight, _ = demo_linear(16, 12, g)
         return cls(weight, None, variant="road_2", group_size=4,
                    road_theta=0.5 * torch.randn(12, generator=g, dtype=torch.float64),
                    road_alpha=1 + 0.2 * torch.randn(12, generator=g, dtype=torch.float64))

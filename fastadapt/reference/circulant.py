@@ -12,15 +12,9 @@ import math
 import torch
 
 from .. import _validate
-from ._base import ReferenceAdapter, peft_base_layer
+from ._base import ReferenceAdapter, peft_weight_and_bias
 
 _DEMO_SEED = 20240719
-
-
-def _peft_weight_and_bias(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    base = peft_base_layer(layer)
-    bias = None if base.bias is None else base.bias.to(torch.float64)
-    return base.weight.to(torch.float64), bias
 
 
 def circulant_block(kernel: torch.Tensor) -> torch.Tensor:
@@ -77,7 +71,7 @@ class C3A(ReferenceAdapter):
 
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default") -> "C3A":
-        weight, bias = _peft_weight_and_bias(layer)
+        weight, bias = peft_weight_and_bias(layer)
         return cls(weight, bias, block_size=layer.block_size[adapter_name],
                    c3a_kernel=layer.c3a_kernel[adapter_name].detach().to(torch.float64))
 
@@ -152,7 +146,7 @@ class FourierFT(ReferenceAdapter):
 
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default") -> "FourierFT":
-        weight, bias = _peft_weight_and_bias(layer)
+        weight, bias = peft_weight_and_bias(layer)
         return cls(weight, bias, n_frequency=layer.fourierft_n_frequency[adapter_name],
                    scaling=layer.fourierft_scaling[adapter_name],
                    random_loc_seed=layer.fourierft_random_loc_seed[adapter_name],

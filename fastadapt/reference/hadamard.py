@@ -11,21 +11,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from .. import _validate
-from ._base import ReferenceAdapter, peft_base_layer
-
-
-def _float64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to(torch.float64)
-
-
-def _parameter(name: str, value: torch.Tensor, shape, like: torch.Tensor) -> nn.Parameter:
-    """``value`` checked against ``shape`` and ``like``'s dtype/device, as a fresh Parameter."""
-    _validate.tensor(name, value, shape=shape)
-    _validate.same(name, value, "weight", like)
-    return nn.Parameter(value.detach().clone())
+from ._base import ReferenceAdapter, checked_parameter, float64, peft_base_layer
 
 
 def _kaiming(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -69,7 +57,7 @@ class LoHa(ReferenceAdapter):
             if value is None:   # PEFT init_weights=True
                 value = (torch.zeros(shape, dtype=self.weight.dtype, device=self.weight.device)
                          if name == "hada_w2_b" else _kaiming(shape, self.weight, generator))
-            setattr(self, name, _parameter(name, value, shape, self.weight))
+            setattr(self, name, checked_parameter(name, value, shape, self.weight))
 
     @property
     def scaling(self) -> float:
@@ -93,8 +81,8 @@ class LoHa(ReferenceAdapter):
         if adapter_name in layer.hada_t1:
             raise ValueError("LoHa reference covers nn.Linear only; this layer uses the conv CP form (hada_t1)")
         base = peft_base_layer(layer)
-        return cls(_float64(base.weight), _float64(base.bias), layer.r[adapter_name], layer.alpha[adapter_name],
-                   **{name: _float64(getattr(layer, name)[adapter_name])
+        return cls(float64(base.weight), float64(base.bias), layer.r[adapter_name], layer.alpha[adapter_name],
+                   **{name: float64(getattr(layer, name)[adapter_name])
                       for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")})
 
     @classmethod
@@ -169,14 +157,14 @@ class LoKr(ReferenceAdapter):
             if whole is not None:
                 _validate.tensor(side, whole, ndim=2)
                 sides[side] = tuple(whole.shape)
-                setattr(self, side, _parameter(side, whole, whole.shape, self.weight))
+                setattr(self, side, checked_parameter(side, whole, whole.shape, self.weight))
             else:
                 _validate.tensor(side + "_a", a, ndim=2)
                 rows = a.shape[0]
                 _validate.tensor(side + "_b", b, ndim=2)
                 cols = b.shape[1]
-                setattr(self, side + "_a", _parameter(side + "_a", a, (rows, r), self.weight))
-                setattr(self, side + "_b", _parameter(side + "_b", b, (r, cols), self.weight))
+                setattr(self, side + "_a", checked_parameter(side + "_a", a, (rows, r), self.weight))
+                setattr(self, side + "_b", checked_parameter(side + "_b", b, (r, cols), self.weight))
                 sides[side] = (rows, cols)
         (a_rows, c_cols), (b_rows, d_cols) = sides["lokr_w1"], sides["lokr_w2"]
         if a_rows * b_rows != d_out or c_cols * d_cols != d_in:
@@ -253,9 +241,9 @@ class LoKr(ReferenceAdapter):
         if adapter_name in layer.lokr_t2:
             raise ValueError("LoKr reference covers nn.Linear only; this layer uses the conv CP form (lokr_t2)")
         base = peft_base_layer(layer)
-        factors = {name: _float64(getattr(layer, name)[adapter_name])
+        factors = {name: float64(getattr(layer, name)[adapter_name])
                    for name in cls.FACTORS if adapter_name in getattr(layer, name)}
-        return cls(_float64(base.weight), _float64(base.bias), layer.r[adapter_name], layer.alpha[adapter_name],
+        return cls(float64(base.weight), float64(base.bias), layer.r[adapter_name], layer.alpha[adapter_name],
                    **factors)
 
     @classmethod

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import _validate
 from ..testing import generator
-from ._base import ReferenceAdapter, peft_base_layer
+from ._base import ReferenceAdapter, demo_linear, peft_weight_and_bias
 
 # AdaLoRA divides by (ranknum + 1e-5) in PEFT's forward and get_delta_weight.
 ADALORA_RANKNUM_EPS = 1e-5
@@ -37,22 +37,6 @@ def _f64(name: str, t) -> torch.Tensor:
 
 def _shape(name: str, t: torch.Tensor, shape) -> None:
     _validate.tensor(name, t, shape=shape)
-
-
-def _peft_base(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The (out_features, in_features) weight and the bias of the base layer under ``layer``.
-
-    PEFT stores the weight transposed when its layer has ``fan_in_fan_out=True`` (Conv1D).
-    """
-    base = peft_base_layer(layer)
-    weight = base.weight.T if getattr(layer, "fan_in_fan_out", False) else base.weight
-    return weight, base.bias
-
-
-def _demo_base(d_in: int, d_out: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = torch.randn(d_out, d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in)
-    bias = torch.randn(d_out, generator=g, dtype=torch.float64)
-    return weight, bias
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +92,7 @@ class LoRA(ReferenceAdapter):
         if layer.lora_bias.get(adapter_name, False):
             raise ValueError(f"adapter_name={adapter_name!r} has lora_bias=True, which this reference "
                              "does not model; use lora_bias=False")
-        weight, bias = _peft_base(layer)
+        weight, bias = peft_weight_and_bias(layer)
         return cls(weight, bias, layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight,
                    layer.scaling[adapter_name])
 
@@ -117,7 +101,7 @@ class LoRA(ReferenceAdapter):
              seed: int | None = None):
         """A random instance with a nonzero B (unlike PEFT's init) so dW != 0."""
         g = generator(seed)
-        weight, bias = _demo_base(d_in, d_out, g)
+        weight, bias = demo_linear(d_in, d_out, g)
         lora_A = torch.randn(r, d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in)
         lora_B = torch.randn(d_out, r, generator=g, dtype=torch.float64) * 0.1
         return cls(weight, bias, lora_A, lora_B, lora_scaling(lora_alpha, r))
@@ -220,7 +204,7 @@ class PiSSA(LoRA):
              seed: int | None = None):
         """A random weight split by PiSSA init; B is then perturbed so dW moves off the init."""
         g = generator(seed)
-        weight, bias = _demo_base(d_in, d_out, g)
+        weight, bias = demo_linear(d_in, d_out, g)
         ref = cls.from_weight(weight, bias, r, lora_alpha)
         with torch.no_grad():
             ref.lora_B.add_(0.01 * torch.randn(d_out, r, generator=g, dtype=torch.float64))
@@ -277,7 +261,7 @@ class VeRA(ReferenceAdapter):
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default"):
         """Copy a PEFT ``vera.Linear`` adapter with its (unsliced) shared projections."""
-        weight, bias = _peft_base(layer)
+        weight, bias = peft_weight_and_bias(layer)
         return cls(weight, bias, layer.vera_A[adapter_name], layer.vera_B[adapter_name],
                    layer.vera_lambda_d[adapter_name], layer.vera_lambda_b[adapter_name])
 
@@ -285,7 +269,7 @@ class VeRA(ReferenceAdapter):
     def demo(cls, d_in: int = 24, d_out: int = 40, r: int = 8, seed: int | None = None):
         """Random shared projections (sized larger than the layer, as when shared) and lambdas."""
         g = generator(seed)
-        weight, bias = _demo_base(d_in, d_out, g)
+        weight, bias = demo_linear(d_in, d_out, g)
         vera_A = torch.randn(r, d_in + 3, generator=g, dtype=torch.float64) / math.sqrt(d_in)
         vera_B = torch.randn(d_out + 5, r, generator=g, dtype=torch.float64) / math.sqrt(r)
         lambda_d = torch.randn(r, generator=g, dtype=torch.float64)
@@ -349,7 +333,7 @@ class AdaLoRA(ReferenceAdapter):
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default"):
         """Copy a PEFT ``adalora.SVDLinear`` adapter, its scaling and its ranknum."""
-        weight, bias = _peft_base(layer)
+        weight, bias = peft_weight_and_bias(layer)
         return cls(weight, bias, layer.lora_A[adapter_name], layer.lora_E[adapter_name],
                    layer.lora_B[adapter_name], layer.scaling[adapter_name],
                    layer.ranknum[adapter_name].item())
@@ -358,7 +342,7 @@ class AdaLoRA(ReferenceAdapter):
     def demo(cls, d_in: int = 24, d_out: int = 40, r: int = 6, lora_alpha: float = 8.0,
              seed: int | None = None):
         g = generator(seed)
-        weight, bias = _demo_base(d_in, d_out, g)
+        weight, bias = demo_linear(d_in, d_out, g)
         lora_A = torch.randn(r, d_in, generator=g, dtype=torch.float64) * 0.1
         lora_E = torch.randn(r, 1, generator=g, dtype=torch.float64)
         lora_B = torch.randn(d_out, r, generator=g, dtype=torch.float64) * 0.1
@@ -442,7 +426,7 @@ class RandLoRA(ReferenceAdapter):
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default"):
         """Copy a PEFT ``randlora.Linear`` adapter with its (unsliced) shared bases."""
-        weight, bias = _peft_base(layer)
+        weight, bias = peft_weight_and_bias(layer)
         return cls(weight, bias, layer.randlora_A[adapter_name], layer.randlora_B[adapter_name],
                    layer.randlora_lambda[adapter_name], layer.randlora_gamma[adapter_name],
                    layer.scaling[adapter_name])
@@ -451,7 +435,7 @@ class RandLoRA(ReferenceAdapter):
     def demo(cls, d_in: int = 24, d_out: int = 40, r: int = 5, randlora_alpha: float = 10.0,
              seed: int | None = None):
         g = generator(seed)
-        weight, bias = _demo_base(d_in, d_out, g)
+        weight, bias = demo_linear(d_in, d_out, g)
         n = randlora_num_bases(r, d_in, d_out)
         d_min, d_max = min(d_in, d_out), max(d_in, d_out)
         randlora_A = torch.randn(r, 1, d_min, generator=g, dtype=torch.float64)
@@ -533,7 +517,7 @@ class VBLoRA(ReferenceAdapter):
     def from_peft(cls, layer, adapter_name: str = "default"):
         """Copy a PEFT ``vblora.Linear`` adapter and the shared vector bank (full logits: a
         checkpoint saved with ``save_only_topk_weights`` must be loaded through PEFT first)."""
-        weight, bias = _peft_base(layer)
+        weight, bias = peft_weight_and_bias(layer)
         return cls(weight, bias, layer.vblora_vector_bank[adapter_name],
                    layer.vblora_logits_A[adapter_name], layer.vblora_logits_B[adapter_name],
                    layer.topk[adapter_name])
@@ -542,7 +526,7 @@ class VBLoRA(ReferenceAdapter):
     def demo(cls, d_in: int = 24, d_out: int = 40, r: int = 4, num_vectors: int = 16,
              vector_length: int = 8, topk: int = 2, seed: int | None = None):
         g = generator(seed)
-        weight, bias = _demo_base(d_in, d_out, g)
+        weight, bias = demo_linear(d_in, d_out, g)
         bank = torch.rand(num_vectors, vector_length, generator=g, dtype=torch.float64) * 0.04 - 0.02
         logits_A = torch.randn(r, d_in // vector_length, num_vectors, generator=g, dtype=torch.float64)
         logits_B = torch.randn(d_out // vector_length, r, num_vectors, generator=g, dtype=torch.float64)

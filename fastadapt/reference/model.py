@@ -18,14 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _validate
-from ._base import ReferenceAdapter
+from ._base import ReferenceAdapter, float64
 
 # PEFT's Poly router divides by (sum of skill weights + 1e-12); reproduced for bit-level parity.
 POLY_ROUTER_EPS = 1e-12
-
-
-def _f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float64).clone()
 
 
 def _indices(name: str, ids, size: int) -> torch.Tensor:
@@ -74,15 +70,15 @@ class LoReFT(nn.Module):
         _validate.tensor("weight", weight, shape=(r, d))
         if bias is not None:
             _validate.tensor("bias", bias, shape=(r,))
-        rotation = _f64(rotation)
+        rotation = float64(rotation)
         gram_error = (rotation @ rotation.T - torch.eye(r, dtype=torch.float64)).abs().max().item()
         if gram_error > orthonormal_atol:
             raise ValueError(
                 f"rotation rows must be orthonormal (R R^T = I); max |R R^T - I| = {gram_error:.2e} > "
                 f"orthonormal_atol={orthonormal_atol:g}; orthonormalise with LoReFT.orthonormal_rows(...)")
         self.rotation = nn.Parameter(rotation)
-        self.weight = nn.Parameter(_f64(weight))
-        self.bias = nn.Parameter(torch.zeros(r, dtype=torch.float64) if bias is None else _f64(bias))
+        self.weight = nn.Parameter(float64(weight))
+        self.bias = nn.Parameter(torch.zeros(r, dtype=torch.float64) if bias is None else float64(bias))
 
     @property
     def rank(self) -> int:
@@ -167,10 +163,10 @@ class LNTuning(nn.Module):
             _validate.tensor("bias", bias, shape=weight.shape)
         self.kind = kind
         self.eps = eps
-        self.register_buffer("base_weight", _f64(weight))
-        self.register_buffer("base_bias", None if bias is None else _f64(bias))
-        self.weight = nn.Parameter(_f64(weight))
-        self.bias = None if bias is None else nn.Parameter(_f64(bias))
+        self.register_buffer("base_weight", float64(weight))
+        self.register_buffer("base_bias", None if bias is None else float64(bias))
+        self.weight = nn.Parameter(float64(weight))
+        self.bias = None if bias is None else nn.Parameter(float64(bias))
 
     @property
     def normalized_size(self) -> int:
@@ -254,7 +250,7 @@ class PromptTuning(nn.Module):
         super().__init__()
         _validate.tensor("prompt", prompt, ndim=2)
         _validate.positive_int("num_virtual_tokens", prompt.shape[0])
-        self.prompt = nn.Parameter(_f64(prompt))
+        self.prompt = nn.Parameter(float64(prompt))
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -323,12 +319,12 @@ class TrainableTokens(nn.Module):
             raise ValueError(f"token_indices must be a non-empty list of ids; got shape {tuple(indices.shape)}")
         if indices.unique().numel() != indices.numel():
             raise ValueError(f"token_indices must be distinct; got {indices.tolist()}")
-        self.register_buffer("weight", _f64(weight))
+        self.register_buffer("weight", float64(weight))
         self.register_buffer("token_indices", indices)
         if rows is None:
             rows = weight[indices]
         _validate.tensor("rows", rows, shape=(indices.numel(), dim))
-        self.rows = nn.Parameter(_f64(rows))
+        self.rows = nn.Parameter(float64(rows))
         self.embed_scale = float(embed_scale)
 
     @property
@@ -392,7 +388,7 @@ class Poly(ReferenceAdapter):
     has_delta_weight = False
 
     def __init__(self, weight, bias, lora_A: torch.Tensor, lora_B: torch.Tensor, module_logits: torch.Tensor):
-        super().__init__(_f64(weight), None if bias is None else _f64(bias))
+        super().__init__(float64(weight), None if bias is None else float64(bias))
         _validate.tensor("lora_A", lora_A, ndim=4)
         n_splits, n_skills, _, r = lora_A.shape
         _validate.positive_int("n_skills", n_skills)
@@ -405,9 +401,9 @@ class Poly(ReferenceAdapter):
         if module_logits.shape[1] != n_splits * n_skills:
             raise ValueError(f"module_logits has {module_logits.shape[1]} columns; expected n_splits * n_skills = "
                              f"{n_splits * n_skills}")
-        self.lora_A = nn.Parameter(_f64(lora_A))
-        self.lora_B = nn.Parameter(_f64(lora_B))
-        self.module_logits = nn.Parameter(_f64(module_logits))
+        self.lora_A = nn.Parameter(float64(lora_A))
+        self.lora_B = nn.Parameter(float64(lora_B))
+        self.module_logits = nn.Parameter(float64(module_logits))
 
     @property
     def r(self) -> int:
@@ -501,7 +497,7 @@ class XLoRA(ReferenceAdapter):
 
     def __init__(self, weight, bias, experts, *, top_k: int | None = None, softmax_topk: bool = False,
                  global_scaling_weight: float = 1.0):
-        super().__init__(_f64(weight), None if bias is None else _f64(bias))
+        super().__init__(float64(weight), None if bias is None else float64(bias))
         if not experts:
             raise ValueError("experts must hold at least one (lora_A, lora_B, scaling) triple")
         self.lora_A = nn.ParameterList()
@@ -512,8 +508,8 @@ class XLoRA(ReferenceAdapter):
             r = _validate.rank(lora_a.shape[0], self.in_features, self.out_features, name=f"experts[{e}].r")
             _validate.tensor(f"experts[{e}].lora_A", lora_a, shape=(r, self.in_features))
             _validate.tensor(f"experts[{e}].lora_B", lora_b, shape=(self.out_features, r))
-            self.lora_A.append(nn.Parameter(_f64(lora_a)))
-            self.lora_B.append(nn.Parameter(_f64(lora_b)))
+            self.lora_A.append(nn.Parameter(float64(lora_a)))
+            self.lora_B.append(nn.Parameter(float64(lora_b)))
             self.expert_scalings.append(float(scaling))
         if top_k is not None and not 1 <= top_k <= len(experts):
             raise ValueError(f"top_k={top_k!r} must be None or in 1..n_experts={len(experts)}")

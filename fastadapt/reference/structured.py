@@ -18,21 +18,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import _validate
-from ._base import ReferenceAdapter, peft_base_layer
-
-
-def _float64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to(torch.float64)
-
-
-def _parameter(name: str, value: torch.Tensor, shape, like: torch.Tensor) -> nn.Parameter:
-    """``value`` checked against ``shape`` and ``like``'s dtype/device, as a fresh Parameter."""
-    _validate.tensor(name, value, shape=shape)
-    _validate.same(name, value, "weight", like)
-    return nn.Parameter(value.detach().clone())
+from ._base import ReferenceAdapter, checked_parameter, float64, peft_base_layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,7 +88,7 @@ class MiSS(ReferenceAdapter):
         self.mode, self.r, self.mini_r = mode, r, mini_r
         if miss_block is None:
             miss_block = torch.zeros(shape, dtype=self.weight.dtype, device=self.weight.device)
-        self.miss_block = _parameter("miss_block", miss_block, shape, self.weight)
+        self.miss_block = checked_parameter("miss_block", miss_block, shape, self.weight)
 
     def shared_block(self) -> torch.Tensor:
         """D (r, out) of modes "default"/"mini": the mini block tiled along the outputs."""
@@ -132,9 +120,9 @@ class MiSS(ReferenceAdapter):
     def from_peft(cls, layer, adapter_name: str = "default") -> "MiSS":
         base = peft_base_layer(layer)
         mode = layer.miss_fn if layer.miss_fn in ("bat", "mini") else "default"
-        return cls(_float64(base.weight), _float64(base.bias), layer.miss_r[adapter_name], mode=mode,
+        return cls(float64(base.weight), float64(base.bias), layer.miss_r[adapter_name], mode=mode,
                    mini_r=layer.miss_mini_r[adapter_name] if mode == "mini" else None,
-                   miss_block=_float64(layer.miss_block[adapter_name]))
+                   miss_block=float64(layer.miss_block[adapter_name]))
 
     @classmethod
     def demo(cls, mode: str = "default") -> "MiSS":
@@ -205,7 +193,7 @@ class SHiRA(ReferenceAdapter):
         self.register_buffer("shira_indices", shira_indices.detach().long().clone())
         if shira_weight is None:
             shira_weight = torch.zeros(num_values, dtype=self.weight.dtype, device=self.weight.device)
-        self.shira_weight = _parameter("shira_weight", shira_weight, (num_values,), self.weight)
+        self.shira_weight = checked_parameter("shira_weight", shira_weight, (num_values,), self.weight)
         self.r, self.scaling = r, float(scaling)
 
     def delta_weight(self) -> torch.Tensor:
@@ -221,9 +209,9 @@ class SHiRA(ReferenceAdapter):
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default") -> "SHiRA":
         base = peft_base_layer(layer)
-        return cls(_float64(base.weight), _float64(base.bias), layer.r[adapter_name],
+        return cls(float64(base.weight), float64(base.bias), layer.r[adapter_name],
                    shira_indices=layer.shira_indices[adapter_name],
-                   shira_weight=_float64(layer.shira_weight[adapter_name]), scaling=layer.scaling[adapter_name])
+                   shira_weight=float64(layer.shira_weight[adapter_name]), scaling=layer.scaling[adapter_name])
 
     @classmethod
     def demo(cls) -> "SHiRA":
@@ -263,7 +251,7 @@ class IA3(ReferenceAdapter):
         shape = (1, self.in_features) if is_feedforward else (self.out_features, 1)
         if ia3_l is None:
             ia3_l = torch.ones(shape, dtype=self.weight.dtype, device=self.weight.device)
-        self.ia3_l = _parameter("ia3_l", ia3_l, shape, self.weight)
+        self.ia3_l = checked_parameter("ia3_l", ia3_l, shape, self.weight)
 
     def delta_weight(self) -> torch.Tensor:
         return self.weight * (self.ia3_l - 1)
@@ -282,8 +270,8 @@ class IA3(ReferenceAdapter):
     @classmethod
     def from_peft(cls, layer, adapter_name: str = "default") -> "IA3":
         base = peft_base_layer(layer)
-        return cls(_float64(base.weight), _float64(base.bias), is_feedforward=bool(layer.is_feedforward),
-                   ia3_l=_float64(layer.ia3_l[adapter_name]))
+        return cls(float64(base.weight), float64(base.bias), is_feedforward=bool(layer.is_feedforward),
+                   ia3_l=float64(layer.ia3_l[adapter_name]))
 
     @classmethod
     def demo(cls, is_feedforward: bool = True) -> "IA3":
@@ -362,7 +350,7 @@ class SVFT(ReferenceAdapter):
         self.register_buffer("svft_indices", indices)
         if svft_m is None:
             svft_m = torch.zeros(indices.shape[1], dtype=self.weight.dtype, device=self.weight.device)
-        self.svft_m = _parameter("svft_m", svft_m, (indices.shape[1],), self.weight)
+        self.svft_m = checked_parameter("svft_m", svft_m, (indices.shape[1],), self.weight)
         self.r, self.pattern, self.off_diag = r, pattern, off_diag
 
     def coefficient_matrix(self) -> torch.Tensor:
