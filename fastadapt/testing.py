@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
 
 from .numerics import assert_rel_close, rel_error, tolerance  # noqa: F401  (re-exported)
 
@@ -75,3 +76,38 @@ def randomize_(module: torch.nn.Module, *, scale: float = 0.1, seed: int | None 
                 continue
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
     return module
+
+
+def peft_layer(config, d_in: int, d_out: int, adapter_params=(), *, bias: bool = True, scale: float = 0.3):
+    """Layer "0" of ``linear_model(d_in, d_out)`` adapted by PEFT with ``config`` (float64), its
+    parameters whose names contain one of ``adapter_params`` overwritten with random values."""
+    from peft import get_peft_model
+    model = get_peft_model(linear_model(d_in, d_out, bias=bias), config)
+    randomize_(model, names=adapter_params, scale=scale)
+    return model.base_model.model[0]
+
+
+def assert_matches_peft(ref, layer, leading, adapter: str = "default") -> None:
+    """Forward (contiguous and strided input), grad x and every parameter gradient of the reference
+    ``ref`` equal PEFT's ``layer``; reference parameters carry PEFT's names."""
+    d_in = ref.in_features
+    x = randn(*leading, d_in, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out_peft, out_ref = layer(x), ref(x_ref)
+    assert_rel_close(out_ref, out_peft, name="forward")
+    x_strided = noncontig(randn(*leading, d_in))
+    assert_rel_close(ref(x_strided), layer(x_strided), name="forward, strided x")
+    grad_out = randn(*out_peft.shape)
+    out_peft.backward(grad_out)
+    out_ref.backward(grad_out)
+    assert_rel_close(x_ref.grad, x.grad, name="grad x")
+    params = list(ref.named_parameters())
+    assert params, "reference has no trainable parameters"
+    for name, param in params:
+        assert_rel_close(param.grad, getattr(layer, name)[adapter].grad, name=f"grad {name}")
+
+
+def assert_forward_is_merged(ref) -> None:
+    """``ref(x) == x merged_weight()^T + merged_bias()`` on a random input."""
+    x = randn(3, 5, ref.in_features)
+    assert_rel_close(ref(x), F.linear(x, ref.merged_weight(), ref.merged_bias()), name="forward vs merged")

@@ -6,45 +6,14 @@ delta weight and every parameter gradient against PEFT's layer (1e-10).
 """
 import pytest
 import torch
-import torch.nn.functional as F
-from peft import LoHaConfig, LoKrConfig, get_peft_model
+from peft import LoHaConfig, LoKrConfig
 from peft.tuners.lokr.layer import factorization as peft_factorization
 
 from fastadapt.numerics import assert_rel_close, rel_error
 from fastadapt.reference.hadamard import LoHa, LoKr, lokr_factorization
-from fastadapt.testing import ODD_SHAPES, linear_model, noncontig, randn, randomize_
+from fastadapt.testing import ODD_SHAPES, assert_forward_is_merged, assert_matches_peft, linear_model, peft_layer, randn
 
 LEADING = [shape[:2] for shape in ODD_SHAPES[:2]]   # (9, 41) and (1, 7)
-
-
-def peft_layer(config, d_in, d_out, adapter_params):
-    model = get_peft_model(linear_model(d_in, d_out), config)
-    randomize_(model, names=adapter_params, scale=0.3)
-    return model.base_model.model[0]
-
-
-def assert_matches_peft(ref, layer, leading):
-    """Forward (contiguous and strided input) and every gradient equal PEFT's layer."""
-    d_in = ref.in_features
-    x = randn(*leading, d_in, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out_peft, out_ref = layer(x), ref(x_ref)
-    assert_rel_close(out_ref, out_peft, name="forward")
-    x_strided = noncontig(randn(*leading, d_in))
-    assert_rel_close(ref(x_strided), layer(x_strided), name="forward, strided x")
-    grad_out = randn(*out_peft.shape)
-    out_peft.backward(grad_out)
-    out_ref.backward(grad_out)
-    assert_rel_close(x_ref.grad, x.grad, name="grad x")
-    names = [n for n, _ in ref.named_parameters()]
-    assert names, "reference has no trainable parameters"
-    for name, param in ref.named_parameters():
-        assert_rel_close(param.grad, getattr(layer, name)["default"].grad, name=f"grad {name}")
-
-
-def assert_forward_is_merged(ref):
-    x = randn(3, 5, ref.in_features)
-    assert_rel_close(ref(x), F.linear(x, ref.merged_weight(), ref.bias), name="forward vs merged")
 
 
 # --- LoHa -------------------------------------------------------------------------------------

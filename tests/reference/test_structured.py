@@ -6,45 +6,13 @@ forward, delta weight and every parameter gradient against PEFT's layer (1e-10).
 """
 import pytest
 import torch
-import torch.nn.functional as F
-from peft import IA3Config, MissConfig, ShiraConfig, get_peft_model
+from peft import IA3Config, MissConfig, ShiraConfig
 
 from fastadapt.numerics import assert_rel_close
 from fastadapt.reference.structured import IA3, SHiRA, SVFT, MiSS, shira_random_indices, svft_pattern
-from fastadapt.testing import ODD_SHAPES, linear_model, noncontig, randn, randomize_
+from fastadapt.testing import ODD_SHAPES, assert_forward_is_merged, assert_matches_peft, linear_model, peft_layer, randn
 
 LEADING = [shape[:2] for shape in ODD_SHAPES[:2]]   # (9, 41) and (1, 7)
-
-
-def peft_layer(config, d_in, d_out, adapter_params, *, bias=True):
-    model = get_peft_model(linear_model(d_in, d_out, bias=bias), config)
-    randomize_(model, names=adapter_params, scale=0.3)
-    return model.base_model.model[0]
-
-
-def assert_matches_peft(ref, layer, leading):
-    """Forward (contiguous and strided input) and every gradient equal PEFT's layer."""
-    d_in = ref.in_features
-    x = randn(*leading, d_in, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    out_peft, out_ref = layer(x), ref(x_ref)
-    assert_rel_close(out_ref, out_peft, name="forward")
-    x_strided = noncontig(randn(*leading, d_in))
-    assert_rel_close(ref(x_strided), layer(x_strided), name="forward, strided x")
-    grad_out = randn(*out_peft.shape)
-    out_peft.backward(grad_out)
-    out_ref.backward(grad_out)
-    assert_rel_close(x_ref.grad, x.grad, name="grad x")
-    names = [n for n, _ in ref.named_parameters()]
-    assert names, "reference has no trainable parameters"
-    for name, param in ref.named_parameters():
-        assert_rel_close(param.grad, getattr(layer, name)["default"].grad, name=f"grad {name}")
-
-
-def assert_forward_is_merged(ref, bias=None):
-    x = randn(3, 5, ref.in_features)
-    merged_bias = ref.bias if bias is None else bias
-    assert_rel_close(ref(x), F.linear(x, ref.merged_weight(), merged_bias), name="forward vs merged")
 
 
 # --- MiSS -------------------------------------------------------------------------------------
@@ -164,7 +132,7 @@ def test_ia3_matches_peft_forward_and_merge(is_feedforward, bias):
     ref = IA3.from_peft(layer)
     assert ref.is_feedforward is is_feedforward
     assert_matches_peft(ref, layer, LEADING[1])
-    assert_forward_is_merged(ref, bias=ref.merged_bias())
+    assert_forward_is_merged(ref)
     # PEFT merges by scaling columns (feedforward) or rows and bias (output): same weights
     layer.merge()
     base = layer.get_base_layer()
@@ -244,4 +212,4 @@ def test_demos_forward_is_merged():
     for ref in (SHiRA.demo(), IA3.demo(), SVFT.demo(), SVFT.demo("random")):
         assert_forward_is_merged(ref)
     output_mode = IA3.demo(is_feedforward=False)
-    assert_forward_is_merged(output_mode, bias=output_mode.merged_bias())
+    assert_forward_is_merged(output_mode)
