@@ -36,6 +36,8 @@ class BridgeEntry:
                 configuration (e.g. LoRA with use_dora)?  Entries of one class are tried in order.
     check:      ``check(layer, adapter_name, x) -> reason or None``: a per-call reason to run
                 PEFT's forward instead (e.g. dropout in training on a path without it).
+    base_classes: dotted class paths of the base layers ``forward`` handles exactly (a quantized
+                or otherwise different base runs PEFT's forward).
     """
 
     peft_class: str
@@ -43,6 +45,7 @@ class BridgeEntry:
     forward: Callable
     applies: Callable = lambda layer, adapter: True
     check: Optional[Callable] = None
+    base_classes: tuple = ("torch.nn.modules.linear.Linear",)
 
 
 @dataclass
@@ -116,9 +119,6 @@ def _common_reason(layer, args, kwargs) -> Optional[str]:
     active = [a for a in layer.active_adapters]
     if len(active) != 1:
         return f"{len(active)} active adapters"
-    base = layer.get_base_layer()
-    if type(base) is not nn.Linear:
-        return f"base layer is {type(base).__name__}, not nn.Linear (quantized or conv)"
     return None
 
 
@@ -129,8 +129,11 @@ def _patched_forward(layer, x, *args, **kwargs):
     if reason is None:
         adapter = layer.active_adapters[0]
         chosen = next((e for e in layer._fastadapt_entries if e.applies(layer, adapter)), None)
+        base = _dotted(type(layer.get_base_layer()))
         if chosen is None:
             reason = "adapter configuration has no fused path"
+        elif base not in chosen.base_classes:
+            reason = f"base layer {base} has no fused path (quantized or conv)"
         elif chosen.check is not None:
             reason = chosen.check(layer, adapter, x)
     if reason is not None:

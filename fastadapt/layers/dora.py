@@ -1,0 +1,129 @@
+"""dora_norm family in PEFT's layers: fused forwards for LoRA-with-DoRA and DeLoRA (the bridge).
+
+PEFT keeps its own parameters, with PEFT's names: ``lora_A[a].weight``, ``lora_B[a].weight``,
+``lora_magnitude_vector[a].weight`` (DoRA); ``delora_A[a]``, ``delora_B[a]``,
+``delora_lambda[a]``, ``delora_w_norm[a]`` (DeLoRA).  Merge and unmerge stay PEFT's own (DoRA
+caches the norm for unmerge there); a merged layer runs PEFT's forward (fastadapt.peft).  Each
+patched layer keeps a :class:`~fastadapt.ops.dora_norm.RowSqNormCache` of ||W||_row^2, which
+PEFT's merge/unmerge invalidate by replacing ``weight.data``.
+
+A call runs PEFT's forward, with the reason counted, when the fused path would not reproduce
+it exactly: mixed dtypes (PEFT's autocast of x to the adapter dtype), ``lora_bias=True``, a
+trainable base weight, a dropout module other than nn.Dropout / nn.Identity, or dropout in
+training on a non-CPU device (the mask is redrawn from CPU's default generator exactly as
+nn.Dropout draws it; CUDA's nn.Dropout uses a fused kernel with another stream).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ..ops.dora_norm import RowSqNormCache, delora_linear, dora_linear
+from ..peft import BridgeEntry
+
+_CACHE_ATTR = "_fastadapt_weight_sq_norm"
+_RECOMPUTE_ATTR = "_fastadapt_dora_recompute"
+
+
+def _weight_sq_norm(layer, weight):
+    cache = layer.__dict__.get(_CACHE_ATTR)
+    if cache is None:
+        cache = RowSqNormCache()
+        layer.__dict__[_CACHE_ATTR] = cache
+    return cache.get(weight)
+
+
+def _dropout_reason(layer, dropout: nn.Module, x) -> Optional[str]:
+    if isinstance(dropout, nn.Identity) or not layer.training:
+        return None
+    if type(dropout) is not nn.Dropout:
+        return f"dropout module {type(dropout).__name__} is not nn.Dropout"
+    if dropout.p > 0 and x.device.type != "cpu":
+        return f"dropout in training on {x.device.type} (mask stream is matched to nn.Dropout on CPU only)"
+    return None
+
+
+def _dtype_reason(x, *tensors) -> Optional[str]:
+    dtypes = {x.dtype, *(t.dtype for t in tensors if t is not None)}
+    if len(dtypes) > 1:
+        return f"mixed dtypes {sorted(str(d) for d in dtypes)}"
+    return None
+
+
+def _dropout_p(layer, dropout: nn.Module) -> float:
+    return dropout.p if layer.training and isinstance(dropout, nn.Dropout) else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# DoRA: peft.tuners.lora.layer.Linear with use_dora
+
+def _dora_weight(layer):
+    base = layer.get_base_layer()
+    return base.weight.T if layer.fan_in_fan_out else base.weight
+
+
+def dora_check(layer, adapter: str, x) -> Optional[str]:
+    base = layer.get_base_layer()
+    if layer.lora_B[adapter].bias is not None:
+        return "lora_bias=True"
+    if base.weight.requires_grad:
+        return "base weight is trainable"
+    return (_dtype_reason(x, base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                          layer.lora_magnitude_vector[adapter].weight)
+            or _dropout_reason(layer, layer.lora_dropout[adapter], x))
+
+
+def dora_forward(layer, adapter: str, x):
+    """PEFT's ``lora.Linear.forward`` with use_dora for one active adapter, fused.
+
+    Saves x and the output by default; x only after :func:`set_recompute` (see
+    :class:`~fastadapt.ops.dora_norm.DoraLinearFunction` for what each mode saves and costs).
+    """
+    weight = _dora_weight(layer)
+    return dora_linear(x, weight, layer.get_base_layer().bias, layer.lora_A[adapter].weight,
+                       layer.lora_B[adapter].weight, layer.lora_magnitude_vector[adapter].weight,
+                       layer.scaling[adapter], dropout_p=_dropout_p(layer, layer.lora_dropout[adapter]),
+                       recompute=layer.__dict__.get(_RECOMPUTE_ATTR, False),
+                       weight_sq_norm=_weight_sq_norm(layer, weight))
+
+
+def set_recompute(model: nn.Module, recompute: bool = True) -> int:
+    """Make the fused DoRA forward of every LoRA layer in ``model`` save only x (``recompute``)
+    or x and the output (default); returns the number of layers set."""
+    from peft.tuners.lora.layer import LoraLayer
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.__dict__[_RECOMPUTE_ATTR] = bool(recompute)
+            count += 1
+    return count
+
+
+# ----------------------------------------------------------------------------------------------
+# DeLoRA: peft.tuners.delora.layer.DeloraLinear
+
+def delora_check(layer, adapter: str, x) -> Optional[str]:
+    base = layer.get_base_layer()
+    if base.weight.requires_grad:
+        return "base weight is trainable"
+    return (_dtype_reason(x, base.weight, base.bias, layer.delora_A[adapter], layer.delora_B[adapter],
+                          layer.delora_lambda[adapter], layer.delora_w_norm[adapter])
+            or _dropout_reason(layer, layer.delora_dropout[adapter], x))
+
+
+def delora_forward(layer, adapter: str, x):
+    """PEFT's ``DeloraLinear.forward`` for one active adapter, fused."""
+    base = layer.get_base_layer()
+    return delora_linear(x, base.weight, base.bias, layer.delora_A[adapter], layer.delora_B[adapter],
+                         layer.delora_lambda[adapter], layer.delora_w_norm[adapter],
+                         dropout_p=_dropout_p(layer, layer.delora_dropout[adapter]))
+
+
+PEFT_BRIDGE = [
+    BridgeEntry(peft_class="peft.tuners.lora.layer.Linear", method="dora", forward=dora_forward,
+                applies=lambda layer, a: bool(layer.use_dora.get(a, False)), check=dora_check,
+                base_classes=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D")),
+    BridgeEntry(peft_class="peft.tuners.delora.layer.DeloraLinear", method="delora", forward=delora_forward,
+                applies=lambda layer, a: a in layer.delora_A, check=delora_check),
+]

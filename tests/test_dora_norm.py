@@ -1,0 +1,448 @@
+"""dora_norm family: factored norm, fused DoRA / DeLoRA Functions, the PEFT bridge entries.
+
+PEFT parity runs in float64 through ``fastadapt.accelerate`` (outputs and every gradient, r in
+{4, 16, 64}, with and without bias, dropout 0 and 0.1 with the same seed on both sides).
+"""
+import pytest
+import torch
+from peft import DeloraConfig, LoraConfig, get_peft_model
+from torch import nn
+
+import fastadapt
+from fastadapt.layers import dora as dora_layers
+from fastadapt.numerics import assert_rel_close
+from fastadapt.ops import dora_norm as ops
+from fastadapt.reference.dora import DeLoRA, DoRA
+from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
+
+D_IN, D_OUT = 97, 83
+
+
+def dora_model(r, *, bias=True, dropout=0.0, dtype=torch.float64, d_in=D_IN, d_out=D_OUT, autocast=True):
+    model = get_peft_model(linear_model(d_in, d_out, bias=bias, dtype=dtype),
+                           LoraConfig(r=r, lora_alpha=3 * r, use_dora=True, target_modules=["0"],
+                                      lora_dropout=dropout), autocast_adapter_dtype=autocast)
+    randomize_(model, names=["lora_B"], scale=0.3)
+    randomize_(model, names=["lora_magnitude_vector"], scale=1.0)
+    return model, model.base_model.model[0]
+
+
+def delora_model(r, *, bias=True, dropout=0.0, dtype=torch.float64, autocast=True):
+    model = get_peft_model(linear_model(D_IN, D_OUT, bias=bias, dtype=dtype),
+                           DeloraConfig(r=r, delora_lambda=5, init_weights=False, target_modules=["0"],
+                                        module_dropout=dropout), autocast_adapter_dtype=autocast)
+    return model, model.base_model.model[0]
+
+
+def run(model, params, x, dy, seed=11):
+    torch.manual_seed(seed)
+    y = model(x)
+    return [y, *torch.autograd.grad(y, [x, *params], dy)]
+
+
+def dora_params(layer):
+    return [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+            layer.lora_magnitude_vector["default"].weight]
+
+
+def delora_params(layer):
+    return [layer.delora_A["default"], layer.delora_B["default"], layer.delora_lambda["default"]]
+
+
+def assert_all_close(actual, expected, names):
+    for name, a, e in zip(names, actual, expected):
+        assert_rel_close(a, e, name=name)
+
+
+# ------------------------------------------------------------------------------------------ norm
+
+@pytest.mark.parametrize("dtype", (torch.float64, *DTYPES))
+def test_factored_norm_matches_dense_norm(dtype):
+    ref = DoRA(randn(37, 45), None, randn(5, 45, scale=0.3), randn(37, 5, scale=0.3), randn(37), 1.7)
+    cast = [t.to(dtype) for t in (ref.weight, ref.lora_A, ref.lora_B)]
+    norm = ops.dora_weight_norm(*cast, ref.scaling)
+    assert_rel_close(norm, ref.weight_norm(), dtype)
+
+
+def test_weight_sq_norm_cache_invalidates():
+    w = nn.Parameter(randn(9, 7), requires_grad=False)
+    cache = ops.RowSqNormCache()
+    first = cache.get(w)
+    assert cache.get(w) is first
+    with torch.no_grad():
+        w.mul_(2)
+    assert_rel_close(cache.get(w), 4 * first)
+    w.data = randn(9, 7)  # what PEFT's DoRA merge / unmerge do
+    assert_rel_close(cache.get(w), w.detach().square().sum(1))
+
+
+def test_zero_norm_row_is_finite():
+    """W_j = 0 and B_j = 0 (LoRA's B init): PEFT divides 0 by 0; the eps (1e-12) keeps it finite."""
+    model, layer = dora_model(4)
+    base = layer.get_base_layer()
+    with torch.no_grad():
+        base.weight[3].zero_()
+        layer.lora_B["default"].weight[3].zero_()
+        layer.lora_magnitude_vector["default"].weight[3] = 0.0
+    x, dy = randn(5, D_IN, requires_grad=True), randn(5, D_OUT)
+    expected = run(model, dora_params(layer), x, dy)
+    assert torch.isnan(expected[0][:, 3]).all()  # PEFT's behaviour (peft#2049)
+    fastadapt.accelerate(model)
+    got = run(model, dora_params(layer), x, dy)
+    assert all(torch.isfinite(g).all() for g in got)
+    keep = [i for i in range(D_OUT) if i != 3]
+    assert_rel_close(got[0][:, keep], expected[0][:, keep], name="output")
+    assert_rel_close(got[0][:, 3], base.bias[3].expand(5), name="zero row")
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 5), (16, 8)])
+def test_dropout_mask_is_nn_dropouts_and_packs_to_bits(shape):
+    x = randn(*shape, dtype=torch.float32)
+    torch.manual_seed(5)
+    expected = torch.nn.functional.dropout(x, 0.3, training=True)
+    torch.manual_seed(5)
+    mask, packed = ops.draw_dropout(x, 0.3)
+    assert torch.equal(x * mask, expected)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-x.numel() // 8)
+    assert torch.equal(ops.unpack_dropout(packed, x.shape, x.dtype, 0.3), mask)
+
+
+# ------------------------------------------------------------------------------ autograd / gradcheck
+
+@pytest.mark.parametrize("mode", ["default", "recompute", "dropout", "dropout_recompute"])
+def test_dora_function_gradcheck(mode):
+    r, d_in, d_out = 3, 6, 5
+    w, b = randn(d_out, d_in), randn(d_out)
+    args = [randn(4, d_in, requires_grad=True), randn(r, d_in, requires_grad=True),
+            randn(d_out, r, requires_grad=True), randn(d_out, requires_grad=True), b.requires_grad_()]
+    p = 0.3 if mode.startswith("dropout") else 0.0
+    norm = ops.dora_weight_norm(w, args[1], args[2], 1.3)  # a constant, as in PEFT (detached)
+
+    def f(x, a, bb, m, bias):
+        torch.manual_seed(0)  # the same dropout mask on every call
+        plan = ops.DoraPlan(1.3, p, recompute=mode.endswith("recompute"))
+        return ops.DoraLinearFunction.apply(x, w, bias, a, bb, m, norm, plan)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_delora_function_gradcheck(p):
+    r, d_in, d_out = 3, 6, 5
+    w = randn(d_out, d_in)
+    args = [randn(4, d_in, requires_grad=True), randn(r, d_in, requires_grad=True),
+            randn(d_out, r, requires_grad=True), randn(1, requires_grad=True).abs(), randn(d_out, requires_grad=True)]
+    w_norm = w.norm(dim=0)
+
+    def f(x, a, bb, lam, bias):
+        torch.manual_seed(0)
+        return ops.delora_linear(x, w, bias, a, bb, lam, w_norm, dropout_p=p)
+
+    assert torch.autograd.gradcheck(f, args)
+
+
+# ------------------------------------------------------------------------------------- PEFT parity
+
+@pytest.mark.parametrize("r", [4, 16, 64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_dora_equals_peft(r, bias, dropout):
+    model, layer = dora_model(r, bias=bias, dropout=dropout)
+    model.train()
+    x, dy = randn(2, 13, D_IN, requires_grad=True), randn(2, 13, D_OUT)
+    expected = run(model, dora_params(layer), x, dy)
+    report = fastadapt.accelerate(model)
+    got = run(model, dora_params(layer), x, dy)
+    assert report.fused_calls == 1 and not report.fallbacks
+    assert_all_close(got, expected, ["output", "x", "A", "B", "m"])
+    layer.scaling["default"] = 0.7  # read at call time
+    fused = run(model, dora_params(layer), x, dy)
+    fastadapt.revert(model)
+    assert_all_close(fused, run(model, dora_params(layer), x, dy), ["output", "x", "A", "B", "m"])
+
+
+def test_dora_recompute_equals_default():
+    model, layer = dora_model(8)
+    base = layer.get_base_layer()
+    x, dy = randn(21, D_IN, requires_grad=True), randn(21, D_OUT)
+    params = dora_params(layer)
+    outs = []
+    for recompute in (False, True):
+        y = ops.dora_linear(x, base.weight, base.bias, *params[:2], params[2], layer.scaling["default"],
+                            recompute=recompute)
+        outs.append([y, *torch.autograd.grad(y, [x, *params], dy)])
+    assert_all_close(outs[1], outs[0], ["output", "x", "A", "B", "m"])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_set_recompute_through_the_bridge_equals_peft(dropout):
+    model, layer = dora_model(16, dropout=dropout)
+    model.train()
+    x, dy = randn(17, D_IN, requires_grad=True), randn(17, D_OUT)
+    expected = run(model, dora_params(layer), x, dy)
+    fastadapt.accelerate(model)
+    assert dora_layers.set_recompute(model) == 1
+    assert_all_close(run(model, dora_params(layer), x, dy), expected, ["output", "x", "A", "B", "m"])
+
+
+def test_dora_fan_in_fan_out_equals_peft():
+    from transformers.pytorch_utils import Conv1D
+    base = Conv1D(nf=D_OUT, nx=D_IN).to(torch.float64)
+    randomize_(base, scale=0.2)
+    model = get_peft_model(nn.Sequential(base), LoraConfig(r=8, use_dora=True, target_modules=["0"],
+                                                           fan_in_fan_out=True))
+    randomize_(model, names=["lora_B"], scale=0.3)
+    layer = model.base_model.model[0]
+    x, dy = randn(11, D_IN, requires_grad=True), randn(11, D_OUT)
+    expected = run(model, dora_params(layer), x, dy)
+    report = fastadapt.accelerate(model)
+    got = run(model, dora_params(layer), x, dy)
+    assert report.fused_calls == 1 and not report.fallbacks
+    assert_all_close(got, expected, ["output", "x", "A", "B", "m"])
+
+
+@pytest.mark.parametrize("r", [4, 16, 64])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_delora_equals_peft(r, bias, dropout):
+    model, layer = delora_model(r, bias=bias, dropout=dropout)
+    model.train()
+    x, dy = randn(2, 13, D_IN, requires_grad=True), randn(2, 13, D_OUT)
+    expected = run(model, delora_params(layer), x, dy)
+    report = fastadapt.accelerate(model)
+    got = run(model, delora_params(layer), x, dy)
+    assert report.fused_calls == 1 and not report.fallbacks
+    assert_all_close(got, expected, ["output", "x", "A", "B", "lambda"])
+
+
+def lambda_condition(ref, x64, mask, dy):
+    """Condition number of dlambda = sum_{t,i} dY_t B_:,i u_ti / (r ||A_i|| ||B_:,i||): the ratio of
+    the sum of |terms| to |sum|, by which any low-precision evaluation's relative error grows."""
+    with torch.no_grad():
+        u = nn.functional.linear(x64 * mask * ref.delora_w_norm, ref.delora_A)
+        terms = (dy @ ref.delora_B) * u * (ref.component_scale() / ref.delora_lambda)
+        return float(terms.abs().sum() / terms.sum().abs())
+
+
+@pytest.mark.parametrize("method", ["dora", "delora"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_low_precision_matches_float64_like_peft(method, dtype):
+    """PEFT's setup with autocast_adapter_dtype=False (adapter in the model's dtype) and dropout:
+    the output and every gradient are within the table of the float64 truth (same mask); the
+    scalar dlambda's bound is scaled by its sum's condition number, which PEFT needs as well."""
+    build, reference = (dora_model, DoRA) if method == "dora" else (delora_model, DeLoRA)
+    model, layer = build(16, dropout=0.1, dtype=dtype, autocast=False)
+    params = dora_params(layer) if method == "dora" else delora_params(layer)
+    x, dy = randn(3, 11, D_IN, dtype=dtype, requires_grad=True), randn(3, 11, D_OUT, dtype=dtype)
+    ref = reference.from_peft(layer)
+    torch.manual_seed(11)
+    mask, _ = ops.draw_dropout(x, 0.1)  # the mask the fused run draws after manual_seed(11)
+    x64 = x.detach().double().requires_grad_()
+    y64 = ref(x64, dropout_mask=mask.double())
+    ref_params = [ref.lora_A, ref.lora_B, ref.magnitude] if method == "dora" else \
+        [ref.delora_A, ref.delora_B, ref.delora_lambda]
+    truth = [y64, *torch.autograd.grad(y64, [x64, *ref_params], dy.double())]
+    report = fastadapt.accelerate(model)
+    fused = run(model, params, x, dy)
+    assert report.fused_calls == 1 and not report.fallbacks
+    scales = [1, 1, 1, 1, lambda_condition(ref, x64.detach(), mask.double(), dy.double()) if method == "delora" else 1]
+    for name, got, true, scale in zip(["output", "x", "A", "B", "m or lambda"], fused, truth, scales):
+        assert_rel_close(got, true, dtype, scale=scale, name=name)
+
+
+def test_forced_triton_backend_runs_the_kernels(monkeypatch, device):
+    """FASTADAPT_BACKEND=triton: the norm kernel and the fused scaled GEMM (forward and dx) run
+    (the interpreter on CPU); output and every gradient match the float64 reference."""
+    from fastadapt.triton_kernels import dora_norm as kernels
+    calls = []
+    for name in ("dora_norm_forward", "scaled_lowrank_gemm"):
+        launcher = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    ref = DoRA(randn(19, 24), randn(19), randn(4, 24, scale=0.3), randn(19, 4, scale=0.3), randn(19), 1.5)
+    params = [t.to(torch.float32, copy=True).to(device) for t in (ref.lora_A, ref.lora_B, ref.magnitude)]
+    for p in params:
+        p.requires_grad_()
+    x, dy = randn(21, 24, requires_grad=True), randn(21, 19)
+    x32 = x.detach().to(torch.float32).to(device).requires_grad_()
+    y = ops.dora_linear(x32, ref.weight.to(torch.float32).to(device), ref.bias.to(torch.float32).to(device), *params,
+                        ref.scaling)
+    got = [y, *torch.autograd.grad(y, [x32, *params], dy.to(torch.float32).to(device))]
+    y_ref = ref(x)
+    expected = [y_ref, *torch.autograd.grad(y_ref, [x, ref.lora_A, ref.lora_B, ref.magnitude], dy)]
+    for name, g, e in zip(["output", "x", "A", "B", "m"], got, expected):
+        assert_rel_close(g, e, "tf32", name=name)
+    assert sorted(set(calls)) == ["dora_norm_forward", "scaled_lowrank_gemm"]
+    assert calls.count("scaled_lowrank_gemm") == 2  # forward and dx
+
+
+def test_delora_clamped_norms_equal_peft():
+    """A zero row of delora_A and a zero column of delora_B hit PEFT's 1e-4 clamp (no gradient)."""
+    model, layer = delora_model(8)
+    with torch.no_grad():
+        layer.delora_A["default"][2].zero_()
+        layer.delora_B["default"][:, 5].zero_()
+    x, dy = randn(9, D_IN, requires_grad=True), randn(9, D_OUT)
+    expected = run(model, delora_params(layer), x, dy)
+    fastadapt.accelerate(model)
+    got = run(model, delora_params(layer), x, dy)
+    assert all(torch.isfinite(g).all() for g in got)
+    assert_all_close(got, expected, ["output", "x", "A", "B", "lambda"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_against_float64_reference(dtype):
+    ref = DoRA(randn(D_OUT, D_IN, scale=0.1), randn(D_OUT), randn(8, D_IN, scale=0.1), randn(D_OUT, 8, scale=0.1),
+               randn(D_OUT).abs() + 0.5, 2.0)
+    x = noncontig(randn(3, 7, D_IN).to(dtype))
+    cast = [t.to(dtype) for t in (ref.weight, ref.bias, ref.lora_A, ref.lora_B, ref.magnitude)]
+    assert_rel_close(ops.dora_linear(x, *cast, ref.scaling), ref(x.double()), dtype)
+    dref = DeLoRA.demo(D_IN, D_OUT, 8)
+    cast = [t.to(dtype) for t in (dref.weight, dref.bias, dref.delora_A, dref.delora_B, dref.delora_lambda,
+                                  dref.delora_w_norm)]
+    assert_rel_close(ops.delora_linear(x, *cast), dref(x.double()), dtype)
+
+
+def test_dora_merge_unmerge_round_trip():
+    model, layer = dora_model(8)
+    model.eval()
+    x = randn(6, D_IN)
+    expected = model(x)
+    report = fastadapt.accelerate(model)
+    assert_rel_close(model(x), expected)
+    layer.merge()
+    assert_rel_close(model(x), expected, name="merged")
+    layer.unmerge()
+    assert_rel_close(model(x), expected, name="unmerged")
+    assert report.fused_calls == 2 and report.fallbacks["merged layer"] == 1
+    with torch.no_grad():  # any write to W invalidates the cached ||W||^2
+        layer.get_base_layer().weight.mul_(1.5)
+    fused = model(x)
+    fastadapt.revert(model)
+    assert_rel_close(fused, model(x), name="after weight write")
+
+
+# ------------------------------------------------------------------------------------- memory
+
+def saved_ratio(fn, x, params):
+    """Bytes of unique storages autograd saves, except the parameters' and buffers', per bytes(x)."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()) / (x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("kind", ["dora", "dora_recompute", "dora_dropout", "dora_dropout_recompute", "delora"])
+def test_saved_activation_bytes(kind):
+    """Exactly x (+ the output or y_pre by default) + u (N x r) + the norm (out,) + 1 bit per
+    element of x for a dropout mask; the issue's bounds (2.05 / 1.05 at r/in = 16/1024) follow."""
+    n, d, r = 64, 128, 4
+    x = randn(n, d, dtype=torch.float32, requires_grad=True)
+    w, b = randn(d, d, dtype=torch.float32), randn(d, dtype=torch.float32)
+    a, bb = randn(r, d, dtype=torch.float32, requires_grad=True), randn(d, r, dtype=torch.float32, requires_grad=True)
+    dropout = 0.1 if "dropout" in kind else 0.0
+    if kind == "delora":
+        lam, w_norm = randn(1, dtype=torch.float32, requires_grad=True), w.norm(dim=0)
+        ratio = saved_ratio(lambda: ops.delora_linear(x, w, b, a, bb, lam, w_norm), x, [w, b, a, bb, lam, w_norm])
+        assert ratio == pytest.approx(1 + r / d)
+        return
+    m = randn(d, dtype=torch.float32, requires_grad=True)
+    ratio = saved_ratio(lambda: ops.dora_linear(x, w, b, a, bb, m, 2.0, dropout_p=dropout,
+                                                recompute="recompute" in kind), x, [w, b, a, bb, m])
+    activations = 1 if "recompute" in kind else 2
+    assert ratio == pytest.approx(activations + r / d + 1 / n + (1 / 32 if dropout else 0))
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+def test_magnitude_length_mismatch_names_parameter_and_shapes():
+    model, layer = dora_model(4)
+    layer.lora_magnitude_vector["default"].weight = nn.Parameter(randn(D_OUT - 2))
+    fastadapt.accelerate(model)
+    with pytest.raises(ValueError, match=rf"lora_magnitude_vector.*\({D_OUT - 2},\).*\({D_OUT},\)"):
+        model(randn(3, D_IN))
+
+
+def test_rank_above_min_features():
+    w = randn(6, 9)
+    with pytest.raises(ValueError, match="r=7"):
+        ops.dora_weight_norm(w, randn(7, 9), randn(6, 7), 1.0)
+    with pytest.raises(ValueError, match="r=7"):
+        ops.delora_linear(randn(2, 9), w, None, randn(7, 9), randn(6, 7), randn(1), randn(9))
+
+
+def test_nan_in_adapter_gives_nan_not_hang():
+    model, layer = dora_model(4)
+    with torch.no_grad():
+        layer.lora_A["default"].weight[0, 0] = float("nan")
+    fastadapt.accelerate(model)
+    assert torch.isnan(model(randn(3, D_IN))).any()
+
+
+def test_fallback_reasons():
+    model, layer = dora_model(4, dtype=torch.bfloat16)  # PEFT keeps the adapter in float32 and casts x
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    report = fastadapt.accelerate(model)
+    model(randn(3, D_IN, dtype=torch.bfloat16))
+    assert any("mixed dtypes" in why for why in report.fallbacks)
+
+
+# ------------------------------------------------------------------------------ Triton norm kernel
+
+INTERPRETED = not torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(
+    torch.bfloat16, marks=pytest.mark.skipif(INTERPRETED, reason="the Triton interpreter does no bf16 arithmetic"))])
+@pytest.mark.parametrize("r, cached", [(5, True), (16, False)])
+def test_triton_norm_kernel_matches_reference(device, dtype, r, cached):
+    from fastadapt.triton_kernels.dora_norm import dora_norm_forward
+    ref = DoRA(randn(40, 72), None, randn(r, 72, scale=0.3), randn(40, r, scale=0.3), randn(40), 1.7)
+    w, a, b = (t.to(dtype=dtype, device=device) for t in (ref.weight, ref.lora_A, ref.lora_B))
+    w_sq = ops.weight_row_sq_norm(w) if cached else None
+    norm = dora_norm_forward(w, a, b, ref.scaling, w_sq, block_m=16, block_k=32)
+    assert_rel_close(norm, ref.weight_norm(), dtype)
+    assert_rel_close(dora_norm_forward(w.T.contiguous().T, a, b, ref.scaling, w_sq, block_m=16, block_k=32),
+                     ref.weight_norm(), dtype, name="strided W")
+
+
+def test_forced_triton_backend_delora(monkeypatch, device):
+    """FASTADAPT_BACKEND=triton: DeLoRA's forward and dx run the fused GEMM; all gradients match."""
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    ref = DeLoRA.demo(24, 19, 4)
+    to32 = lambda t: t.detach().to(torch.float32).to(device)  # noqa: E731
+    params = [to32(t).requires_grad_() for t in (ref.delora_A, ref.delora_B, ref.delora_lambda)]
+    x, dy = randn(21, 24, requires_grad=True), randn(21, 19)
+    x32 = to32(x).requires_grad_()
+    y = ops.delora_linear(x32, to32(ref.weight), to32(ref.bias), *params, to32(ref.delora_w_norm))
+    got = [y, *torch.autograd.grad(y, [x32, *params], to32(dy))]
+    y_ref = ref(x)
+    expected = [y_ref, *torch.autograd.grad(y_ref, [x, ref.delora_A, ref.delora_B, ref.delora_lambda], dy)]
+    for name, g, e in zip(["output", "x", "A", "B", "lambda"], got, expected):
+        assert_rel_close(g, e, "tf32", name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(
+    torch.bfloat16, marks=pytest.mark.skipif(INTERPRETED, reason="the Triton interpreter does no bf16 arithmetic"))])
+def test_triton_scaled_lowrank_gemm_matches_reference(device, dtype):
+    """C = so o (x diag(sk) y + u v) + b: DoRA's forward (scale epilogue) and dx (scale on load)."""
+    from fastadapt.triton_kernels.dora_norm import scaled_lowrank_gemm
+    m, k, n, r = 37, 40, 29, 5
+    x, w, u, b_lr = (randn(*s) for s in ((m, k), (n, k), (m, r), (n, r)))
+    g, bias = randn(n).abs() + 0.5, randn(n)
+    cast = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731
+    x_strided = noncontig(cast(x))
+    y = scaled_lowrank_gemm(x_strided, cast(w).T, cast(u), cast(b_lr).T, out_scale=g.float().to(device),
+                            bias=cast(bias))
+    assert_rel_close(y, g * (x @ w.T + u @ b_lr.T) + bias, "tf32" if dtype == torch.float32 else dtype)
+    dy, v, a = randn(m, n), randn(m, r), randn(r, k)
+    dx = scaled_lowrank_gemm(cast(dy), cast(w), cast(v), cast(a), k_scale=g.float().to(device))
+    assert_rel_close(dx, (dy * g) @ w + v @ a, "tf32" if dtype == torch.float32 else dtype)
