@@ -1,0 +1,296 @@
+"""Cayley-family layers (OFT, PSOFT, SSVD, AntiPaSTO) with PEFT parameter names, and the PEFT bridge.
+
+Each layer wraps a frozen nn.Linear ``base_layer`` and runs fastadapt.ops.cayley:
+
+    OFTLinear        y = (x R_bd) W^T + b             oft_R.weight (n, b(b-1)/2), PEFT's conventions
+    PSOFTLinear      y = x W^T + b + s ((xA^T)R^T - xA^T) B^T     psoft_R.weight / vector_a / vector_b
+    SSVDLinear       y = x W^T + b + ((xV) R^T (S + dS) - (xV) S) U^T    ssvd_R.weight, ssvd_R.delta_s
+    AntiPaSTOLinear  SSVD with R = cayley(alpha Q), S + alpha dS; alpha a float or a per-sample tensor
+
+``merge()`` folds the adapter into base_layer.weight and ``unmerge()`` restores it (exact up to
+rounding: OFT unmerges by solving with R_bd, the others subtract the same delta).
+
+PEFT_BRIDGE serves peft.tuners.oft.layer.Linear and peft.tuners.psoft.layer.Linear.  PEFT 0.21's
+OFT Linear.forward never applies its ``oft_dropout`` (multiplicative block dropout), so the fused
+OFT forward equals PEFT's in training too; coft=True (an in-place projection of oft_R every call)
+is not served.  PSOFT's input dropout (nn.Dropout on x) runs PEFT's forward while training.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _validate
+from ..ops import cayley as ops
+from ..peft import BridgeEntry
+
+
+def _frozen_linear(base_layer) -> nn.Linear:
+    if not isinstance(base_layer, nn.Linear):
+        raise TypeError(f"base_layer must be nn.Linear, got {type(base_layer).__name__}")
+    base_layer.requires_grad_(False)
+    return base_layer
+
+
+class _Packed(nn.Module):
+    """Holds ``weight`` (and optional extra parameters) so state-dict keys read like PEFT's."""
+
+    def __init__(self, weight: torch.Tensor, **extra):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        for name, value in extra.items():
+            setattr(self, name, None if value is None else nn.Parameter(value))
+
+
+class OFTLinear(nn.Module):
+    """OFT / OFTv2 on an nn.Linear: y = (x R_bd) W^T + bias (input-centric; PEFT's OFT layer).
+
+    oft_block_size b (or r = number of blocks; give one, PEFT's rule) must divide in_features;
+    ``oft_R.weight`` is (in/b, b(b-1)/2), or (1, ...) with ``block_share``.
+    use_cayley_neumann=True: R_i = PEFT's series for (I+Q)(I-Q)^{-1};  False: exact (I-Q)(I+Q)^{-1}.
+    """
+
+    def __init__(self, base_layer: nn.Linear, oft_block_size: int = 0, r: int = 0, *,
+                 use_cayley_neumann: bool = True, num_cayley_neumann_terms: int = 5,
+                 block_share: bool = False):
+        super().__init__()
+        self.base_layer = _frozen_linear(base_layer)
+        d = base_layer.in_features
+        if (oft_block_size == 0) == (r == 0):
+            raise ValueError(f"give exactly one of oft_block_size or r (got oft_block_size={oft_block_size}, r={r})")
+        if oft_block_size:
+            _validate.divides("oft_block_size", oft_block_size, d)
+        else:
+            _validate.divides("r", r, d)
+            oft_block_size = d // r
+        self.oft_block_size = oft_block_size
+        self.r = d // oft_block_size
+        self.use_cayley_neumann = use_cayley_neumann
+        self.num_cayley_neumann_terms = _validate.positive_int("num_cayley_neumann_terms", num_cayley_neumann_terms)
+        self.block_share = block_share
+        w = base_layer.weight
+        self.oft_R = _Packed(torch.zeros(1 if block_share else self.r, ops.packed_size(oft_block_size),
+                                         dtype=w.dtype, device=w.device))
+        self.merged = False
+
+    def rotation_blocks(self) -> torch.Tensor:
+        return ops.oft_rotation_blocks(self.oft_R.weight, self.oft_block_size,
+                                       use_cayley_neumann=self.use_cayley_neumann,
+                                       num_cayley_neumann_terms=self.num_cayley_neumann_terms)
+
+    def orthogonality_error(self) -> float:
+        """max_i ||R_i^T R_i - I||_F of the current rotation (0 up to rounding in exact mode)."""
+        with torch.no_grad():
+            return float(ops.orthogonality_error(self.rotation_blocks().float()))
+
+    def forward(self, x):
+        if self.merged:
+            return self.base_layer(x)
+        return ops.block_rotate_linear(x, self.rotation_blocks(), self.base_layer.weight, self.base_layer.bias,
+                                       orthogonal=not self.use_cayley_neumann)
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W R_bd^T (so that x W'^T = (x R_bd) W^T)."""
+        if not self.merged:
+            W = self.base_layer.weight
+            W.copy_(ops.block_rotate(W, self.rotation_blocks().transpose(-2, -1)))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """W <- W' R_bd^{-T}, one b x b solve per block (exact also for the non-orthogonal Neumann R)."""
+        if self.merged:
+            W = self.base_layer.weight
+            R = self.rotation_blocks().expand(self.r, -1, -1)
+            chunks = W.unflatten(1, (self.r, self.oft_block_size)).transpose(0, 1)  # (n, out, b)
+            W.copy_(torch.linalg.solve(R.transpose(-2, -1), chunks, left=False).transpose(0, 1).flatten(1))
+            self.merged = False
+
+
+class PSOFTLinear(nn.Module):
+    """PSOFT on an nn.Linear (PEFT's names and psoft_init):  A = V_r^T (r, in), B = U_r S_r / scaling
+    (out, r) from the SVD of W, scaling = psoft_alpha / r, and
+
+        y = x W^T + bias + scaling ((x A^T) R^T - x A^T) B^T,  R = diag(vector_b) cayley(Q) diag(vector_a).
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, psoft_alpha: float | None = None, *,
+                 use_cayley_neumann: bool = False, num_cayley_neumann_terms: int = 5,
+                 cayley_neumann_eps: float | None = None, psoft_mag_a: bool = True, psoft_mag_b: bool = True):
+        super().__init__()
+        self.base_layer = _frozen_linear(base_layer)
+        _validate.rank(r, base_layer.in_features, base_layer.out_features)
+        self.r = r
+        self.psoft_alpha = r if psoft_alpha is None else psoft_alpha
+        self.scaling = self.psoft_alpha / r
+        self.use_cayley_neumann = use_cayley_neumann
+        self.num_cayley_neumann_terms = num_cayley_neumann_terms
+        self.cayley_neumann_eps = cayley_neumann_eps
+        W = base_layer.weight
+        U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+        self.register_buffer("psoft_A", Vh[:r].to(W.dtype).contiguous())
+        self.register_buffer("psoft_B", (U[:, :r] * (S[:r] / self.scaling)).to(W.dtype).contiguous())
+        ones = torch.ones(r, dtype=W.dtype, device=W.device)
+        self.psoft_R = _Packed(torch.zeros(ops.packed_size(r), dtype=W.dtype, device=W.device),
+                               vector_a=ones.clone() if psoft_mag_a else None,
+                               vector_b=ones.clone() if psoft_mag_b else None)
+        self.merged = False
+
+    def core(self) -> torch.Tensor:
+        """C = scaling (R - I), read at call time."""
+        return ops.psoft_core(self.psoft_R.weight, scaling=self.scaling, vector_a=self.psoft_R.vector_a,
+                              vector_b=self.psoft_R.vector_b, use_cayley_neumann=self.use_cayley_neumann,
+                              num_cayley_neumann_terms=self.num_cayley_neumann_terms,
+                              cayley_neumann_eps=self.cayley_neumann_eps, size=self.r)
+
+    def delta_weight(self):
+        return self.psoft_B @ self.core() @ self.psoft_A
+
+    def forward(self, x):
+        if self.merged:
+            return self.base_layer(x)
+        return ops.svd_rotation_linear(x, self.base_layer.weight, self.base_layer.bias, self.psoft_A,
+                                       self.psoft_B, self.core())
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base_layer.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base_layer.weight.sub_(self.delta_weight())
+            self.merged = False
+
+
+class SSVDLinear(nn.Module):
+    """SSVD on an nn.Linear (arXiv:2509.02830): buffers ssvd_U (out, r), ssvd_S (r,), ssvd_Vh = V^T (r, in)
+    from the top-r SVD of W; trainable ssvd_R.weight (packed skew Q) and ssvd_R.delta_s (r,);
+
+        y = x W^T + bias + ((x V) R^T (S + alpha delta_s) - (x V) S) U^T,   R = cayley(alpha Q).
+
+    ``alpha`` (1 for SSVD) is read at every call.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: int, *, alpha: float = 1.0):
+        super().__init__()
+        self.base_layer = _frozen_linear(base_layer)
+        _validate.rank(r, base_layer.in_features, base_layer.out_features)
+        self.r = r
+        self.alpha = alpha
+        W = base_layer.weight
+        U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
+        self.register_buffer("ssvd_U", U[:, :r].to(W.dtype).contiguous())
+        self.register_buffer("ssvd_S", S[:r].to(W.dtype).contiguous())
+        self.register_buffer("ssvd_Vh", Vh[:r].to(W.dtype).contiguous())  # V^T (r, in)
+        self.ssvd_R = _Packed(torch.zeros(ops.packed_size(r), dtype=W.dtype, device=W.device),
+                              delta_s=torch.zeros(r, dtype=W.dtype, device=W.device))
+        self.merged = False
+
+    def core(self, alpha=None) -> torch.Tensor:
+        alpha = self.alpha if alpha is None else alpha
+        return ops.ssvd_core(self.ssvd_R.weight, self.ssvd_R.delta_s, self.ssvd_S, alpha)
+
+    def delta_weight(self, alpha=None):
+        return self.ssvd_U @ self.core(alpha) @ self.ssvd_Vh
+
+    def forward(self, x, alpha=None):
+        if self.merged:
+            if alpha is not None:
+                raise ValueError("alpha cannot change on a merged layer; unmerge() first")
+            return self.base_layer(x)
+        C = self.core(alpha)
+        return ops.svd_rotation_linear(x, self.base_layer.weight, self.base_layer.bias, self.ssvd_Vh,
+                                       self.ssvd_U, C.to(x.dtype))
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base_layer.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base_layer.weight.sub_(self.delta_weight())
+            self.merged = False
+
+
+class AntiPaSTOLinear(SSVDLinear):
+    """AntiPaSTO (arXiv:2601.07473): SSVDLinear with a signed steering strength.
+
+    ``forward(x, alpha)`` with alpha a float, or a (batch,) tensor steering each sample of x
+    (batch, ..., in) separately; cayley(-alpha Q) = cayley(alpha Q)^{-1}, alpha = 0 is the frozen layer.
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT bridge
+
+
+def _oft_applies(layer, adapter):
+    return adapter in layer.oft_R and not layer.oft_R[adapter].coft
+
+
+def _oft_check(layer, adapter, x):
+    module = layer.oft_R[adapter]
+    if x.dtype != module.weight.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return "input dtype casting disabled with x dtype != oft_R dtype"
+    if x.ndim < 1 or x.shape[-1] != module.in_features:
+        return "input feature size does not match the layer"
+    return None
+
+
+def _oft_forward(layer, adapter, x):
+    """PEFT OFT Linear: x -> cast to oft_R dtype -> x R_bd -> cast back -> base_layer."""
+    module = layer.oft_R[adapter]
+    base = layer.get_base_layer()
+    R = ops.oft_rotation_blocks(module.weight, module.block_size, use_cayley_neumann=module.use_cayley_neumann,
+                                num_cayley_neumann_terms=module.num_cayley_neumann_terms)
+    if x.dtype == module.weight.dtype == base.weight.dtype:
+        return ops.block_rotate_linear(x, R, base.weight, base.bias, orthogonal=not module.use_cayley_neumann)
+    previous = x.dtype
+    rotated = ops.block_rotate(x.to(module.weight.dtype), R).to(previous)
+    return base(rotated).to(previous)
+
+
+def _psoft_check(layer, adapter, x):
+    dropout = layer.psoft_dropout[adapter]
+    if layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        return "psoft_dropout > 0 in training"
+    A, _ = layer._get_psoft_ab_cache_buffers(adapter)
+    weight = layer.psoft_R[adapter].weight
+    base = layer.get_base_layer()
+    if not (x.dtype == A.dtype == weight.dtype == base.weight.dtype):
+        return "mixed dtypes (x, psoft A/B, psoft_R, base weight)"
+    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
+        return "half precision on CPU (PEFT upcasts the rotation to fp32)"
+    return None
+
+
+def _psoft_forward(layer, adapter, x):
+    """PEFT PSOFT Linear: base(x) + scaling ((x A^T) R^T - x A^T) B^T, scaling read now."""
+    module = layer.psoft_R[adapter]
+    A, B = layer._get_psoft_ab_cache_buffers(adapter)
+    base = layer.get_base_layer()
+    C = ops.psoft_core(module.weight, scaling=layer.scaling[adapter], vector_a=module.vector_a,
+                       vector_b=module.vector_b, use_cayley_neumann=module.use_cayley_neumann,
+                       num_cayley_neumann_terms=int(module.num_cayley_neumann_terms),
+                       cayley_neumann_eps=module.cayley_neumann_eps, orth=module.orth, size=module.size)
+    return ops.svd_rotation_linear(x, base.weight, base.bias, A.to(x.device), B.to(x.device), C)
+
+
+PEFT_BRIDGE = [
+    BridgeEntry(peft_class="peft.tuners.oft.layer.Linear", method="oft", forward=_oft_forward,
+                applies=_oft_applies, check=_oft_check),
+    # PEFT 0.21's OFT layer is the input-centric OFTv2: the same entry serves methods=["oftv2"].
+    BridgeEntry(peft_class="peft.tuners.oft.layer.Linear", method="oftv2", forward=_oft_forward,
+                applies=_oft_applies, check=_oft_check),
+    BridgeEntry(peft_class="peft.tuners.psoft.layer.Linear", method="psoft", forward=_psoft_forward,
+                applies=lambda layer, adapter: adapter in layer.psoft_R, check=_psoft_check),
+]
+
+__all__ = ["AntiPaSTOLinear", "OFTLinear", "PEFT_BRIDGE", "PSOFTLinear", "SSVDLinear"]

@@ -1,0 +1,481 @@
+"""Cayley family ops: packed skew -> Cayley rotation, block-diagonal rotation of activations, and
+the r x r rotation inside an SVD-coordinate low-rank path.  Differentiable, any leading dims.
+
+Notation (see fastadapt.reference.cayley): Q skew (b x b), packed as its strict upper triangle;
+cayley(Q) = (I + Q)(I - Q)^{-1} = 2 (I - Q)^{-1} - I.  OFT rotates features input-side,
+y = (x R_bd) W^T + bias, R_bd = blockdiag(R_1, ..., R_n); PSOFT / SSVD / AntiPaSTO add
+((x A^T) C^T) B^T with a small r x r core C built from a Cayley rotation.
+
+Backends: "torch" on CPU (batched bmm over blocks writing strided output in place, batched b x b
+inverses), "triton" on CUDA (fastadapt.triton_kernels.cayley) chosen per call by
+fastadapt.backend.select.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .. import _validate
+from ..backend import select
+
+METHODS = ("oft", "oftv2", "psoft", "ssvd", "antipasto")
+TRITON_METHODS = ("oft", "oftv2", "psoft", "ssvd", "antipasto")
+
+_IMPLEMENTED = ("torch", "triton")
+
+
+def packed_size(block_size: int) -> int:
+    return block_size * (block_size - 1) // 2
+
+
+def skew(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(..., b(b-1)/2) strict upper triangle (triu_indices order) -> (..., b, b) Q = U - U^T."""
+    _validate.tensor("packed", packed, min_ndim=1)
+    if packed.shape[-1] != packed_size(block_size):
+        raise ValueError(f"packed has {packed.shape[-1]} entries per block; block_size={block_size} needs "
+                         f"{packed_size(block_size)}")
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
+    flat = packed.new_zeros(*packed.shape[:-1], block_size * block_size)
+    upper = flat.index_copy(-1, rows * block_size + cols, packed).unflatten(-1, (block_size, block_size))
+    return upper - upper.transpose(-2, -1)
+
+
+class _CayleyExact(torch.autograd.Function):
+    """R = cayley(Q) = 2 N - I with N = (I - Q)^{-1}, batched over leading dims.
+
+    Forward: one batched inverse of I - Q (never singular for skew Q: eigenvalues 1 -/+ i theta).
+    Saved: the output R only (the rotation that consumes R saves the same storage), since
+    N = (R + I) / 2.
+    Backward (Cayley derivative, no differentiation through a solve):
+        dR = 2 N dQ N   =>   dL/dQ = 2 N^T (dL/dR) N^T.
+    NaN in Q propagates to NaN in R (inv_ex never raises).
+    """
+
+    @staticmethod
+    def forward(ctx, Q):
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        R = 2 * _inverse(eye - Q) - eye
+        ctx.save_for_backward(R)
+        return R
+
+    @staticmethod
+    def backward(ctx, grad_R):
+        (R,) = ctx.saved_tensors
+        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+        Nt = (R.transpose(-2, -1) + eye) / 2
+        return 2 * (Nt @ grad_R @ Nt)
+
+
+def _inverse(M: torch.Tensor) -> torch.Tensor:
+    """Batched inverse; half precision solves in fp32 (LAPACK has no fp16/bf16)."""
+    if M.dtype in (torch.float16, torch.bfloat16):
+        return torch.linalg.inv_ex(M.float())[0].to(M.dtype)
+    return torch.linalg.inv_ex(M)[0]
+
+
+def cayley(Q: torch.Tensor) -> torch.Tensor:
+    """Exact (I + Q)(I - Q)^{-1} of skew matrices (..., b, b); gradient by the Cayley derivative."""
+    return _CayleyExact.apply(Q)
+
+
+_neumann_warned = False
+
+
+def cayley_neumann(Q: torch.Tensor, terms: int) -> torch.Tensor:
+    """PEFT's ``terms``-term series for (I + Q)(I - Q)^{-1}:
+    1: I;  2: I + 2Q;  k >= 3, t = max(3, k - 1): I + 2(Q + ... + Q^{t-1}) + Q^t.
+
+    The series converges only for ||Q||_2 < 1 (Q skew: eigenvalues +/- i theta).  When a block
+    exceeds that, warns once per process with the measured orthogonality error ||R^T R - I||_F.
+    """
+    _validate.positive_int("num_cayley_neumann_terms", terms)
+    R = _neumann_series(Q, terms)
+    _check_neumann(Q, R, terms)
+    return R
+
+
+def _neumann_series(Q: torch.Tensor, terms: int) -> torch.Tensor:
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    if terms == 1:
+        return eye.expand_as(Q).clone()
+    R = torch.add(eye, Q, alpha=2)
+    if terms > 2:
+        top = max(3, terms - 1)
+        power = Q @ Q
+        for _ in range(2, top):
+            R = torch.add(R, power, alpha=2)
+            power = power @ Q
+        R = R + power
+    return R
+
+
+class _NeumannPacked(torch.autograd.Function):
+    """R = PEFT's Neumann series of skew(packed), saving only ``packed`` (the parameter).
+
+    Backward recomputes the t - 1 small b x b powers under autograd and differentiates the
+    polynomial: dL/dQ = sum_j c_j sum_{a + c = j - 1} (Q^a)^T (dL/dR) (Q^c)^T.
+    """
+
+    @staticmethod
+    def forward(ctx, packed, block_size, terms):
+        ctx.save_for_backward(packed)
+        ctx.block_size, ctx.terms = block_size, terms
+        return cayley_neumann(skew(packed, block_size), terms)
+
+    @staticmethod
+    def backward(ctx, grad_R):
+        (packed,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = packed.detach().requires_grad_()
+            R = _neumann_series(skew(leaf, ctx.block_size), ctx.terms)
+            (grad,) = torch.autograd.grad(R, leaf, grad_R)
+        return grad, None, None
+
+
+def _check_neumann(Q, R, terms):
+    global _neumann_warned
+    if _neumann_warned:
+        return
+    with torch.no_grad():
+        # ||Q||_2 <= sqrt(||Q||_1 ||Q||_inf) = ||Q||_1 for skew Q: the exact norm (an SVD) runs only
+        # when this cheap bound reaches 1.
+        if not float(torch.linalg.matrix_norm(Q.float(), ord=1).max()) >= 1.0:
+            return
+        spectral = float(torch.linalg.matrix_norm(Q.float(), ord=2).max())
+        if not spectral >= 1.0:
+            return
+        error = float(orthogonality_error(R.float()))
+    _neumann_warned = True
+    warnings.warn(f"Cayley-Neumann series with num_cayley_neumann_terms={terms} diverges: ||Q||_2 = "
+                  f"{spectral:.3g} >= 1, orthogonality error max ||R^T R - I||_F = {error:.3g}. "
+                  "use_cayley_neumann=False computes the exact rotation at the same cost.", stacklevel=3)
+
+
+def orthogonality_error(R: torch.Tensor) -> torch.Tensor:
+    """max over blocks of ||R^T R - I||_F for (..., b, b) blocks (fp32 or wider)."""
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    return torch.linalg.matrix_norm(R.transpose(-2, -1) @ R - eye).max()
+
+
+class _PackedCayleyTriton(torch.autograd.Function):
+    """R = cayley(skew(packed)) for all blocks in one Triton launch (in-kernel Gauss-Jordan).
+
+    Saved: the output R (shared with the rotation that consumes it); N = (I - Q)^{-1} = (R + I) / 2.
+    Backward: dQ = 2 N^T dR N^T, and the packed gradient is dQ[r, c] - dQ[c, r] over the strict
+    upper triangle (Q = U - U^T).
+    """
+
+    @staticmethod
+    def forward(ctx, packed, block_size):
+        from ..triton_kernels import cayley as kernels
+        R = kernels.cayley_forward(packed, block_size)
+        ctx.save_for_backward(R)
+        return R
+
+    @staticmethod
+    def backward(ctx, grad_R):
+        (R,) = ctx.saved_tensors
+        b = R.shape[-1]
+        Nt = (R.transpose(-2, -1).float() + torch.eye(b, device=R.device)) / 2
+        dQ = 2 * (Nt @ grad_R.float() @ Nt)
+        rows, cols = torch.triu_indices(b, b, 1, device=R.device)
+        return (dQ[:, rows, cols] - dQ[:, cols, rows]).to(R.dtype), None
+
+
+def cayley_packed(packed: torch.Tensor, block_size: int, *, transpose: bool = False) -> torch.Tensor:
+    """cayley(skew(packed)) for packed (n, b(b-1)/2), or its transpose cayley(-skew(packed)):
+    one Triton launch on CUDA, a batched inverse on CPU.  The sign is applied after ``skew`` so
+    that autograd keeps only the parameter itself, not a negated copy."""
+    if packed.ndim == 2 and select("cayley.cayley", packed.device, _IMPLEMENTED) == "triton":
+        return _PackedCayleyTriton.apply(-packed if transpose else packed, block_size)
+    Q = skew(packed, block_size)
+    return cayley(-Q if transpose else Q)
+
+
+def oft_rotation_blocks(packed: torch.Tensor, block_size: int, *, use_cayley_neumann: bool = True,
+                        num_cayley_neumann_terms: int = 5) -> torch.Tensor:
+    """(n, b(b-1)/2) -> (n, b, b) rotation blocks in PEFT's OFT conventions:
+    Neumann mode approximates (I + Q)(I - Q)^{-1}; exact mode is (I - Q)(I + Q)^{-1} = cayley(-Q).
+    The Neumann series runs in torch on every device (b x b powers, autograd for the gradient)."""
+    if use_cayley_neumann:
+        _validate.positive_int("num_cayley_neumann_terms", num_cayley_neumann_terms)
+        return _NeumannPacked.apply(packed, block_size, num_cayley_neumann_terms)
+    return cayley_packed(packed, block_size, transpose=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# block-diagonal rotation of activations
+
+
+def _rotate_torch(x2d: torch.Tensor, R: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """(M, n*b) x (n or 1, b, b) -> (M, n*b), chunk i times R_i (or R_i^T).  One bmm writing the
+    (M, n, b) output through a strided (n, M, b) view: no transposed copies."""
+    M, d = x2d.shape
+    b = R.shape[-1]
+    n = d // b
+    blocks = R.transpose(-2, -1) if transpose else R
+    out = torch.empty(M, n, b, dtype=x2d.dtype, device=x2d.device)
+    torch.bmm(x2d.unflatten(1, (n, b)).transpose(0, 1), blocks.expand(n, b, b), out=out.transpose(0, 1))
+    return out.view(M, d)
+
+
+_INPLACE_ROWS = 1024  # rows per chunk: few launches, and a chunk buffer reused across the loop
+
+
+def _rotate_inplace_torch(t2d: torch.Tensor, R: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """Overwrite a contiguous (M, n*b) ``t2d`` with t2d R_bd (or t2d R_bd^T), ``_INPLACE_ROWS``
+    rows at a time through one small reused buffer: no second M x d allocation (on CPU, a fresh
+    large buffer costs page faults comparable to the rotation itself)."""
+    M, d = t2d.shape
+    b = R.shape[-1]
+    n = d // b
+    blocks = (R.transpose(-2, -1) if transpose else R).expand(n, b, b)
+    buffer = torch.empty(min(M, _INPLACE_ROWS), n, b, dtype=t2d.dtype, device=t2d.device)
+    for start in range(0, M, _INPLACE_ROWS):
+        rows = t2d[start:start + _INPLACE_ROWS]
+        chunk = buffer[:rows.shape[0]]
+        torch.bmm(rows.unflatten(1, (n, b)).transpose(0, 1), blocks, out=chunk.transpose(0, 1))
+        rows.copy_(chunk.view(rows.shape))
+    return t2d
+
+
+def _block_grad_torch(x2d: torch.Tensor, g2d: torch.Tensor, b: int, shared: bool) -> torch.Tensor:
+    """dR_i = x_i^T g_i (b x b per block), summed over blocks when R is shared."""
+    n = x2d.shape[1] // b
+    grad = torch.bmm(x2d.unflatten(1, (n, b)).permute(1, 2, 0), g2d.unflatten(1, (n, b)).transpose(0, 1))
+    return grad.sum(0, keepdim=True) if shared else grad
+
+
+def _rotate(x2d, R, *, transpose=False):
+    if select("cayley.block_rotate", x2d.device, _IMPLEMENTED) == "triton":
+        from ..triton_kernels import cayley as kernels
+        return kernels.block_rotate_forward(x2d, R.transpose(-2, -1) if transpose else R)
+    return _rotate_torch(x2d, R, transpose=transpose)
+
+
+def _block_grad(x2d, g2d, b, shared):
+    if select("cayley.block_rotate", x2d.device, _IMPLEMENTED) == "triton":
+        from ..triton_kernels import cayley as kernels
+        grad = kernels.block_rotate_backward_weight(x2d, g2d, b)
+        return grad.sum(0, keepdim=True) if shared else grad
+    return _block_grad_torch(x2d, g2d, b, shared)
+
+
+def _check_blocks(x, R):
+    _validate.tensor("x", x, min_ndim=1)
+    _validate.tensor("R", R, ndim=3)
+    _validate.same("x", x, "R", R)
+    b = R.shape[-1]
+    if R.shape[-2] != b:
+        raise ValueError(f"R must be (n, b, b) square blocks, got shape {tuple(R.shape)}")
+    _validate.divides("oft_block_size", b, x.shape[-1], "x.shape[-1]")
+    n = x.shape[-1] // b
+    if R.shape[0] not in (1, n):
+        raise ValueError(f"R has {R.shape[0]} blocks; x.shape[-1]={x.shape[-1]} with block size {b} needs {n} "
+                         "(or 1 shared)")
+
+
+class _BlockRotate(torch.autograd.Function):
+    """y = x R_bd for x (M, n*b), R (n or 1, b, b).
+
+    Saved: x and R.  Backward: dx_i = dy_i R_i^T;  dR_i = x_i^T dy_i (summed over blocks if shared).
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, R):
+        ctx.save_for_backward(x2d, R)
+        return _rotate(x2d, R)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, R = ctx.saved_tensors
+        dx = _rotate(dy, R, transpose=True) if ctx.needs_input_grad[0] else None
+        dR = _block_grad(x2d, dy, R.shape[-1], R.shape[0] == 1) if ctx.needs_input_grad[1] else None
+        return dx, dR
+
+
+def block_rotate(x: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """y = x R_bd (OFTv2's input-centric rotation): x (..., n*b), R (n, b, b) or (1, b, b) shared."""
+    _check_blocks(x, R)
+    return _BlockRotate.apply(x.reshape(-1, x.shape[-1]), R).view(x.shape)
+
+
+class _BlockRotateLinear(torch.autograd.Function):
+    """y = (x R_bd) W^T + bias, the whole OFT layer in one Function.
+
+    Forward rotates whichever operand is smaller: x (M rows) when M <= out_features, else the
+    weight, y = x (W R_bd^T)^T (the same product; rotating W moves 2 out in bytes instead of 2 M in).
+    Saved: x, R (n b^2) and W, bias (parameters): neither x R_bd nor W R_bd^T is kept.
+    Backward with g = dy W (the gradient at the rotated input):
+        dx = g R_bd^T,   dR_i = x_i^T g_i,   dW = dy^T (x R_bd) (recomputed, only if W trains),
+        dbias = sum dy.
+    When R is orthogonal (exact Cayley), fp32/fp64 and the weight side is the smaller one, g is
+    never formed: dx = dy (W R_bd^T) is one GEMM with the recomputed rotated weight, and since
+    g_i = dx_i R_i^{-T} = dx_i R_i,  dR_i = (x_i^T dx_i) R_i  (a b x b product per block).
+    """
+
+    @staticmethod
+    def forward(ctx, x2d, R, weight, bias, orthogonal):
+        ctx.save_for_backward(x2d, R, weight)
+        ctx.has_bias = bias is not None
+        ctx.weight_side = x2d.shape[0] > weight.shape[0]
+        ctx.orthogonal = orthogonal and x2d.dtype in (torch.float32, torch.float64)
+        if ctx.weight_side:
+            return F.linear(x2d, _rotate(weight, R, transpose=True), bias)
+        return F.linear(_rotate(x2d, R), weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, R, weight = ctx.saved_tensors
+        need_x, need_R, need_W, need_b, _ = ctx.needs_input_grad
+        b, shared = R.shape[-1], R.shape[0] == 1
+        dx = dR = None
+        if ctx.weight_side and ctx.orthogonal:
+            dx = dy @ _rotate(weight, R, transpose=True)
+            if need_R:
+                dR = _block_grad(x2d, dx, b, shared) @ R
+        else:
+            g = dy @ weight
+            dR = _block_grad(x2d, g, b, shared) if need_R else None
+            if need_x:  # g is this Function's own temporary: on CPU it becomes dx in place
+                torch_path = select("cayley.block_rotate", g.device, _IMPLEMENTED) == "torch"
+                dx = _rotate_inplace_torch(g, R, transpose=True) if torch_path else _rotate(g, R, transpose=True)
+        dW = dy.T @ _rotate(x2d, R) if need_W else None
+        db = dy.sum(0) if (need_b and ctx.has_bias) else None
+        return dx if need_x else None, dR, dW, db, None
+
+
+def block_rotate_linear(x: torch.Tensor, R: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None, *, orthogonal: bool = False) -> torch.Tensor:
+    """OFT layer: y = (x R_bd) W^T + bias.  x (..., in), R (in/b or 1, b, b), W (out, in).
+
+    orthogonal: R is an exact Cayley rotation (R^{-1} = R^T), which lets the backward skip one
+    pass over the activations (see _BlockRotateLinear); False for the Neumann series."""
+    _check_blocks(x, R)
+    _validate.tensor("weight", weight, ndim=2)
+    _validate.same("x", x, "weight", weight)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight has in_features={weight.shape[1]} but x.shape[-1]={x.shape[-1]}")
+    y = _BlockRotateLinear.apply(x.reshape(-1, x.shape[-1]), R, weight, bias, orthogonal)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# SVD-coordinate low-rank path (PSOFT, SSVD, AntiPaSTO)
+
+
+class _SVDRotationLinear(torch.autograd.Function):
+    """y = x W^T + bias + ((x A^T) C_g^T) B^T with A (r, in), B (out, r) and an r x r core C
+    shared (C (1, r, r)) or per sample (C (G, r, r), x grouped as (G, T, in)).
+
+    On CUDA with a shared core, z and u come from one Triton kernel (z stays in registers
+    between the two products).  Saved: z = x A^T (N x r) and the parameters; x itself only when
+    A or W train (PSOFT, SSVD and AntiPaSTO freeze both, so the layer keeps N r numbers, not N d).
+    With u = z C^T:
+        du = dy B,  dC_g = du_g^T z_g,  dz = du C,  dx = dy W + dz A,
+        dA = dz^T x,  dB = dy^T u,  dW = dy^T x,  dbias = sum dy.
+    """
+
+    @staticmethod
+    def forward(ctx, x3, weight, bias, A, B, C):
+        if C.shape[0] == 1 and select("cayley.svd_core", x3.device, _IMPLEMENTED) == "triton":
+            from ..triton_kernels import cayley as kernels
+            z, u = (t.unsqueeze(0) for t in kernels.svd_core_forward(x3[0], A, C[0]))
+        else:
+            z = x3 @ A.T
+            u = z @ C.transpose(-2, -1)
+        need_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(x3 if need_x else None, z, weight, A, B, C)
+        ctx.has_bias = bias is not None
+        y = F.linear(x3, weight, bias)
+        if u.shape[0] == 1:  # one shared core: 2-D GEMMs accumulate in place into the base output
+            y[0].addmm_(u[0], B.T)
+            return y
+        return y.baddbmm_(u, B.T.expand(u.shape[0], *B.T.shape))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x3, z, weight, A, B, C = ctx.saved_tensors
+        need_x, need_W, need_b, need_A, need_B, need_C = ctx.needs_input_grad
+        du = dy @ B
+        dz = du @ C
+        dx = None
+        if need_x:
+            dx = dy @ weight
+            if dz.shape[0] == 1:
+                dx[0].addmm_(dz[0], A)
+            else:
+                dx.baddbmm_(dz, A.expand(dz.shape[0], *A.shape))
+        dC = None
+        if need_C:
+            dC = du.transpose(-2, -1) @ z
+            if C.shape[0] == 1:
+                dC = dC.sum(0, keepdim=True)
+        dA = (dz.transpose(-2, -1) @ x3).sum(0) if need_A else None
+        dB = (dy.transpose(-2, -1) @ (z @ C.transpose(-2, -1))).sum(0) if need_B else None
+        dW = (dy.transpose(-2, -1) @ x3).sum(0) if need_W else None
+        db = dy.sum((0, 1)) if (need_b and ctx.has_bias) else None
+        return dx, dW, db, dA, dB, dC
+
+
+def svd_rotation_linear(x: torch.Tensor, weight: torch.Tensor, bias, A: torch.Tensor, B: torch.Tensor,
+                        C: torch.Tensor) -> torch.Tensor:
+    """y = x W^T + bias + ((x A^T) C^T) B^T.  C is (r, r), or (batch, r, r) for one core per
+    sample of x (batch, ..., in) (AntiPaSTO's per-sample alpha)."""
+    _validate.tensor("x", x, min_ndim=1)
+    for name, t in (("weight", weight), ("A", A), ("B", B), ("C", C)):
+        _validate.same("x", x, name, t)
+    r = A.shape[0]
+    if C.ndim == 2:
+        x3, C3 = x.reshape(1, -1, x.shape[-1]), C.unsqueeze(0)
+    else:
+        if C.ndim != 3 or x.ndim < 2 or C.shape[0] != x.shape[0]:
+            raise ValueError(f"per-sample C must be (batch, r, r) with batch = x.shape[0]; got C {tuple(C.shape)}, "
+                             f"x {tuple(x.shape)}")
+        x3, C3 = x.reshape(x.shape[0], -1, x.shape[-1]), C
+    if C3.shape[-2:] != (r, r) or B.shape[1] != r or A.shape[1] != x.shape[-1]:
+        raise ValueError(f"shapes do not chain: A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}, "
+                         f"x {tuple(x.shape)}")
+    y = _SVDRotationLinear.apply(x3, weight, bias, A, B, C3)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def psoft_core(packed, *, scaling: float, vector_a=None, vector_b=None, use_cayley_neumann=False,
+               num_cayley_neumann_terms=5, cayley_neumann_eps=None, orth=True, size=None):
+    """PSOFT's core C = scaling (R - I), R = diag(vector_b) cayley(Q) diag(vector_a) (PEFT's
+    OrthLayer; Q scaled to Frobenius norm ``cayley_neumann_eps`` first in Neumann mode)."""
+    if orth:
+        Q = skew(packed, size)
+        if use_cayley_neumann:
+            if cayley_neumann_eps is not None:
+                norm = torch.linalg.matrix_norm(Q)
+                if torch.isfinite(norm) and norm > cayley_neumann_eps:
+                    Q = Q * (cayley_neumann_eps / (norm + 1e-12))
+            R = cayley_neumann(Q, num_cayley_neumann_terms)
+        else:
+            R = cayley(Q)
+    else:
+        R = packed
+    if vector_b is not None:
+        R = vector_b[:, None] * R
+    if vector_a is not None:
+        R = R * vector_a[None, :]
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    return scaling * (R - eye)
+
+
+def ssvd_core(packed, delta_s, S, alpha):
+    """SSVD / AntiPaSTO core C = diag(S + alpha delta_s) cayley(alpha Q) - diag(S).
+
+    alpha: a float, or a (batch,) tensor giving one core per sample -> (batch, r, r)."""
+    r = S.shape[0]
+    Q = skew(packed, r)
+    if isinstance(alpha, torch.Tensor) and alpha.ndim == 1:
+        a = alpha.to(Q.dtype)[:, None, None]
+        R = cayley(a * Q)
+        scale = S + alpha.to(Q.dtype)[:, None] * delta_s  # (batch, r)
+        return scale[:, :, None] * R - torch.diag(S)
+    alpha = float(alpha)
+    return (S + alpha * delta_s)[:, None] * cayley(alpha * Q) - torch.diag(S)

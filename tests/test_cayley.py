@@ -1,0 +1,524 @@
+"""Cayley family: ops (torch path, Triton in the interpreter), layers, PEFT bridge parity.
+
+Every comparison is a relative Frobenius error against a float64 reference or PEFT's own layer,
+within fastadapt.numerics' one tolerance table.
+"""
+import re
+import warnings
+
+import pytest
+import torch
+from peft import OFTConfig, PsoftConfig, get_peft_model
+
+import fastadapt
+from fastadapt.layers import cayley as layers
+from fastadapt.numerics import assert_rel_close
+from fastadapt.ops import cayley as ops
+from fastadapt.reference import cayley as ref
+from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
+
+F32, F64 = torch.float32, torch.float64
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _grads(model, x, params):
+    """Output, dL/dx and dL/dparams for L = <y, fixed random cotangent>."""
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    cotangent = randn(*y.shape, dtype=y.dtype, seed=7)
+    grads = torch.autograd.grad(y, [x, *params], cotangent)
+    return y.detach(), grads
+
+
+def _compare_accelerated(model, x, params, names):
+    """PEFT's forward vs fastadapt.accelerate's: output and every listed gradient."""
+    expected, expected_grads = _grads(model, x, params)
+    report = fastadapt.accelerate(model)
+    try:
+        actual, actual_grads = _grads(model, x, params)
+        assert report.fused_calls == 1 and not report.fallbacks, str(report)
+    finally:
+        fastadapt.revert(model)
+    assert_rel_close(actual, expected, name="output")
+    for name, a, e in zip(["x", *names], actual_grads, expected_grads):
+        assert_rel_close(a, e, name=f"d{name}")
+
+
+# ----------------------------------------------------------------------------- Cayley maps
+
+
+@pytest.mark.parametrize("block_size", [2, 8, 17])
+def test_cayley_exact_and_neumann_equal_reference_and_gradcheck(block_size):
+    packed = randn(3, ops.packed_size(block_size), scale=0.3 / block_size)
+    Q = ops.skew(packed, block_size)
+    assert_rel_close(Q, ref.skew(packed, block_size), name="skew")
+    assert_rel_close(ops.cayley(Q), ref.cayley(Q), name="exact")
+    assert_rel_close(ops.cayley_neumann(Q, 5), ref.neumann(Q, 5), name="neumann")
+    assert float(ops.orthogonality_error(ops.cayley(Q))) < 1e-12
+    leaf = packed[:2].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: ops.cayley(ops.skew(p, block_size)), (leaf,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda p: ops.cayley_neumann(ops.skew(p, block_size), 4), (leaf,), fast_mode=True)
+
+
+def test_exact_cayley_stays_orthogonal_where_neumann_does_not():
+    Q = ops.skew(randn(4, ops.packed_size(16), scale=0.15), 16)  # ||Q||_2 around 0.5-1
+    exact = float(ops.orthogonality_error(ops.cayley(Q.float())))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        neumann = float(ops.orthogonality_error(ops.cayley_neumann(Q.float(), 5)))
+    assert exact < 1e-5 < neumann
+
+
+# ----------------------------------------------------------------------------- OFT
+
+
+def _peft_oft(d_in, d_out, block_size, *, neumann, block_share, dtype=F32):
+    config = OFTConfig(oft_block_size=block_size, r=0, target_modules=["0"], use_cayley_neumann=neumann,
+                       block_share=block_share)
+    model = get_peft_model(linear_model(d_in, d_out, dtype=dtype), config)
+    randomize_(model, scale=0.5 / block_size, names=["oft_R"])
+    return model, model.base_model.model[0]
+
+
+@pytest.mark.parametrize("block_size", [8, 16, 32, 64])
+@pytest.mark.parametrize("neumann", [True, False])
+@pytest.mark.parametrize("block_share", [False, True])
+def test_oft_bridge_equals_peft_output_and_gradients(block_size, neumann, block_share):
+    model, layer = _peft_oft(2 * block_size, 19, block_size, neumann=neumann, block_share=block_share)
+    layer.train()  # PEFT 0.21's OFT Linear never applies module dropout: training mode is served too
+    x = randn(3, 5, 2 * block_size, dtype=F32)
+    _compare_accelerated(model, x, [layer.oft_R["default"].weight], ["oft_R.weight"])
+
+
+def test_oft_bridge_non_contiguous_input_and_coft_falls_back():
+    model, layer = _peft_oft(48, 7, 16, neumann=False, block_share=False)
+    _compare_accelerated(model, noncontig(randn(2, 9, 48, dtype=F32)), [layer.oft_R["default"].weight],
+                         ["oft_R.weight"])
+    layer.oft_R["default"].coft = True
+    report = fastadapt.accelerate(model)
+    model(randn(2, 48, dtype=F32))
+    fastadapt.revert(model)
+    assert report.fused_calls == 0 and sum(report.fallbacks.values()) == 1
+
+
+def test_oft_bridge_half_base_with_fp32_adapter_equals_peft():
+    """PEFT's default autocast_adapter_dtype keeps oft_R in fp32 under a bf16 base: x is rotated in
+    fp32, cast back, then the bf16 base runs."""
+    config = OFTConfig(oft_block_size=8, r=0, target_modules=["0"], use_cayley_neumann=False)
+    model = get_peft_model(linear_model(24, 10, dtype=torch.bfloat16), config)
+    layer = model.base_model.model[0]
+    assert layer.oft_R["default"].weight.dtype == F32
+    randomize_(model, scale=0.05, names=["oft_R"])
+    _compare_accelerated(model, randn(4, 24, dtype=torch.bfloat16), [layer.oft_R["default"].weight],
+                         ["oft_R.weight"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("neumann", [True, False])
+def test_oft_layer_every_dtype_odd_shape_against_float64_reference(dtype, neumann):
+    d_in, d_out, b = 44, 13, 4  # 11 blocks, odd output size
+    base = linear_model(d_in, d_out, dtype=F64)[0]
+    layer = layers.OFTLinear(base, oft_block_size=b, use_cayley_neumann=neumann)
+    randomize_(layer, scale=0.2, names=["oft_R"])
+    reference = ref.OFTv2Reference(base.weight, base.bias, layer.oft_R.weight, b, use_cayley_neumann=neumann)
+    x = randn(9, 41, d_in)
+    expected = reference(x)
+    cotangent = randn(*expected.shape)
+    expected_grads = torch.autograd.grad(expected, [reference.packed], cotangent)
+    layer = layer.to(dtype)
+    xd = noncontig(x.to(dtype)).requires_grad_()
+    y = layer(xd)
+    dx, dR = torch.autograd.grad(y, [xd, layer.oft_R.weight], cotangent.to(dtype))
+    scale = 1.0 if dtype == F32 else 2.0  # half I/O: rounding of x, R and y each
+    assert_rel_close(y, expected, dtype, scale=scale, name="y")
+    x64 = x.clone().requires_grad_()
+    (dx_expected,) = torch.autograd.grad(reference(x64), [x64], cotangent)
+    assert_rel_close(dx, dx_expected, dtype, scale=scale, name="dx")
+    assert_rel_close(dR, expected_grads[0], dtype, scale=4 * scale, name="doft_R (sum over 369 tokens)")
+
+
+def test_oft_ops_gradcheck_float64():
+    x = randn(2, 3, 12, requires_grad=True)
+    R = ops.cayley(ops.skew(randn(3, ops.packed_size(4), scale=0.3), 4)).detach().requires_grad_()
+    W, bias = randn(5, 12, requires_grad=True), randn(5, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.block_rotate, (x, R))
+    assert torch.autograd.gradcheck(ops.block_rotate_linear, (x, R, W, bias))
+    shared = R[:1].detach().requires_grad_()
+    assert torch.autograd.gradcheck(ops.block_rotate_linear, (x, shared, W, None))
+    # exact Cayley R is orthogonal: the weight-side backward (rows 6 > out 5) uses R^{-T} = R
+    packed_exact = randn(3, ops.packed_size(4), scale=0.3, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda xx, p, w: ops.block_rotate_linear(xx, ops.oft_rotation_blocks(p, 4, use_cayley_neumann=False), w, bias,
+                                                 orthogonal=True), (x, packed_exact, W))
+    packed = randn(3, ops.packed_size(4), scale=0.3, requires_grad=True)
+    for neumann in (True, False):
+        assert torch.autograd.gradcheck(
+            lambda p: ops.oft_rotation_blocks(p, 4, use_cayley_neumann=neumann, num_cayley_neumann_terms=6), (packed,))
+
+
+def test_oft_layer_saves_only_x():
+    layer = layers.OFTLinear(linear_model(64, 48, dtype=F32)[0], oft_block_size=8)
+    randomize_(layer, scale=0.05, names=["oft_R"])
+    x = randn(4096, 64, dtype=F32, requires_grad=True)  # R_bd stacks are tiny beside x
+    ratio = _saved_ratio(layer, x)
+    assert ratio <= 1.05, f"saved {ratio:.3f} x bytes(x)"
+
+
+def test_oft_backward_over_several_row_chunks_float64():
+    """M > ops._INPLACE_ROWS: dx is rotated in place chunk by chunk (odd last chunk)."""
+    rows = 2 * ops._INPLACE_ROWS + 77
+    base = linear_model(24, 5, dtype=F64)[0]
+    layer = layers.OFTLinear(base, oft_block_size=8, use_cayley_neumann=False)
+    randomize_(layer, scale=0.2, names=["oft_R"])
+    reference = ref.OFTv2Reference(base.weight, base.bias, layer.oft_R.weight, 8, use_cayley_neumann=False)
+    x = randn(rows, 24)
+    y, (dx, dR) = _grads(layer, x, [layer.oft_R.weight])
+    y_ref, (dx_ref, dR_ref) = _grads(reference, x, [reference.packed])
+    assert_rel_close(y, y_ref, name="y")
+    assert_rel_close(dx, dx_ref, name="dx")
+    assert_rel_close(dR, dR_ref, name="doft_R")
+
+
+def _saved_ratio(layer, x):
+    """Bytes of the storages autograd saves (parameters and buffers excluded) / bytes(x)."""
+    params = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(saved.values()) / (x.numel() * x.element_size())
+
+
+def test_psoft_and_ssvd_layers_save_only_n_by_r():
+    x = randn(2048, 64, dtype=F32, requires_grad=True)
+    for layer in (layers.PSOFTLinear(linear_model(64, 48, dtype=F32)[0], r=4),
+                  layers.SSVDLinear(linear_model(64, 48, dtype=F32)[0], r=4)):
+        ratio = _saved_ratio(layer, x)
+        assert ratio <= 4 / 64 + 0.01, f"{type(layer).__name__} saved {ratio:.3f} x bytes(x)"
+
+
+@pytest.mark.parametrize("neumann", [True, False])
+@pytest.mark.parametrize("block_share", [False, True])
+def test_oft_merge_unmerge(neumann, block_share):
+    base = linear_model(48, 20, dtype=F32)[0]
+    original = base.weight.detach().clone()
+    layer = layers.OFTLinear(base, oft_block_size=16, use_cayley_neumann=neumann, block_share=block_share)
+    randomize_(layer, scale=0.05, names=["oft_R"])
+    x = randn(7, 48, dtype=F32)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert_rel_close(layer(x), unmerged, name="merged output")
+        layer.unmerge()
+    assert_rel_close(base.weight, original, name="unmerged weight")
+
+
+def test_oft_layer_equals_peft_merge():
+    model, peft_layer = _peft_oft(32, 9, 8, neumann=True, block_share=False)
+    layer = layers.OFTLinear(torch.nn.Linear(32, 9), oft_block_size=8)
+    layer.load_state_dict({"base_layer.weight": peft_layer.get_base_layer().weight,
+                           "base_layer.bias": peft_layer.get_base_layer().bias,
+                           "oft_R.weight": peft_layer.oft_R["default"].weight})
+    x = randn(4, 32, dtype=F32)
+    with torch.no_grad():
+        assert_rel_close(layer(x), model(x), name="fastadapt OFTLinear vs PEFT")
+        peft_layer.merge()
+        layer.merge()
+    assert_rel_close(layer.base_layer.weight, peft_layer.get_base_layer().weight, name="merged weight")
+
+
+def test_oft_bad_block_size_names_parameter_and_nearest_divisors():
+    with pytest.raises(ValueError, match=r"oft_block_size=8 does not divide in_features=30.*\[6, 10\]"):
+        layers.OFTLinear(torch.nn.Linear(30, 4), oft_block_size=8)
+
+
+@pytest.mark.parametrize("neumann", [True, False])
+def test_oft_nan_in_q_gives_nan_out(neumann):
+    layer = layers.OFTLinear(torch.nn.Linear(16, 4), oft_block_size=8, use_cayley_neumann=neumann)
+    with torch.no_grad():
+        layer.oft_R.weight.normal_().mul_(0.05)
+        layer.oft_R.weight[0, 3] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = layer(randn(3, 16, dtype=F32))
+    assert torch.isnan(y).any()
+
+
+def test_divergent_neumann_warns_once_with_orthogonality_error(monkeypatch):
+    monkeypatch.setattr(ops, "_neumann_warned", False)
+    layer = layers.OFTLinear(torch.nn.Linear(16, 4), oft_block_size=8)
+    with torch.no_grad():
+        layer.oft_R.weight.normal_().mul_(1.0)  # ||Q||_2 > 1
+    R = ref.neumann(ref.skew(layer.oft_R.weight.detach(), 8), 5)
+    expected_error = float(ref.orthogonality_error(R))
+    with pytest.warns(UserWarning, match=r"diverges.*orthogonality error") as record:
+        layer(randn(2, 16, dtype=F32))
+    measured = float(re.search(r"\|\|R\^T R - I\|\|_F = ([0-9.]+(?:e[+-]\d+)?)\.", str(record[0].message))[1])
+    assert abs(measured - expected_error) <= 1e-2 * expected_error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(randn(2, 16, dtype=F32))  # second call: no warning
+
+
+# ----------------------------------------------------------------------------- PSOFT
+
+
+def _peft_psoft(neumann, mags, dtype=F32):
+    config = PsoftConfig(r=6, target_modules=["0"], psoft_alpha=12, use_cayley_neumann=neumann,
+                         psoft_mag_a=mags, psoft_mag_b=mags, init_weights=False,
+                         cayley_neumann_eps=0.5 if neumann else None)
+    model = get_peft_model(linear_model(21, 17, dtype=dtype), config)
+    randomize_(model, scale=0.3, names=["psoft_R.default.weight"])
+    if mags:
+        randomize_(model, scale=0.2, names=["vector_"])
+    return model, model.base_model.model[0]
+
+
+@pytest.mark.parametrize("neumann", [False, True])
+@pytest.mark.parametrize("mags", [False, True])
+def test_psoft_bridge_equals_peft_output_and_gradients(neumann, mags):
+    model, layer = _peft_psoft(neumann, mags)
+    module = layer.psoft_R["default"]
+    params = [module.weight] + ([module.vector_a, module.vector_b] if mags else [])
+    layer.scaling["default"] = 1.7  # read at call time
+    _compare_accelerated(model, randn(3, 5, 21, dtype=F32), params,
+                         ["psoft_R.weight", "vector_a", "vector_b"][: len(params)])
+
+
+def test_psoft_dropout_in_training_falls_back():
+    config = PsoftConfig(r=4, target_modules=["0"], psoft_dropout=0.1)
+    model = get_peft_model(linear_model(12, 8, dtype=F32), config)
+    report = fastadapt.accelerate(model)
+    model.train()
+    model(randn(2, 12, dtype=F32))
+    model.eval()
+    model(randn(2, 12, dtype=F32))
+    fastadapt.revert(model)
+    assert report.fallbacks["psoft_dropout > 0 in training"] == 1 and report.fused_calls == 1
+
+
+def test_psoft_layer_against_reference_and_merge():
+    base = linear_model(21, 17, dtype=F64)[0]
+    layer = layers.PSOFTLinear(base, r=5, psoft_alpha=10)
+    randomize_(layer, scale=0.3, names=["psoft_R.weight"])
+    randomize_(layer, scale=0.1, names=["vector_"])
+    with torch.no_grad():
+        layer.psoft_R.vector_a.add_(1)
+        layer.psoft_R.vector_b.add_(1)
+    reference = ref.PSOFTReference(base.weight, base.bias, layer.psoft_A, layer.psoft_B, layer.psoft_R.weight,
+                                   scaling=layer.scaling, vector_a=layer.psoft_R.vector_a,
+                                   vector_b=layer.psoft_R.vector_b)
+    x = randn(3, 7, 21)
+    assert_rel_close(layer(x), reference(x), name="psoft layer vs reference")
+    assert torch.autograd.gradcheck(lambda p: ops.psoft_core(p, scaling=2.0, size=5),
+                                    (layer.psoft_R.weight.detach().clone().requires_grad_(),))
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert_rel_close(layer(x), unmerged, name="merged")
+        layer.unmerge()
+        assert_rel_close(layer(x), unmerged, name="unmerged")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_psoft_layer_every_dtype_odd_shape(dtype):
+    base = linear_model(41, 19, dtype=F64)[0]
+    layer = layers.PSOFTLinear(base, r=7, psoft_alpha=14)
+    randomize_(layer, scale=0.3, names=["psoft_R.weight"])
+    reference = ref.PSOFTReference(base.weight, base.bias, layer.psoft_A, layer.psoft_B, layer.psoft_R.weight,
+                                   scaling=layer.scaling, vector_a=layer.psoft_R.vector_a,
+                                   vector_b=layer.psoft_R.vector_b)
+    x = randn(9, 13, 41)
+    with torch.no_grad():
+        expected = reference(x)
+        layer = layer.to(dtype)
+        assert_rel_close(layer(noncontig(x.to(dtype))), expected, dtype, scale=1.0 if dtype == F32 else 2.0,
+                         name="y")
+
+
+# ----------------------------------------------------------------------------- SSVD / AntiPaSTO
+
+
+def test_ssvd_layer_output_and_gradients_against_reference():
+    base = linear_model(24, 18, dtype=F64)[0]
+    layer = layers.SSVDLinear(base, r=6)
+    randomize_(layer, scale=0.2, names=["ssvd_R"])
+    reference = ref.SSVDReference(base.weight, base.bias, layer.ssvd_R.weight, layer.ssvd_R.delta_s, r=6)
+    x = randn(4, 5, 24)
+    y, (_, g_packed, g_s) = _grads(layer, x, [layer.ssvd_R.weight, layer.ssvd_R.delta_s])
+    y_ref, (_, g_packed_ref, g_s_ref) = _grads(reference, x, [reference.packed, reference.delta_s])
+    assert_rel_close(y, y_ref, name="y")
+    assert_rel_close(g_packed, g_packed_ref, name="d rotation")
+    assert_rel_close(g_s, g_s_ref, name="d delta_s")
+
+
+def test_antipasto_alpha_knob_per_sample_and_inverse():
+    base = linear_model(20, 11, dtype=F64)[0]
+    layer = layers.AntiPaSTOLinear(base, r=4)
+    randomize_(layer, scale=0.3, names=["ssvd_R"])
+    reference = ref.AntiPaSTOReference(base.weight, base.bias, layer.ssvd_R.weight, layer.ssvd_R.delta_s, r=4)
+    x = randn(3, 6, 20)
+    alpha = torch.tensor([0.5, -1.5, 2.0], dtype=F64)
+    assert_rel_close(layer(x, alpha), reference(x, alpha), name="per-sample alpha")
+    assert_rel_close(layer(x, -0.8), reference(x, -0.8), name="alpha=-0.8")
+    assert_rel_close(layer(x, 0.0), base(x), name="alpha=0 is the frozen layer")
+    R_plus = ops.cayley(0.8 * ops.skew(layer.ssvd_R.weight, 4))
+    R_minus = ops.cayley(-0.8 * ops.skew(layer.ssvd_R.weight, 4))
+    assert_rel_close(R_minus @ R_plus, torch.eye(4, dtype=F64), name="R(-a) R(a) = I")
+    xs = randn(3, 2, 20, requires_grad=True)
+    C = ops.ssvd_core(layer.ssvd_R.weight, layer.ssvd_R.delta_s, layer.ssvd_S, alpha).detach().requires_grad_()
+    assert torch.autograd.gradcheck(ops.svd_rotation_linear,
+                                    (xs, base.weight, base.bias, layer.ssvd_Vh, layer.ssvd_U, C))
+    shared, A, B = C[0].detach().requires_grad_(), randn(4, 20, requires_grad=True), randn(11, 4, requires_grad=True)
+    W, bias = base.weight.detach().requires_grad_(), base.bias.detach().requires_grad_()
+    assert torch.autograd.gradcheck(ops.svd_rotation_linear, (xs, W, bias, A, B, shared))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ssvd_every_dtype_and_merge(dtype):
+    base = linear_model(40, 24, dtype=F64)[0]
+    layer = layers.SSVDLinear(base, r=8)
+    randomize_(layer, scale=0.2, names=["ssvd_R"])
+    x = randn(9, 41, 40)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.to(dtype)
+        scale = 1.0 if dtype == F32 else 2.0
+        assert_rel_close(layer(x.to(dtype)), expected, dtype, scale=scale, name="y")
+        if dtype == F32:
+            layer.merge()
+            assert_rel_close(layer(x.to(dtype)), expected, dtype, name="merged")
+            layer.unmerge()
+            assert_rel_close(layer(x.to(dtype)), expected, dtype, name="unmerged")
+
+
+def test_methods_report_cayley_family():
+    support = fastadapt.methods()
+    for name in ("oft", "oftv2", "psoft", "ssvd", "antipasto"):
+        assert support[name].reference and support[name].cpu and support[name].triton
+    assert support["oft"].peft_bridge and support["oftv2"].peft_bridge and support["psoft"].peft_bridge
+    model, _ = _peft_oft(16, 4, 8, neumann=False, block_share=False)
+    assert fastadapt.accelerate(model, methods=["oftv2"]).num_patched == 1
+    fastadapt.revert(model)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+# On CPU these run in the interpreter (tests/conftest.py); shapes are tiny but legal when compiled.
+
+triton_missing = pytest.mark.skipif(not fastadapt.backend.triton_available(), reason="triton is not installed")
+KERNEL_DTYPES = [F32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the Triton interpreter has no bf16 arithmetic"))]
+
+
+@triton_missing
+@pytest.mark.parametrize("block_size", [2, 5, 16])
+def test_triton_cayley_kernel_exact_and_neumann(block_size, device):
+    from fastadapt.triton_kernels import cayley as kernels
+    packed = randn(3, ops.packed_size(block_size), scale=0.4 / block_size)
+    Q = ref.skew(packed, block_size)
+    R = kernels.cayley_forward(packed.to(device, F32), block_size)
+    assert_rel_close(R, ref.cayley(Q), F32, name="exact R")
+    for terms in (1, 2, 3, 5):
+        R = kernels.cayley_forward(packed.to(device, F32), block_size, terms)
+        assert_rel_close(R, ref.neumann(Q, terms), F32, name=f"neumann {terms}")
+
+
+@triton_missing
+def test_triton_cayley_kernel_nan_in_q_gives_nan_out(device):
+    from fastadapt.triton_kernels import cayley as kernels
+    packed = randn(2, ops.packed_size(8), scale=0.05, dtype=F32).to(device)
+    packed[1, 3] = float("nan")
+    R = kernels.cayley_forward(packed, 8)
+    assert torch.isnan(R[1]).any() and torch.isfinite(R[0]).all()
+
+
+@triton_missing
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_triton_block_rotate_kernels_strided_and_shared(dtype, block_size, device):
+    from fastadapt.triton_kernels import cayley as kernels
+    M, d = 37, 2 * block_size if block_size > 4 else 12
+    n = d // block_size
+    x = noncontig(randn(M, d)).to(device)
+    g = randn(M, d).to(device)
+    R = ref.cayley(ref.skew(randn(n, ops.packed_size(block_size), scale=0.3), block_size)).to(device)
+    expected_y = torch.einsum("mnk,nkc->mnc", x.unflatten(1, (n, block_size)), R).flatten(1)
+    expected_dR = torch.einsum("mnk,mnc->nkc", x.unflatten(1, (n, block_size)), g.unflatten(1, (n, block_size)))
+    scale = 1.0 if dtype == F32 else 2.0
+    xd, gd, Rd = noncontig(x.to(dtype)), g.to(dtype), R.to(dtype)
+    assert_rel_close(kernels.block_rotate_forward(xd, Rd), expected_y, dtype, scale=scale, name="y")
+    expected_t = torch.einsum("mnk,nck->mnc", x.unflatten(1, (n, block_size)), R).flatten(1)
+    assert_rel_close(kernels.block_rotate_forward(xd, Rd.transpose(-2, -1)), expected_t, dtype, scale=scale,
+                     name="y with R^T (dx)")
+    assert_rel_close(kernels.block_rotate_backward_weight(xd, gd, block_size, splits=2), expected_dR, dtype,
+                     scale=scale, name="dR")
+    shared = R[:1]
+    expected_shared = torch.einsum("mnk,kc->mnc", x.unflatten(1, (n, block_size)), shared[0]).flatten(1)
+    assert_rel_close(kernels.block_rotate_forward(xd, shared.to(dtype)), expected_shared, dtype, scale=scale,
+                     name="shared")
+
+
+@triton_missing
+@pytest.mark.parametrize("neumann", [False, True])
+def test_triton_backend_oft_layer_output_and_gradients(neumann, monkeypatch, device):
+    from fastadapt.triton_kernels import cayley as kernels
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    launches = []
+    for name in ("cayley_forward", "block_rotate_forward", "block_rotate_backward_weight"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
+    base = linear_model(32, 16, dtype=F64)[0]
+    layer = layers.OFTLinear(base, oft_block_size=16, use_cayley_neumann=neumann)
+    randomize_(layer, scale=0.05, names=["oft_R"])
+    reference = ref.OFTv2Reference(base.weight, base.bias, layer.oft_R.weight, 16, use_cayley_neumann=neumann)
+    x = randn(2, 9, 32)
+    y_ref, (dx_ref, dR_ref) = _grads(reference, x, [reference.packed])
+    layer = layer.to(device, F32)
+    y, (dx, dR) = _grads(layer, x.to(device, F32), [layer.oft_R.weight])
+    assert_rel_close(y, y_ref, F32, name="y")
+    assert_rel_close(dx, dx_ref, F32, name="dx")
+    assert_rel_close(dR, dR_ref, F32, scale=2.0, name="doft_R")
+    expected = {"block_rotate_forward", "block_rotate_backward_weight"} | (set() if neumann else {"cayley_forward"})
+    assert set(launches) == expected
+
+
+@triton_missing
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_triton_svd_core_kernel_strided(dtype, device):
+    from fastadapt.triton_kernels import cayley as kernels
+    x, A, C = randn(37, 40), randn(5, 40, scale=0.2), randn(5, 5)
+    z, u = kernels.svd_core_forward(noncontig(x.to(device, dtype)), A.to(device, dtype), C.to(device, dtype))
+    scale = 1.0 if dtype == F32 else 2.0
+    assert_rel_close(z, x @ A.T, dtype, scale=scale, name="z")
+    assert_rel_close(u, x @ A.T @ C.T, dtype, scale=scale, name="u")
+
+
+@triton_missing
+def test_triton_backend_psoft_layer_output_and_gradients(monkeypatch, device):
+    from fastadapt.triton_kernels import cayley as kernels
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    launches = []
+    original = kernels.svd_core_forward
+    monkeypatch.setattr(kernels, "svd_core_forward", lambda *a: launches.append(1) or original(*a))
+    base = linear_model(40, 24, dtype=F64)[0]
+    layer = layers.PSOFTLinear(base, r=6, psoft_alpha=12)
+    randomize_(layer, scale=0.3, names=["psoft_R.weight"])
+    reference = ref.PSOFTReference(base.weight, base.bias, layer.psoft_A, layer.psoft_B, layer.psoft_R.weight,
+                                   scaling=layer.scaling, vector_a=layer.psoft_R.vector_a,
+                                   vector_b=layer.psoft_R.vector_b)
+    x = randn(3, 11, 40)
+    y_ref, (dx_ref, dR_ref) = _grads(reference, x, [reference.packed])
+    layer = layer.to(device, F32)
+    y, (dx, dR) = _grads(layer, x.to(device, F32), [layer.psoft_R.weight])
+    assert launches, "the Triton SVD-core kernel did not run"
+    assert_rel_close(y, y_ref, F32, name="y")
+    assert_rel_close(dx, dx_ref, F32, name="dx")
+    assert_rel_close(dR, dR_ref, F32, scale=2.0, name="dpsoft_R")

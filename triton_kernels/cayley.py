@@ -1,0 +1,238 @@
+"""Cayley family kernels: packed skew -> Cayley rotation, and block-diagonal rotation of activations.
+
+Math (b = block size, n = number of blocks, M = rows of the flattened input):
+
+    Packed skew.  packed[i, j] is the j-th strict upper-triangle entry of block i in
+    torch.triu_indices order: entry (r, c), r < c, sits at j = r b - r (r + 1) / 2 + (c - r - 1);
+    Q = U - U^T.
+
+    Exact Cayley.  N = (I - Q)^{-1},  R = (I + Q)(I - Q)^{-1} = 2 N - I.
+    I - Q has symmetric part I (Q is skew), so it is positive real: Gauss-Jordan elimination
+    without pivoting exists and has bounded growth.  Eigenvalues 1 -/+ i theta have modulus >= 1,
+    so ||N||_2 <= 1: the elimination is well conditioned for every Q.  One program per block runs
+    b elimination steps on a (B, B) register tile (B = next power of two >= max(b, 16), padded with
+    identity).  The backward uses the Cayley derivative dL/dQ = 2 N^T (dL/dR) N^T with
+    N = (R + I) / 2 (fastadapt.ops.cayley, small b x b products in torch).
+
+    Neumann.  PEFT's k-term series: k = 1: I;  k = 2: I + 2Q;  k >= 3, t = max(3, k - 1):
+    I + 2 (Q + ... + Q^{t-1}) + Q^t, powers by tl.dot in fp32.
+
+    Block rotation (OFTv2, input-centric).  y[m, i b + c] = sum_k x[m, i b + k] R_i[k, c], i.e.
+    y = x R_bd.  Forward loads an (BLOCK_M, B) tile of x and R_i, one tl.dot with fp32
+    accumulation, stores in the output dtype.  dx = dy R_bd^T is the same kernel on the transposed
+    view of R (strides only).  dR_i = sum_m x[m, i]^T dy[m, i]: grid (n, SPLIT_M), each program
+    accumulates its slice of rows in fp32 into a partial (SPLIT_M, n, b, b) buffer that the
+    launcher sums.  All offsets are int64; x may have any strides.
+
+    SVD-coordinate core (PSOFT / SSVD / AntiPaSTO).  For A (r, in) and an r x r core C:
+    z = x A^T and u = z C^T per tile of BLOCK_M rows, z accumulated in fp32 over the input
+    features and multiplied by C^T before it leaves the program, so the only writes are z and u
+    (N x r each; z is what the backward needs for dC).  The output y = x W^T + bias + u B^T is
+    then one GEMM plus one rank-r update into the same buffer: no N x d temporary.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cayley_fwd_kernel(packed_ptr, r_ptr, b, stride_pn, stride_rn,
+                       BLOCK: tl.constexpr, NEUMANN_TERMS: tl.constexpr, NEUMANN_TOP: tl.constexpr):
+    """One program per block: packed -> Q -> R (exact by elimination, or the Neumann series)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK)[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    inside = (rows < b) & (cols < b)
+    lo = tl.minimum(rows, cols)
+    hi = tl.maximum(rows, cols)
+    index = lo * b - lo * (lo + 1) // 2 + (hi - lo - 1)
+    values = tl.load(packed_ptr + pid * stride_pn + index, mask=inside & (rows != cols), other=0.0).to(tl.float32)
+    Q = tl.where(rows < cols, values, -values)
+    eye = tl.where(rows == cols, 1.0, 0.0)
+    if NEUMANN_TERMS == 0:
+        # Gauss-Jordan on [I - Q | I] without pivoting; padding rows/cols stay identity.
+        A = eye - Q
+        N = eye
+        for k in range(0, b):
+            row_a = tl.sum(tl.where(rows == k, A, 0.0), axis=0)      # (BLOCK,) row k of A
+            row_n = tl.sum(tl.where(rows == k, N, 0.0), axis=0)
+            pivot = tl.sum(tl.where(tl.arange(0, BLOCK) == k, row_a, 0.0), axis=0)
+            row_a = row_a / pivot
+            row_n = row_n / pivot
+            col_k = tl.sum(tl.where(cols == k, A, 0.0), axis=1)      # (BLOCK,) column k of A
+            factor = tl.where(tl.arange(0, BLOCK) == k, 0.0, col_k)[:, None]
+            A = tl.where(rows == k, row_a[None, :], A - factor * row_a[None, :])
+            N = tl.where(rows == k, row_n[None, :], N - factor * row_n[None, :])
+        R = 2.0 * N - eye
+    else:
+        R = eye
+        if NEUMANN_TERMS == 2:
+            R = eye + 2.0 * Q
+        elif NEUMANN_TERMS > 2:
+            power = Q
+            for _ in tl.static_range(1, NEUMANN_TOP):
+                R = R + 2.0 * power
+                power = tl.dot(power, Q, input_precision="ieee")
+            R = R + power
+    tl.store(r_ptr + pid * stride_rn + rows * b + cols, R.to(r_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _block_rotate_fwd_kernel(x_ptr, r_ptr, y_ptr, M, b,
+                             stride_xm, stride_xk, stride_rn, stride_rk, stride_rc, stride_ym,
+                             BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """y[m, i b:(i+1) b] = x[m, i b:(i+1) b] @ R_i for a tile of BLOCK_M rows and block i."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK)
+    col = block * b + offs_k
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk,
+                mask=(offs_m[:, None] < M) & (offs_k[None, :] < b), other=0.0)
+    R = tl.load(r_ptr + block * stride_rn + offs_k[:, None] * stride_rk + offs_k[None, :] * stride_rc,
+                mask=(offs_k[:, None] < b) & (offs_k[None, :] < b), other=0.0)
+    if IEEE:
+        acc = tl.dot(x, R.to(x.dtype), input_precision="ieee")
+    else:
+        acc = tl.dot(x, R.to(x.dtype))
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + col[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_k[None, :] < b))
+
+
+@triton.jit
+def _block_rotate_bwd_weight_kernel(x_ptr, g_ptr, part_ptr, M, b, rows_per_split,
+                                    stride_xm, stride_xk, stride_gm, stride_gk, stride_ps, stride_pn,
+                                    BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """partial[s, i] = sum over this split's rows m of x[m, block i]^T g[m, block i] (fp32)."""
+    block = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK)
+    col = block * b + offs_k
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, M)
+    for m0 in range(start, stop, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask = (offs_m[:, None] < stop) & (offs_k[None, :] < b)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + col[None, :] * stride_xk, mask=mask, other=0.0)
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + col[None, :] * stride_gk, mask=mask, other=0.0)
+        if IEEE:
+            acc += tl.dot(tl.trans(x), g, input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(x), g)
+    rows = offs_k[:, None]
+    cols = offs_k[None, :]
+    tl.store(part_ptr + split * stride_ps + block * stride_pn + rows * b + cols, acc,
+             mask=(rows < b) & (cols < b))
+
+
+@triton.jit
+def _svd_core_fwd_kernel(x_ptr, a_ptr, c_ptr, z_ptr, u_ptr, M, K, r,
+                         stride_xm, stride_xk, stride_ar, stride_ak, stride_ci, stride_cj, stride_zm,
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
+    """z = x A^T (fp32 over K) and u = z C^T for BLOCK_M rows."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        at = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
+                     mask=(offs_k[:, None] < K) & (offs_r[None, :] < r), other=0.0)
+        if IEEE:
+            z += tl.dot(x, at.to(x.dtype), input_precision="ieee")
+        else:
+            z += tl.dot(x, at.to(x.dtype))
+    # C^T[j, i] = C[i, j]
+    ct = tl.load(c_ptr + offs_r[:, None] * stride_cj + offs_r[None, :] * stride_ci,
+                 mask=(offs_r[:, None] < r) & (offs_r[None, :] < r), other=0.0).to(tl.float32)
+    u = tl.dot(z, ct, input_precision="ieee")
+    mask = (offs_m[:, None] < M) & (offs_r[None, :] < r)
+    out = offs_m[:, None] * stride_zm + offs_r[None, :]
+    tl.store(z_ptr + out, z.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(u_ptr + out, u.to(u_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def _block_width(b: int) -> int:
+    return max(16, triton.next_power_of_2(b))
+
+
+def cayley_forward(packed: torch.Tensor, block_size: int, neumann_terms: int = 0):
+    """(n, b(b-1)/2) packed -> R (n, b, b) in packed's dtype: cayley(Q) (``neumann_terms=0``) or
+    PEFT's ``neumann_terms``-term series."""
+    if packed.ndim != 2 or packed.shape[1] != block_size * (block_size - 1) // 2:
+        raise ValueError(f"packed must be (n, {block_size * (block_size - 1) // 2}), got {tuple(packed.shape)}")
+    if neumann_terms < 0:
+        raise ValueError(f"neumann_terms={neumann_terms} must be >= 0 (0 = exact)")
+    packed = packed.contiguous()
+    n = packed.shape[0]
+    R = torch.empty(n, block_size, block_size, dtype=packed.dtype, device=packed.device)
+    _cayley_fwd_kernel[(n,)](packed, R, block_size, packed.stride(0), R.stride(0),
+                             BLOCK=_block_width(block_size), NEUMANN_TERMS=neumann_terms,
+                             NEUMANN_TOP=max(3, neumann_terms - 1))
+    return R
+
+
+def block_rotate_forward(x2d: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """y = x R_bd: x (M, n b) any strides, R (n or 1, b, b) any strides (a transposed view gives
+    x R_bd^T).  Returns a contiguous (M, n b) tensor in x's dtype."""
+    M, d = x2d.shape
+    b = R.shape[-1]
+    n = d // b
+    if R.shape[-2] != b or d % b or R.shape[0] not in (1, n):
+        raise ValueError(f"R {tuple(R.shape)} does not tile x {tuple(x2d.shape)}")
+    y = torch.empty(M, d, dtype=x2d.dtype, device=x2d.device)
+    BLOCK = _block_width(b)
+    BLOCK_M = 16 if BLOCK >= 128 else 64
+    grid = (triton.cdiv(M, BLOCK_M), n)
+    _block_rotate_fwd_kernel[grid](x2d, R, y, M, b, x2d.stride(0), x2d.stride(1),
+                                   0 if R.shape[0] == 1 else R.stride(0), R.stride(1), R.stride(2), y.stride(0),
+                                   BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=x2d.dtype == torch.float32)
+    return y
+
+
+def block_rotate_backward_weight(x2d: torch.Tensor, g2d: torch.Tensor, block_size: int,
+                                 splits: int | None = None) -> torch.Tensor:
+    """dR (n, b, b) with dR_i = x_i^T g_i, fp32 accumulation, returned in x's dtype."""
+    if x2d.shape != g2d.shape:
+        raise ValueError(f"x {tuple(x2d.shape)} and g {tuple(g2d.shape)} must match")
+    M, d = x2d.shape
+    n = d // block_size
+    BLOCK = _block_width(block_size)
+    BLOCK_M = 16 if BLOCK >= 128 else 32
+    if splits is None:
+        splits = max(1, min(triton.cdiv(M, 4 * BLOCK_M), triton.cdiv(256, n)))
+    rows_per_split = triton.cdiv(triton.cdiv(M, splits), BLOCK_M) * BLOCK_M
+    splits = triton.cdiv(M, rows_per_split) if M else 1
+    partial = torch.zeros(splits, n, block_size, block_size, dtype=torch.float32, device=x2d.device)
+    _block_rotate_bwd_weight_kernel[(n, splits)](
+        x2d, g2d, partial, M, block_size, rows_per_split, x2d.stride(0), x2d.stride(1),
+        g2d.stride(0), g2d.stride(1), partial.stride(0), partial.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=x2d.dtype == torch.float32)
+    return partial.sum(0).to(x2d.dtype)
+
+
+def svd_core_forward(x2d: torch.Tensor, A: torch.Tensor, C: torch.Tensor):
+    """(z, u) = (x A^T, x A^T C^T) for x (M, in) any strides, A (r, in), C (r, r); both (M, r) in
+    x's dtype, z accumulated in fp32 and multiplied by C^T without a round trip to memory."""
+    M, K = x2d.shape
+    r = A.shape[0]
+    if A.shape[1] != K or C.shape != (r, r):
+        raise ValueError(f"A {tuple(A.shape)} and C {tuple(C.shape)} do not chain with x {tuple(x2d.shape)}")
+    z = torch.empty(M, r, dtype=x2d.dtype, device=x2d.device)
+    u = torch.empty_like(z)
+    BLOCK_R = max(16, triton.next_power_of_2(r))
+    BLOCK_M = 32 if BLOCK_R >= 128 else 64
+    _svd_core_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+        x2d, A, C, z, u, M, K, r, x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1),
+        C.stride(0), C.stride(1), z.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_K=32, BLOCK_R=BLOCK_R, IEEE=x2d.dtype == torch.float32)
+    return z, u
