@@ -65,3 +65,16 @@ def test_cli_matrix_is_markdown(capsys):
     assert cli.main(["matrix"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| method |") and len(lines) == 2 + len(CATALOG)
+
+
+def test_triton_kernels_installs_only_as_fastadapt_triton_kernels(tmp_path):
+    """`triton_kernels/` is importable as fastadapt.triton_kernels, never as a top-level package
+    (that name belongs to triton's own kernels).  Checked outside the repo, where cwd is not on sys.path."""
+    import pathlib
+    import subprocess
+    import sys
+    code = ("import importlib.util, fastadapt.triton_kernels as t; s = importlib.util.find_spec('triton_kernels'); "
+            "print(t.__file__); print(s.origin if s else None)")
+    ours, top = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                               check=True).stdout.split()
+    assert top == "None" or pathlib.Path(top).parent != pathlib.Path(ours).parent
