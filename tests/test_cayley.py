@@ -92,6 +92,17 @@ def test_oft_bridge_equals_peft_output_and_gradients(block_size, neumann, block_
     _compare_accelerated(model, x, [layer.oft_R["default"].weight], ["oft_R.weight"])
 
 
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("neumann", [True, False])
+@pytest.mark.parametrize("block_share", [False, True])
+def test_oft_bridge_weight_side_equals_peft(block_size, neumann, block_share):
+    """More rows than out_features: the fused Function rotates W instead of x, and in exact mode
+    takes dR from x^T dx (R^{-T} = R); the 5-term Neumann gradient is the closed-form adjoint."""
+    model, layer = _peft_oft(2 * block_size, 11, block_size, neumann=neumann, block_share=block_share)
+    x = randn(4, 16, 2 * block_size, dtype=F32)  # 64 rows > 11 outputs
+    _compare_accelerated(model, x, [layer.oft_R["default"].weight], ["oft_R.weight"])
+
+
 def test_oft_bridge_non_contiguous_input_and_coft_falls_back():
     model, layer = _peft_oft(48, 7, 16, neumann=False, block_share=False)
     _compare_accelerated(model, noncontig(randn(2, 9, 48, dtype=F32)), [layer.oft_R["default"].weight],
@@ -156,6 +167,50 @@ def test_oft_ops_gradcheck_float64():
     for neumann in (True, False):
         assert torch.autograd.gradcheck(
             lambda p: ops.oft_rotation_blocks(p, 4, use_cayley_neumann=neumann, num_cayley_neumann_terms=6), (packed,))
+
+
+@pytest.mark.parametrize("rows", [6, 4])  # 6 > out = 5: W is rotated; 4 rows: x is rotated
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("terms", [0, 5, 4, 1])  # 0: exact Cayley; 5: closed-form Neumann adjoint
+def test_oft_linear_gradcheck_float64(rows, shared, terms):
+    x = randn(2, rows // 2, 12, requires_grad=True)
+    packed = randn(1 if shared else 3, ops.packed_size(4), scale=0.3, requires_grad=True)
+    W, bias = randn(5, 12, requires_grad=True), randn(5, requires_grad=True)
+
+    def layer(xx, p, w, bb):
+        return ops.oft_linear(xx, p, 4, w, bb, use_cayley_neumann=terms > 0, num_cayley_neumann_terms=max(terms, 1))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ||Q||_2 may reach 1 for the 1-term series
+        assert torch.autograd.gradcheck(layer, (x, packed, W, bias))
+        assert torch.autograd.gradcheck(
+            lambda p: ops.oft_rotation_blocks(p, 4, use_cayley_neumann=terms > 0,
+                                              num_cayley_neumann_terms=max(terms, 1)), (packed,))
+
+
+@pytest.mark.parametrize("terms", [5, 4])
+def test_oft_linear_near_orthogonal_neumann_backward_gradcheck_float64(terms):
+    """Small |Q|: the Neumann R is orthogonal to within float64 rounding after a few terms of
+    (I - E)^{-1}, so the weight-side backward takes G = (x^T dx) R^{-T} instead of rotating g."""
+    packed = randn(3, ops.packed_size(4), scale=1e-3, requires_grad=True)
+    R = ops.oft_rotation_blocks(packed.detach(), 4, num_cayley_neumann_terms=terms)
+    inverse_t = ops._near_orthogonal_inverse_transpose(R)
+    assert inverse_t is not None
+    assert_rel_close(inverse_t, torch.linalg.inv(R).transpose(-2, -1), name="R^{-T}")
+    x, W = randn(2, 3, 12, requires_grad=True), randn(5, 12, requires_grad=True)  # 6 rows > 5 outputs
+    assert torch.autograd.gradcheck(
+        lambda xx, p, w: ops.oft_linear(xx, p, 4, w, None, num_cayley_neumann_terms=terms), (x, packed, W))
+
+
+@pytest.mark.parametrize("neumann", [True, False])
+def test_oft_layer_at_block_128_keeps_no_rotation_stack(neumann):
+    """b = 128: one R stack would be 128 / rows = 1/16 of bytes(x); the layer keeps x and, in exact
+    mode, only R's symmetric part (b(b+1)/2 per block)."""
+    layer = layers.OFTLinear(linear_model(256, 64, dtype=F32)[0], oft_block_size=128, use_cayley_neumann=neumann)
+    randomize_(layer, scale=0.5 / 128, names=["oft_R"])
+    x = randn(2048, 256, dtype=F32, requires_grad=True)
+    symmetric_part = 0 if neumann else 2 * (128 * 129 // 2) / (2048 * 256)
+    assert _saved_ratio(layer, x) == pytest.approx(1.0 + symmetric_part, abs=1e-9)
 
 
 def test_oft_layer_saves_only_x():

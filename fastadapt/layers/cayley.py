@@ -86,8 +86,9 @@ class OFTLinear(nn.Module):
     def forward(self, x):
         if self.merged:
             return self.base_layer(x)
-        return ops.block_rotate_linear(x, self.rotation_blocks(), self.base_layer.weight, self.base_layer.bias,
-                                       orthogonal=not self.use_cayley_neumann)
+        return ops.oft_linear(x, self.oft_R.weight, self.oft_block_size, self.base_layer.weight, self.base_layer.bias,
+                              use_cayley_neumann=self.use_cayley_neumann,
+                              num_cayley_neumann_terms=self.num_cayley_neumann_terms)
 
     @torch.no_grad()
     def merge(self):
@@ -248,10 +249,12 @@ def _oft_forward(layer, adapter, x):
     """PEFT OFT Linear: x -> cast to oft_R dtype -> x R_bd -> cast back -> base_layer."""
     module = layer.oft_R[adapter]
     base = layer.get_base_layer()
+    if x.dtype == module.weight.dtype == base.weight.dtype:
+        return ops.oft_linear(x, module.weight, module.block_size, base.weight, base.bias,
+                              use_cayley_neumann=module.use_cayley_neumann,
+                              num_cayley_neumann_terms=module.num_cayley_neumann_terms)
     R = ops.oft_rotation_blocks(module.weight, module.block_size, use_cayley_neumann=module.use_cayley_neumann,
                                 num_cayley_neumann_terms=module.num_cayley_neumann_terms)
-    if x.dtype == module.weight.dtype == base.weight.dtype:
-        return ops.block_rotate_linear(x, R, base.weight, base.bias, orthogonal=not module.use_cayley_neumann)
     previous = x.dtype
     rotated = ops.block_rotate(x.to(module.weight.dtype), R).to(previous)
     return base(rotated).to(previous)
