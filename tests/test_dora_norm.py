@@ -107,6 +107,34 @@ def test_dropout_mask_is_nn_dropouts_and_packs_to_bits(shape):
     assert torch.equal(ops.unpack_dropout(packed, x.shape, x.dtype, 0.3), mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_blocked_colsum_products(monkeypatch, dtype):
+    """The backward's row-blocked reductions (4 rows here: 23 rows = 5 full blocks and a partial
+    one): colsum(a o b) and colsum(dY o (x W^T)) equal float64; and every gradient of both DoRA
+    modes through the blocked paths (dy_row_pass: v, u^T dY and dm's colsum) equals the reference's."""
+    for name in ("_COLSUM_BLOCK_ELEMENTS", "_LINEAR_BLOCK_ELEMENTS", "_DY_BLOCK_ELEMENTS"):
+        monkeypatch.setattr(ops, name, 4 * 13)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    a, b, x, w = (randn(*shape).to(dtype) for shape in ((23, 13), (23, 13), (23, 9), (13, 9)))
+    a64, b64, x64, w64 = (t.double() for t in (a, b, x, w))
+    assert_rel_close(ops.colsum_product(a, b, acc), (a64 * b64).sum(0), acc, name="colsum(a o b)")
+    linear_tol = dtype if dtype == torch.bfloat16 else acc  # a half GEMM rounds its output
+    assert_rel_close(ops.colsum_product_linear(a, x, w, acc), (a64 * (x64 @ w64.T)).sum(0), linear_tol,
+                     name="colsum(dY o x W^T)")
+    if dtype != torch.float64:
+        return
+    ref = DoRA(randn(13, 9), randn(13), randn(3, 9, scale=0.3), randn(13, 3, scale=0.3), randn(13), 1.3)
+    x_in, dy = randn(23, 9, requires_grad=True), randn(23, 13)
+    y_ref = ref(x_in)
+    expected = torch.autograd.grad(y_ref, [x_in, ref.lora_A, ref.lora_B, ref.magnitude], dy)
+    for recompute in (False, True):
+        params = [t.detach().clone().requires_grad_() for t in (ref.lora_A, ref.lora_B, ref.magnitude)]
+        y = ops.dora_linear(x_in, ref.weight, ref.bias, *params, ref.scaling, recompute=recompute)
+        got = torch.autograd.grad(y, [x_in, *params], dy)
+        for name, g, e in zip(["x", "A", "B", "m"], got, expected):
+            assert_rel_close(g, e, name=f"d{name} recompute={recompute}")
+
+
 # ------------------------------------------------------------------------------ autograd / gradcheck
 
 @pytest.mark.parametrize("mode", ["default", "recompute", "dropout", "dropout_recompute"])
@@ -250,9 +278,51 @@ def test_low_precision_matches_float64_like_peft(method, dtype):
         assert_rel_close(got, true, dtype, scale=scale, name=name)
 
 
-def test_forced_triton_backend_runs_the_kernels(monkeypatch, device):
+AUTOCAST_MODES = ["dora", "dora_recompute", "dora_dropout", "dora_dropout_recompute", "delora", "delora_dropout"]
+
+
+@pytest.mark.parametrize("mode", AUTOCAST_MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_adapter_on_half_base_matches_peft(mode, dtype):
+    """PEFT's default autocast_adapter_dtype=True on a bf16 / fp16 base: the adapter stays float32.
+    Fused (no fallback): output and every gradient have PEFT's dtypes, and both PEFT and fused are
+    within the dtype's tolerance of the float64 truth of the same math with the same mask (DoRA
+    draws it on the float32 copy of x, as PEFT's dropout(x.to(float32)); DeLoRA on x itself)."""
+    method = mode.split("_")[0]
+    dropout = 0.1 if "dropout" in mode else 0.0
+    build, reference = (dora_model, DoRA) if method == "dora" else (delora_model, DeLoRA)
+    model, layer = build(16, dropout=dropout, dtype=dtype)
+    params = dora_params(layer) if method == "dora" else delora_params(layer)
+    assert all(p.dtype == torch.float32 for p in params) and layer.get_base_layer().weight.dtype == dtype
+    x, dy = randn(3, 11, D_IN, dtype=dtype, requires_grad=True), randn(3, 11, D_OUT, dtype=dtype)
+    peft_out = run(model, params, x, dy)
+    torch.manual_seed(11)
+    mask = ops.draw_dropout(x.detach().float() if method == "dora" else x.detach(), dropout)[0].double() \
+        if dropout else torch.ones(())
+    ref = reference.from_peft(layer)
+    x64 = x.detach().double().requires_grad_()
+    y64 = ref(x64, dropout_mask=mask) if dropout else ref(x64)
+    ref_params = [ref.lora_A, ref.lora_B, ref.magnitude] if method == "dora" else \
+        [ref.delora_A, ref.delora_B, ref.delora_lambda]
+    truth = [y64, *torch.autograd.grad(y64, [x64, *ref_params], dy.double())]
+    report = fastadapt.accelerate(model)
+    if mode.endswith("recompute"):
+        dora_layers.set_recompute(model)
+    fused = run(model, params, x, dy)
+    assert report.fused_calls == 1 and not report.fallbacks
+    scale = lambda_condition(ref, x64.detach(), mask, dy.double()) if method == "delora" else 1
+    for name, got, want, true, sc in zip(["output", "x", "A", "B", "m or lambda"], fused, peft_out, truth,
+                                         [1, 1, 1, 1, scale]):
+        assert got.dtype == want.dtype, name
+        assert_rel_close(want, true, dtype, scale=sc, name=f"PEFT {name}")
+        assert_rel_close(got, true, dtype, scale=sc, name=f"fused {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_forced_triton_backend_runs_the_kernels(monkeypatch, device, dtype):
     """FASTADAPT_BACKEND=triton: the norm kernel and the fused scaled GEMM (forward and dx) run
-    (the interpreter on CPU); output and every gradient match the float64 reference."""
+    (the interpreter on CPU); output and every gradient match the float64 reference.  float16
+    takes the half-output branch (the GEMM gives y_pre, saved; y = g o y_pre + b after it)."""
     from fastadapt.triton_kernels import dora_norm as kernels
     calls = []
     for name in ("dora_norm_forward", "scaled_lowrank_gemm"):
@@ -260,18 +330,18 @@ def test_forced_triton_backend_runs_the_kernels(monkeypatch, device):
         monkeypatch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
     ref = DoRA(randn(19, 24), randn(19), randn(4, 24, scale=0.3), randn(19, 4, scale=0.3), randn(19), 1.5)
-    params = [t.to(torch.float32, copy=True).to(device) for t in (ref.lora_A, ref.lora_B, ref.magnitude)]
+    params = [t.to(dtype, copy=True).to(device) for t in (ref.lora_A, ref.lora_B, ref.magnitude)]
     for p in params:
         p.requires_grad_()
     x, dy = randn(21, 24, requires_grad=True), randn(21, 19)
-    x32 = x.detach().to(torch.float32).to(device).requires_grad_()
-    y = ops.dora_linear(x32, ref.weight.to(torch.float32).to(device), ref.bias.to(torch.float32).to(device), *params,
+    x_low = x.detach().to(dtype).to(device).requires_grad_()
+    y = ops.dora_linear(x_low, ref.weight.to(dtype).to(device), ref.bias.to(dtype).to(device), *params,
                         ref.scaling)
-    got = [y, *torch.autograd.grad(y, [x32, *params], dy.to(torch.float32).to(device))]
+    got = [y, *torch.autograd.grad(y, [x_low, *params], dy.to(dtype).to(device))]
     y_ref = ref(x)
     expected = [y_ref, *torch.autograd.grad(y_ref, [x, ref.lora_A, ref.lora_B, ref.magnitude], dy)]
     for name, g, e in zip(["output", "x", "A", "B", "m"], got, expected):
-        assert_rel_close(g, e, "tf32", name=name)
+        assert_rel_close(g, e, "tf32" if dtype == torch.float32 else dtype, name=name)
     assert sorted(set(calls)) == ["dora_norm_forward", "scaled_lowrank_gemm"]
     assert calls.count("scaled_lowrank_gemm") == 2  # forward and dx
 
@@ -388,11 +458,20 @@ def test_nan_in_adapter_gives_nan_not_hang():
 
 
 def test_fallback_reasons():
-    model, layer = dora_model(4, dtype=torch.bfloat16)  # PEFT keeps the adapter in float32 and casts x
-    assert layer.lora_A["default"].weight.dtype == torch.float32
+    """Dtype mixes other than PEFT's autocast (float32 adapter on a half base) run PEFT's forward,
+    with the reason counted."""
+    model, layer = dora_model(4, dtype=torch.float32)
+    for module in (layer.lora_A, layer.lora_B, layer.lora_magnitude_vector):
+        module.to(torch.bfloat16)  # a bf16 adapter on a float32 base: PEFT casts x down
     report = fastadapt.accelerate(model)
-    model(randn(3, D_IN, dtype=torch.bfloat16))
-    assert any("mixed dtypes" in why for why in report.fallbacks)
+    model(randn(3, D_IN, dtype=torch.float32))
+    assert any("adapter dtype torch.bfloat16 on a torch.float32 base" in why for why in report.fallbacks)
+    model, layer = dora_model(4, dtype=torch.bfloat16)
+    layer.cast_input_dtype_enabled = False
+    assert "cast_input_dtype_enabled=False" in dora_layers.dora_check(layer, "default", randn(3, D_IN).bfloat16())
+    model, layer = delora_model(4, dtype=torch.float32)
+    layer.delora_B["default"].data = layer.delora_B["default"].data.to(torch.bfloat16)
+    assert "adapter tensors have mixed dtypes" in dora_layers.delora_check(layer, "default", randn(3, D_IN).float())
 
 
 # ------------------------------------------------------------------------------ Triton norm kernel

@@ -7,8 +7,13 @@ caches the norm for unmerge there); a merged layer runs PEFT's forward (fastadap
 patched layer keeps a :class:`~fastadapt.ops.dora_norm.RowSqNormCache` of ||W||_row^2, which
 PEFT's merge/unmerge invalidate by replacing ``weight.data``.
 
+A float32 adapter on a float16 / bfloat16 base (PEFT's default ``autocast_adapter_dtype=True``)
+runs fused with PEFT's casts (see ``DoraLinearFunction`` / ``DeloraLinearFunction``).
+
 A call runs PEFT's forward, with the reason counted, when the fused path would not reproduce
-it exactly: mixed dtypes (PEFT's autocast of x to the adapter dtype), ``lora_bias=True``, a
+it exactly: x, base weight and bias of different dtypes, adapter tensors of different dtypes, an
+adapter dtype other than the base's or float32 on a half base, PEFT's input cast switched off
+(``cast_input_dtype_enabled=False``) with a float32 adapter on a half base, ``lora_bias=True``, a
 trainable base weight, a dropout module other than nn.Dropout / nn.Identity, or dropout in
 training on a non-CPU device (the mask is redrawn from CPU's default generator exactly as
 nn.Dropout draws it; CUDA's nn.Dropout uses a fused kernel with another stream).
@@ -17,9 +22,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
-from ..ops.dora_norm import RowSqNormCache, delora_linear, dora_linear
+from ..ops.dora_norm import HALF_DTYPES, RowSqNormCache, delora_linear, dora_linear
 from ..peft import BridgeEntry
 
 _CACHE_ATTR = "_fastadapt_weight_sq_norm"
@@ -44,10 +50,27 @@ def _dropout_reason(layer, dropout: nn.Module, x) -> Optional[str]:
     return None
 
 
-def _dtype_reason(x, *tensors) -> Optional[str]:
-    dtypes = {x.dtype, *(t.dtype for t in tensors if t is not None)}
-    if len(dtypes) > 1:
-        return f"mixed dtypes {sorted(str(d) for d in dtypes)}"
+def _dtype_reason(layer, x, base_tensors, adapter_tensors, *, casts_x: bool) -> Optional[str]:
+    """Why the dtypes cannot run fused, or None.
+
+    Fused: x, W and the bias share one dtype, the adapter tensors share one dtype, and that is
+    x's dtype or float32 on a float16 / bfloat16 x (PEFT's default autocast_adapter_dtype).
+    ``casts_x``: the PEFT layer casts x to the adapter dtype (lora.Linear does, unless
+    ``cast_input_dtype_enabled`` is off, in which case PEFT's own forward raises on the mix).
+    """
+    base_dtypes = {x.dtype, *(t.dtype for t in base_tensors if t is not None)}
+    if len(base_dtypes) > 1:
+        return f"x, base weight and bias have mixed dtypes {sorted(str(d) for d in base_dtypes)}"
+    adapter_dtypes = {t.dtype for t in adapter_tensors}
+    if len(adapter_dtypes) > 1:
+        return f"adapter tensors have mixed dtypes {sorted(str(d) for d in adapter_dtypes)}"
+    (adapter_dtype,) = adapter_dtypes
+    if adapter_dtype == x.dtype:
+        return None
+    if adapter_dtype != torch.float32 or x.dtype not in HALF_DTYPES:
+        return f"adapter dtype {adapter_dtype} on a {x.dtype} base (fused: the same dtype, or float32 on a half base)"
+    if casts_x and not getattr(layer, "cast_input_dtype_enabled", True):
+        return "cast_input_dtype_enabled=False with a float32 adapter on a half base"
     return None
 
 
@@ -69,8 +92,9 @@ def dora_check(layer, adapter: str, x) -> Optional[str]:
         return "lora_bias=True"
     if base.weight.requires_grad:
         return "base weight is trainable"
-    return (_dtype_reason(x, base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                          layer.lora_magnitude_vector[adapter].weight)
+    return (_dtype_reason(layer, x, (base.weight, base.bias),
+                          (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                           layer.lora_magnitude_vector[adapter].weight), casts_x=True)
             or _dropout_reason(layer, layer.lora_dropout[adapter], x))
 
 
@@ -107,8 +131,9 @@ def delora_check(layer, adapter: str, x) -> Optional[str]:
     base = layer.get_base_layer()
     if base.weight.requires_grad:
         return "base weight is trainable"
-    return (_dtype_reason(x, base.weight, base.bias, layer.delora_A[adapter], layer.delora_B[adapter],
-                          layer.delora_lambda[adapter], layer.delora_w_norm[adapter])
+    return (_dtype_reason(layer, x, (base.weight, base.bias),
+                          (layer.delora_A[adapter], layer.delora_B[adapter], layer.delora_lambda[adapter],
+                           layer.delora_w_norm[adapter]), casts_x=False)
             or _dropout_reason(layer, layer.delora_dropout[adapter], x))
 
 

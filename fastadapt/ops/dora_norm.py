@@ -16,12 +16,14 @@ Zero-norm rows: n = max(sqrt(max(n^2, 0)), NORM_EPS) with NORM_EPS = 1e-12 (the 
 
 Backends: "torch" (CPU path, this file) and "triton" for the norm pieces
 (``fastadapt.triton_kernels.dora_norm``), picked per call by :func:`fastadapt.backend.select`;
-float64 always runs torch (tl.dot has no float64).  On the torch path the scale g = m / n is
-folded into W's rows (a d_out x d_in pass, freed before the forward returns) instead of an
-N x d_out pass.  On the triton backend DoRA's forward GEMM carries g, the low-rank term and the
-bias in its epilogue, and dx's GEMM applies g to the dY tiles as it loads them
-(``scaled_lowrank_gemm``); the skinny GEMMs (x A^T, dY B, dA, dB), dm and the dropout path
-(two GEMMs with W) use torch.
+float64 always runs torch (tl.dot has no float64), and so does a float32 adapter on a half base
+(PEFT's default autocast_adapter_dtype; see DoraLinearFunction).  On the torch path forward
+applies g = m / n to the output in place; backward folds it into W's rows for dx (a d_out x d_in
+temporary, freed at once) since dY may not be scaled in place.  On the triton backend DoRA's
+forward GEMM carries g, the low-rank term and the bias in its epilogue (for a half output it
+gives y_pre, and g, b follow in torch), and dx's GEMM applies g to the dY tiles as it loads them
+(``scaled_lowrank_gemm``); the skinny GEMMs (x A^T, dY B, dA, dB), dm and the dropout path (two
+GEMMs with W) use torch.
 """
 from __future__ import annotations
 
@@ -45,6 +47,24 @@ NORM_EPS = 1e-12
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float64 stays float64, everything else accumulates in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def adapter_compute_dtype(base_name: str, base: torch.Tensor, adapter_tensors) -> torch.dtype:
+    """The dtype the adapter path computes in: the one dtype of ``adapter_tensors`` ((name, tensor)
+    pairs), which is ``base``'s dtype (x or W), or float32 on a float16 / bfloat16 base (PEFT's default
+    ``autocast_adapter_dtype=True``: adapter weights upcast to float32, x cast to them for the
+    adapter path).  TypeError naming the parameters otherwise."""
+    (first_name, first), *rest = adapter_tensors
+    for name, t in rest:
+        _validate.same(first_name, first, name, t)
+    if first.dtype != base.dtype and not (first.dtype == torch.float32 and base.dtype in HALF_DTYPES):
+        _validate.same(base_name, base, first_name, first)  # raises: names both dtypes
+    if first.device != base.device:
+        raise ValueError(f"{base_name} is on {base.device} but {first_name} is on {first.device}; move one to match")
+    return first.dtype
 
 
 def weight_row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -88,10 +108,23 @@ def _norm_from_pieces(w_sq, cross, quad, scaling: float) -> torch.Tensor:
     return sq.clamp_min(0).sqrt().clamp_min(NORM_EPS)
 
 
+# Rows of a half-precision W converted to float32 per block in W A^T for a float32 adapter
+# (2^20 elements: a 4 MiB float32 block, never a whole d_out x d_in copy).
+_UPCAST_BLOCK_ELEMENTS = 1 << 20
+
+
+def _weight_times_a_t(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """W A^T (out, r) in A's dtype; a half W with a float32 A is converted exactly, block of rows by block."""
+    if weight.dtype == lora_A.dtype:
+        return weight @ lora_A.T
+    rows = max(1, _UPCAST_BLOCK_ELEMENTS // weight.shape[1])
+    return torch.cat([block.to(lora_A.dtype) @ lora_A.T for block in weight.split(rows)])
+
+
 def _dora_norm_torch(weight, lora_A, lora_B, scaling, w_sq):
     acc = w_sq.dtype
     a, b = lora_A.to(acc), lora_B.to(acc)
-    wa = (weight @ lora_A.T).to(acc)            # (out, r): W A^T, a thin GEMM
+    wa = _weight_times_a_t(weight, lora_A).to(acc)   # (out, r): W A^T, a thin GEMM
     cross = (wa * b).sum(dim=1)                 # rowsum((W A^T) o B)
     quad = ((b @ (a @ a.T)) * b).sum(dim=1)     # rowsum((B (A A^T)) o B)
     return _norm_from_pieces(w_sq, cross, quad, scaling)
@@ -107,12 +140,13 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     _validate.rank(lora_A.shape[0], in_features, out_features)
     _validate.tensor("lora_A", lora_A, shape=(lora_A.shape[0], in_features))
     _validate.tensor("lora_B", lora_B, shape=(out_features, lora_A.shape[0]))
-    _validate.same("weight", weight, "lora_A", lora_A)
-    _validate.same("weight", weight, "lora_B", lora_B)
+    adapter_dtype = adapter_compute_dtype("weight", weight, (("lora_A", lora_A), ("lora_B", lora_B)))
     with torch.no_grad():
         w_sq = weight_row_sq_norm(weight) if weight_sq_norm is None else weight_sq_norm
-        # float64 always runs the torch path: tl.dot has no float64.
-        if weight.dtype != torch.float64 and select("dora_norm", weight.device, ("torch", "triton")) == "triton":
+        # float64 and a float32 adapter on a half W always run the torch path (tl.dot has no
+        # float64; the kernel takes one dtype).
+        if (weight.dtype != torch.float64 and adapter_dtype == weight.dtype
+                and select("dora_norm", weight.device, ("torch", "triton")) == "triton"):
             from ..triton_kernels.dora_norm import dora_norm_forward
             return dora_norm_forward(weight, lora_A, lora_B, float(scaling), w_sq)
         return _dora_norm_torch(weight, lora_A, lora_B, float(scaling), w_sq)
@@ -170,6 +204,76 @@ def unpack_dropout(packed: torch.Tensor, shape, dtype: torch.dtype, p: float) ->
 # ----------------------------------------------------------------------------------------------
 # DoRA
 
+# Rows per block of :func:`colsum_product`: 2^17 elements, a 512 KiB float32 block that stays in cache.
+_COLSUM_BLOCK_ELEMENTS = 1 << 17
+
+
+def colsum_product(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """colsum(a o b) for (N, d) a, b, accumulated in ``acc``, block of rows by block: the product
+    goes through one reused cache-sized buffer instead of an N x d temporary (a fresh N x d
+    allocation costs its page faults on top of the extra pass; see benchmarks/NOTES.md)."""
+    n, d = a.shape
+    rows = max(1, _COLSUM_BLOCK_ELEMENTS // max(d, 1))
+    if n <= rows:
+        return torch.linalg.vecdot(a.to(acc), b.to(acc), dim=0)
+    buf = torch.empty(rows, d, dtype=acc, device=a.device)
+    partial = torch.empty(-(-n // rows), d, dtype=acc, device=a.device)
+    for i, start in enumerate(range(0, n, rows)):
+        block = buf[: min(rows, n - start)]
+        if a.dtype == acc:
+            torch.mul(a[start:start + rows], b[start:start + rows], out=block)
+        else:
+            block.copy_(a[start:start + rows]).mul_(b[start:start + rows])   # exact upcast, product in acc
+        torch.sum(block, dim=0, out=partial[i])
+    return partial.sum(dim=0)
+
+
+
+# Rows per block of :func:`colsum_product_linear`: 2^18 output elements (1 MiB float32), big
+# enough for an efficient GEMM, small enough to stay in cache for the product with dY.
+_LINEAR_BLOCK_ELEMENTS = 1 << 18
+
+
+def colsum_product_linear(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """colsum(dy o (x W^T)) for dy (N, out), x (N, in) and W (out, in) of one dtype, block of rows
+    by block: x W^T is never an N x out tensor (recompute's y_pre)."""
+    n, out_features = dy.shape
+    rows = max(1, _LINEAR_BLOCK_ELEMENTS // max(out_features, 1))
+    buf = torch.empty(min(rows, n), out_features, dtype=dy.dtype, device=dy.device)
+    partial = torch.empty(-(-n // rows), out_features, dtype=acc, device=dy.device)
+    for i, start in enumerate(range(0, n, rows)):
+        block = buf[: min(rows, n - start)]
+        torch.mm(x[start:start + rows], weight.T, out=block)
+        if acc == dy.dtype:
+            torch.sum(block.mul_(dy[start:start + rows]), dim=0, out=partial[i])
+        else:
+            torch.sum(block.to(acc).mul_(dy[start:start + rows]), dim=0, out=partial[i])
+    return partial.sum(dim=0)
+
+
+# Rows per block of :func:`dy_row_pass`: 2^18 elements of dY (1 MiB float32) stay in cache for
+# the three products that read them.
+_DY_BLOCK_ELEMENTS = 1 << 18
+
+
+def dy_row_pass(dy: torch.Tensor, u: torch.Tensor, b_scaled: torch.Tensor, other: torch.Tensor):
+    """(dY b_scaled, u^T dY, colsum(dY o other)) for dY, other (N, out), u (N, r), b_scaled (out, r),
+    all of one dtype, in one pass over dY block of rows by block (each block read from memory once
+    instead of three times, and no N x out product temporary)."""
+    n, out_features = dy.shape
+    rows = max(1, _DY_BLOCK_ELEMENTS // max(out_features, 1))
+    v = torch.empty(n, b_scaled.shape[1], dtype=dy.dtype, device=dy.device)
+    u_t_dy = torch.zeros(u.shape[1], out_features, dtype=dy.dtype, device=dy.device)
+    buf = torch.empty(min(rows, n), out_features, dtype=dy.dtype, device=dy.device)
+    partial = torch.empty(-(-n // rows), out_features, dtype=dy.dtype, device=dy.device)
+    for i, start in enumerate(range(0, n, rows)):
+        dy_block = dy[start:start + rows]
+        torch.mm(dy_block, b_scaled, out=v[start:start + rows])
+        u_t_dy.addmm_(u[start:start + rows].T, dy_block)
+        block = buf[: dy_block.shape[0]]
+        torch.sum(torch.mul(dy_block, other[start:start + rows], out=block), dim=0, out=partial[i])
+    return v, u_t_dy, partial.sum(dim=0)
+
 @dataclass(frozen=True)
 class DoraPlan:
     """Non-tensor settings of one fused DoRA call (read at call time, never cached)."""
@@ -186,61 +290,107 @@ class DoraLinearFunction(torch.autograd.Function):
     Notation: W (out, in) frozen, A (r, in), B (out, r), m (out,), s scaling, n the detached norm,
     g = m / n, x_d = x * mask (mask = 1 without dropout), u = x_d A^T (N, r).
 
-    Forward without dropout (one GEMM with W; g folded into W's rows, never into an N x out pass;
-    on the triton backend g, the low-rank term and b sit in the GEMM's epilogue instead):
-        y = x (g o W)^T + u (s g o B)^T + b
+    Forward without dropout (one GEMM with W, accumulating onto the low-rank term written first
+    (beta = 1), then g and b applied to y in place: no d_out x d_in temporary, no second N x out
+    tensor; on the triton backend g, the low-rank term and b sit in the GEMM's epilogue instead;
+    float16 / bfloat16 outputs: see "saved" below):
+        y = g o (u (s B)^T + x W^T) + b
     Forward with dropout (PEFT corrects the base output of the un-dropped x: two GEMMs with W):
         y_pre = x_d W^T + s u B^T,     y = (x - x_d) W^T + b + g o y_pre
     Backward, with dY (N, out):
         v   = dY (s g o B)                      (N, r)
-        dx  = dY (g o W) + v A                  without dropout (triton: g applied to dY tiles on load)
-        dx  = dY W + mask o (dY ((g - 1) o W) + v A)       with dropout
-        dA  = v^T x_d,   dB = (s g) o (dY^T u),   db = colsum(dY)
+        dx  = v A + dY (g o W)                  without dropout (triton: g applied to dY tiles on load)
+        dx  = dY W + mask o (v A + dY ((g - 1) o W))       with dropout
+        dA  = v^T x_d,   P = u^T dY (r, out),   dB = (s g) o P^T,   db = colsum(dY)
         dm  = colsum(dY o y_pre) / n
+    On CPU with one dtype, v, P and dm's colsum come from one pass over 256-row blocks of dY
+    (:func:`dy_row_pass`): dY is read from memory once for the three, and no N x out product
+    temporary is allocated.
     What is saved (besides parameters):
         default, no dropout: x, u and the output y; y_pre is recovered as (y - b) / g, so
                   dm = (colsum(dY o y) - b colsum(dY)) / m.  (If some m_j == 0 the call runs
-                  as ``recompute`` instead: y carries no information on that row.)
+                  as ``recompute`` instead: y carries no information on that row.)  For a
+                  float16 / bfloat16 output, x, u and y_pre instead (same bytes): the forward
+                  computes y_pre = x W^T + s u B^T, then y = g o y_pre + b (an N x out pass, no g
+                  folded into W), because inverting a rounded half y loses digits wherever
+                  |g y_pre| << |b| or g is small.
         default, dropout:   x, u, y_pre (not recoverable from y) and the 1-bit packed mask.
-        recompute=True:     x, u (and the packed mask); y_pre = x_d W^T + s u B^T is recomputed
-                  in backward: one more GEMM with W, about +0.5x the frozen layer's time.
+        recompute=True:     x, u (and the packed mask); backward recomputes x_d W^T, one more
+                  GEMM with W, about +0.5x the frozen layer's time, and takes y_pre's low-rank
+                  half from P: colsum(dY o (s u B^T))_j = s sum_k B_jk P_kj.
     Saved bytes as a multiple of bytes(x), float32: 2 + r/in (+ 1/32 with dropout) by default,
     1 + r/in (+ 1/32) with recompute.  Because the default saves the output itself, modifying
     it in place before backward (e.g. ``nn.ReLU(inplace=True)`` right after the layer) makes
     autograd raise its "modified by an inplace operation" error; use recompute=True there.
+
+    Float32 adapter on a float16 / bfloat16 base (PEFT's default ``autocast_adapter_dtype``;
+    ``mixed``), the casts of PEFT's ``lora.Linear.forward`` / ``DoraLinearLayer.forward``: every
+    GEMM with W runs in the base dtype (x W^T, dY W; with dropout x_d and (g - 1) o dY are rounded
+    to the base dtype for their GEMM with W, where PEFT upcasts W instead), everything else in
+    float32 (x cast to float32 for the adapter path, the mask drawn on that float32 copy as
+    nn.Dropout draws it there, u, v, g, the scaling of the base product, dm, dA, dB), and the
+    output and dx are rounded to the base dtype once at the end.  g is never folded into the half
+    W (that would round g o W).  y_pre is saved in the base dtype.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, weight_norm, plan: DoraPlan):
         s = plan.scaling
         acc = weight_norm.dtype
-        g = (magnitude.detach().to(acc) / weight_norm).to(x.dtype)       # (out,)
-        b_scaled = lora_B * (s * g)[:, None]
+        compute = lora_A.dtype                                            # x.dtype unless mixed
+        mixed = compute != x.dtype
+        g = (magnitude.detach().to(acc) / weight_norm).to(compute)       # (out,)
         recompute = plan.recompute or bool((magnitude == 0).any())
         packed = None
-        if plan.dropout_p == 0 and plan.backend == "triton":
+        x_c = x.to(compute)                                               # no copy unless mixed
+        # A half y is not inverted for y_pre ((y - b) / g loses digits where |g y_pre| << |b|):
+        # half outputs keep y_pre itself (same bytes).
+        keep_pre = plan.dropout_p > 0 or x.dtype in HALF_DTYPES
+        if plan.dropout_p == 0 and keep_pre:
+            if plan.backend == "triton":
+                from ..triton_kernels.dora_norm import scaled_lowrank_gemm
+                u = x @ lora_A.T
+                y_pre = scaled_lowrank_gemm(x, weight.T, u, (lora_B * s).T)
+            else:
+                u = x_c @ lora_A.T
+                y_pre = F.linear(x, weight).to(compute).addmm_(u, lora_B.T, alpha=s)
+            y = (y_pre * g if bias is None else torch.addcmul(bias.to(compute), y_pre, g)).to(x.dtype)
+            y_pre = y_pre.to(x.dtype)
+        elif plan.dropout_p == 0 and plan.backend == "triton":
             from ..triton_kernels.dora_norm import scaled_lowrank_gemm
             u = x @ lora_A.T
             y = scaled_lowrank_gemm(x, weight.T, u, (lora_B * s).T, out_scale=g.to(torch.float32), bias=bias)
             y_pre = None
         elif plan.dropout_p == 0:
             u = x @ lora_A.T
-            y = F.linear(x, weight * g[:, None], bias)
-            y.addmm_(u, b_scaled.T)
+            y = u @ (lora_B * s).T
+            y.addmm_(x, weight.T)
+            y.mul_(g)
+            if bias is not None:
+                y.add_(bias)
             y_pre = None
         else:
-            mask, packed = draw_dropout(x, plan.dropout_p)
-            x_d = x * mask
+            mask, packed = draw_dropout(x_c, plan.dropout_p)
+            x_d = x_c * mask
             u = x_d @ lora_A.T
-            y_pre = x_d @ weight.T
-            y_pre.addmm_(u, lora_B.T, alpha=s)
-            y = F.linear(x - x_d, weight, bias)
-            y.addcmul_(y_pre, g)
+            if mixed:
+                base_d = F.linear(x_d.to(x.dtype), weight)
+                y_pre = base_d.to(compute).addmm_(u, lora_B.T, alpha=s)
+                y = F.linear(x, weight, bias).to(compute).sub_(base_d).addcmul_(y_pre, g).to(x.dtype)
+                y_pre = y_pre.to(x.dtype)
+                del base_d
+            else:
+                y_pre = x_d @ weight.T
+                y_pre.addmm_(u, lora_B.T, alpha=s)
+                y = F.linear(x - x_d, weight, bias)
+                y.addcmul_(y_pre, g)
             del x_d, mask
-        saved_out = None if recompute else (y if plan.dropout_p == 0 else y_pre)
+        del x_c
+        saved_out = None if recompute else (y_pre if keep_pre else y)
         ctx.save_for_backward(x, u, weight, bias, lora_A, lora_B, magnitude, weight_norm, saved_out, packed)
         ctx.plan = plan
         ctx.recompute = recompute
+        ctx.saved_pre = keep_pre
         return y
 
     @staticmethod
@@ -249,40 +399,60 @@ class DoraLinearFunction(torch.autograd.Function):
         plan: DoraPlan = ctx.plan
         s = plan.scaling
         acc = weight_norm.dtype
-        g = (magnitude.detach().to(acc) / weight_norm).to(x.dtype)
-        v = dy @ (lora_B * (s * g)[:, None])                      # (N, r)
-        mask = None if packed is None else unpack_dropout(packed, x.shape, x.dtype, plan.dropout_p)
+        compute = lora_A.dtype
+        mixed = compute != x.dtype
+        g = (magnitude.detach().to(acc) / weight_norm).to(compute)
+        dy_c = dy.to(compute)                                             # no copy unless mixed
+        b_scaled = lora_B * (s * g)[:, None]
+        need_m = ctx.needs_input_grad[5]
+        # CPU: one blocked pass over dY for v, u^T dY and dm's colsum when all are one dtype.
+        row_pass = (need_m and not ctx.recompute and dy.dtype == acc == compute and plan.backend == "torch"
+                    and dy.device.type == "cpu")
+        if row_pass:
+            v, u_t_dy, dot = dy_row_pass(dy, u, b_scaled, saved_out)
+        else:
+            v = dy_c @ b_scaled                                           # (N, r)
+        mask = None if packed is None else unpack_dropout(packed, x.shape, compute, plan.dropout_p)
         dx = d_a = d_b = d_m = d_bias = None
         if ctx.needs_input_grad[0]:
             if mask is None and plan.backend == "triton":
                 from ..triton_kernels.dora_norm import scaled_lowrank_gemm
                 dx = scaled_lowrank_gemm(dy, weight, v, lora_A, k_scale=g.to(torch.float32))
             elif mask is None:
-                dx = dy @ (weight * g[:, None])
-                dx.addmm_(v, lora_A)
+                dx = v @ lora_A
+                if mixed:
+                    dx = dx.add_((dy_c * g).to(x.dtype) @ weight).to(x.dtype)
+                else:
+                    dx.addmm_(dy, weight * g[:, None])
             else:
-                inner = dy @ (weight * (g - 1)[:, None])
-                inner.addmm_(v, lora_A)
-                dx = dy @ weight
-                dx.addcmul_(inner, mask)
+                inner = v @ lora_A
+                if mixed:
+                    inner.add_((dy_c * (g - 1)).to(x.dtype) @ weight)
+                    dx = (dy @ weight).to(compute).addcmul_(inner, mask).to(x.dtype)
+                else:
+                    inner.addmm_(dy, weight * (g - 1)[:, None])
+                    dx = dy @ weight
+                    dx.addcmul_(inner, mask)
                 del inner
-        x_d = x if mask is None else x * mask
+        x_d = x.to(compute) if mask is None else x.to(compute) * mask
         if ctx.needs_input_grad[3]:
             d_a = v.T @ x_d
+        if not row_pass and (ctx.needs_input_grad[4] or (need_m and ctx.recompute)):
+            u_t_dy = u.T @ dy_c  # (r, out): the faster layout for BLAS (r rows)
         if ctx.needs_input_grad[4]:
-            d_b = ((u.T @ dy) * (s * g)).T  # u^T dY is the faster layout for BLAS (r rows)
-        if ctx.needs_input_grad[5]:
+            d_b = (u_t_dy * (s * g)).T
+        if need_m:
+            if not row_pass and not ctx.recompute:
+                dot = colsum_product(dy, saved_out, acc)
             if ctx.recompute:
-                y_pre = x_d @ weight.T
-                y_pre.addmm_(u, lora_B.T, alpha=s)
-                d_m = torch.linalg.vecdot(dy.to(acc), y_pre.to(acc), dim=0) / weight_norm
-            elif mask is None:  # saved_out is y: y_pre = (y - b) / g
-                dot = torch.linalg.vecdot(dy.to(acc), saved_out.to(acc), dim=0)
+                lowrank = (lora_B.to(acc) * u_t_dy.T.to(acc)).sum(dim=1)
+                d_m = (colsum_product_linear(dy, x_d.to(x.dtype), weight, acc) + s * lowrank) / weight_norm
+            elif not ctx.saved_pre:  # saved_out is y: y_pre = (y - b) / g
                 if bias is not None:
                     dot = dot - bias.detach().to(acc) * dy.sum(dim=0, dtype=acc)
                 d_m = dot / magnitude.detach().to(acc)
             else:  # saved_out is y_pre
-                d_m = torch.linalg.vecdot(dy.to(acc), saved_out.to(acc), dim=0) / weight_norm
+                d_m = dot / weight_norm
             d_m = d_m.to(magnitude.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             d_bias = dy.sum(dim=0)
@@ -301,6 +471,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
     x (..., in); weight (out, in) frozen (pass ``weight.T`` for fan_in_fan_out storage); bias
     (out,) or None; lora_A (r, in); lora_B (out, r); magnitude (out,) = ``lora_magnitude_vector``.
+    lora_A, lora_B and magnitude share x's dtype, or are float32 on a float16 / bfloat16 x and W
+    (PEFT's default autocast_adapter_dtype; see :class:`DoraLinearFunction` for the casts).
     ``dropout_p > 0`` draws the dropout mask from the default generator exactly as nn.Dropout
     does on CPU (training-mode semantics; pass 0 in eval).  ``recompute``: save only x (see
     :class:`DoraLinearFunction` for what each mode saves and costs).
@@ -310,8 +482,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     out_features, in_features = weight.shape
     check_magnitude(magnitude, out_features)
     _validate.tensor("x", x, shape=(*x.shape[:-1], in_features))
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)):
-        _validate.same("x", x, name, t)
+    _validate.same("x", x, "weight", weight)
+    adapter_dtype = adapter_compute_dtype("x", x, (("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)))
     if bias is not None:
         _validate.tensor("bias", bias, shape=(out_features,))
         _validate.same("x", x, "bias", bias)
@@ -319,7 +491,9 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1), e.g. dropout_p=0.1")
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
-    backend = "torch" if x.dtype == torch.float64 else select("dora_norm", x.device, ("torch", "triton"))
+    # float64 (tl.dot has none) and a float32 adapter on a half base run torch.
+    backend = ("torch" if x.dtype == torch.float64 or adapter_dtype != x.dtype
+               else select("dora_norm", x.device, ("torch", "triton")))
     plan = DoraPlan(float(scaling), float(dropout_p), bool(recompute), backend)
     x2d = x.reshape(-1, in_features)
     y = DoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm, plan)
@@ -368,26 +542,35 @@ class DeloraLinearFunction(torch.autograd.Function):
         dlambda = sum_i dc_i c_i / lambda, computed as sum_i dc_i / (r ||A_i|| ||B_:,i||)
     Saved (besides parameters and buffers): x, u and with dropout the 1-bit packed mask:
     1 + r/in (+ 1/32) times bytes(x) for float32 x.
+
+    Float32 adapter (A, B, lambda, w) on a float16 / bfloat16 base (PEFT's default
+    autocast_adapter_dtype): PEFT does not cast x; the mask is drawn on x's dtype, x_d o w and
+    everything after it is float32, x W^T and dY W run in the base dtype, and the float32 low-rank
+    term is added to the base output (and to dY W) with one rounding to the base dtype.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, delora_lambda, w_norm, plan: DeloraPlan):
         c, *_ = delora_component_scale(lora_A, lora_B, delora_lambda)
+        compute = lora_A.dtype                              # x.dtype unless mixed
         a_w = lora_A * w_norm
         packed = None
         if plan.dropout_p == 0:
-            u = x @ a_w.T
+            u = x.to(compute) @ a_w.T
         else:
-            mask, packed = draw_dropout(x, plan.dropout_p)
-            u = (x * mask) @ a_w.T
+            mask, packed = draw_dropout(x, plan.dropout_p)  # on x's dtype, as PEFT's dropout(x)
+            u = (x * mask).to(compute) @ a_w.T
             del mask
         b_c = lora_B * c.to(lora_B.dtype)
         if plan.backend == "triton":
             from ..triton_kernels.dora_norm import scaled_lowrank_gemm
             y = scaled_lowrank_gemm(x, weight.T, u, b_c.T, bias=bias)
-        else:
+        elif compute != x.dtype:
             y = F.linear(x, weight, bias)
-            y.addmm_(u, b_c.T)
+            y.add_(u @ b_c.T)                               # float32 sum, rounded once
+        else:
+            y = u @ b_c.T if bias is None else torch.addmm(bias, u, b_c.T)
+            y.addmm_(x, weight.T)                           # beta = 1: y written once
         ctx.save_for_backward(x, u, weight, bias, lora_A, lora_B, delora_lambda, w_norm, packed)
         ctx.plan = plan
         return y
@@ -399,7 +582,10 @@ class DeloraLinearFunction(torch.autograd.Function):
         c, a_norm, b_norm, a_live, b_live = delora_component_scale(lora_A, lora_B, delora_lambda)
         a_w = lora_A * w_norm
         acc = c.dtype
-        t = dy @ lora_B
+        compute = lora_A.dtype
+        mixed = compute != x.dtype
+        dy_c = dy.to(compute)                               # no copy unless mixed
+        t = dy_c @ lora_B
         tc = t * c.to(t.dtype)
         mask = None if packed is None else unpack_dropout(packed, x.shape, x.dtype, ctx.plan.dropout_p)
         dx = d_bias = d_a = d_b = d_lambda = None
@@ -407,9 +593,12 @@ class DeloraLinearFunction(torch.autograd.Function):
             if mask is None and ctx.plan.backend == "triton":
                 from ..triton_kernels.dora_norm import scaled_lowrank_gemm
                 dx = scaled_lowrank_gemm(dy, weight, tc, a_w)
+            elif mask is None and not mixed:
+                dx = tc @ a_w
+                dx.addmm_(dy, weight)                       # beta = 1: dx written once
             elif mask is None:
                 dx = dy @ weight
-                dx.addmm_(tc, a_w)
+                dx.add_(tc @ a_w)
             else:
                 dx = dy @ weight
                 dx.addcmul_(tc @ a_w, mask)
@@ -417,14 +606,14 @@ class DeloraLinearFunction(torch.autograd.Function):
             d_bias = dy.sum(dim=0)
         dc = torch.linalg.vecdot(t.to(acc), u.to(acc), dim=0)             # (r,), accumulated in acc
         if ctx.needs_input_grad[3]:
-            x_d = x if mask is None else x * mask
+            x_d = (x if mask is None else x * mask).to(compute)
             d_an = torch.where(a_live, -dc * c / a_norm.clamp_min(DELORA_NORM_CLAMP), 0)
             radial = (d_an / a_norm.clamp_min(DELORA_NORM_CLAMP))[:, None] * lora_A.to(acc)
             d_a = ((tc.T @ x_d) * w_norm + radial).to(lora_A.dtype)
         if ctx.needs_input_grad[4]:
             d_bn = torch.where(b_live, -dc * c / b_norm.clamp_min(DELORA_NORM_CLAMP), 0)
             radial = lora_B.to(acc) * (d_bn / b_norm.clamp_min(DELORA_NORM_CLAMP))
-            d_b = ((u.T @ dy).T * c.to(dy.dtype) + radial).to(lora_B.dtype)
+            d_b = ((u.T @ dy_c).T * c.to(compute) + radial).to(lora_B.dtype)
         if ctx.needs_input_grad[5]:
             inv = 1.0 / (r * a_norm.clamp_min(DELORA_NORM_CLAMP) * b_norm.clamp_min(DELORA_NORM_CLAMP))
             d_lambda = (dc * inv).sum().reshape(1).to(delora_lambda.dtype)
@@ -437,8 +626,10 @@ def delora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """DeLoRA's forward as PEFT computes it, differentiable in x, delora_A, delora_B, delora_lambda, bias.
 
     x (..., in); weight (out, in) frozen; delora_A (r, in); delora_B (out, r); delora_lambda (1,);
-    delora_w_norm (in,) frozen.  ``dropout_p > 0``: PEFT's module_dropout in training, the mask
-    drawn from the default generator exactly as nn.Dropout does on CPU.
+    delora_w_norm (in,) frozen; the four adapter tensors share x's dtype or are float32 on a
+    float16 / bfloat16 x (PEFT's default autocast_adapter_dtype).  ``dropout_p > 0``: PEFT's
+    module_dropout in training, the mask drawn from the default generator exactly as nn.Dropout
+    does on CPU.
     """
     _validate.tensor("x", x, min_ndim=1)
     _validate.tensor("weight", weight, ndim=2)
@@ -450,9 +641,10 @@ def delora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     _validate.tensor("delora_B", delora_B, shape=(out_features, r))
     _validate.tensor("delora_lambda", delora_lambda, shape=(1,))
     _validate.tensor("delora_w_norm", delora_w_norm, shape=(in_features,))
-    for name, t in (("weight", weight), ("delora_A", delora_A), ("delora_B", delora_B),
-                    ("delora_lambda", delora_lambda), ("delora_w_norm", delora_w_norm)):
-        _validate.same("x", x, name, t)
+    _validate.same("x", x, "weight", weight)
+    adapter_dtype = adapter_compute_dtype("x", x, (("delora_A", delora_A), ("delora_B", delora_B),
+                                                   ("delora_lambda", delora_lambda),
+                                                   ("delora_w_norm", delora_w_norm)))
     if bias is not None:
         _validate.tensor("bias", bias, shape=(out_features,))
         _validate.same("x", x, "bias", bias)
@@ -460,7 +652,8 @@ def delora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     _check_frozen("delora_w_norm", delora_w_norm)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1), e.g. dropout_p=0.1")
-    backend = "torch" if x.dtype == torch.float64 else select("dora_norm", x.device, ("torch", "triton"))
+    backend = ("torch" if x.dtype == torch.float64 or adapter_dtype != x.dtype
+               else select("dora_norm", x.device, ("torch", "triton")))
     y = DeloraLinearFunction.apply(x.reshape(-1, in_features), weight, bias, delora_A, delora_B, delora_lambda,
                                    delora_w_norm, DeloraPlan(float(dropout_p), backend))
     return y.reshape(*x.shape[:-1], out_features)
