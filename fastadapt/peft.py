@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 from ._catalog import entry as _catalog_entry
@@ -106,8 +107,10 @@ def _peft_base_tuner_layer():
     return BaseTunerLayer
 
 
-def _common_reason(layer, args, kwargs) -> Optional[str]:
+def _common_reason(layer, x, args, kwargs) -> Optional[str]:
     """Reasons any fused path must defer to PEFT, whatever the method."""
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        return "torch.autocast context"
     if args or set(kwargs) - {"adapter_names"}:
         return "extra forward arguments"
     if kwargs.get("adapter_names") is not None:
@@ -124,7 +127,7 @@ def _common_reason(layer, args, kwargs) -> Optional[str]:
 
 def _patched_forward(layer, x, *args, **kwargs):
     report: AccelerationReport = getattr(layer, _ATTR_REPORT)
-    reason = _common_reason(layer, args, kwargs)
+    reason = _common_reason(layer, x, args, kwargs)
     chosen = None
     if reason is None:
         adapter = layer.active_adapters[0]

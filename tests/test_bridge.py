@@ -80,6 +80,17 @@ def test_fallback_reasons_are_counted(toy_registry):
     assert report.fused_calls >= 2
 
 
+def test_autocast_context_falls_back_to_peft(toy_registry):
+    model = _lora_model().float()
+    x = randn(3, 12, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        report = fastadapt.accelerate(model)
+        got = model(x)
+    assert report.fallbacks["torch.autocast context"] == 2 and report.fused_calls == 0
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+
+
 def test_second_adapter_and_adapter_names_fall_back(toy_registry):
     model = _lora_model()
     model.add_adapter("other", LoraConfig(r=2, target_modules=["0", "2"]))
