@@ -109,7 +109,25 @@ class OFTLinear(nn.Module):
             self.merged = False
 
 
-class PSOFTLinear(nn.Module):
+class _AdditiveMerge(nn.Module):
+    """merge / unmerge for layers whose change of W is the additive ``delta_weight()``."""
+
+    merged = False
+
+    @torch.no_grad()
+    def merge(self):
+        if not self.merged:
+            self.base_layer.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base_layer.weight.sub_(self.delta_weight())
+            self.merged = False
+
+
+class PSOFTLinear(_AdditiveMerge):
     """PSOFT on an nn.Linear (PEFT's names and psoft_init):  A = V_r^T (r, in), B = U_r S_r / scaling
     (out, r) from the SVD of W, scaling = psoft_alpha / r, and
 
@@ -154,20 +172,8 @@ class PSOFTLinear(nn.Module):
         return ops.svd_rotation_linear(x, self.base_layer.weight, self.base_layer.bias, self.psoft_A,
                                        self.psoft_B, self.core())
 
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base_layer.weight.add_(self.delta_weight())
-            self.merged = True
 
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base_layer.weight.sub_(self.delta_weight())
-            self.merged = False
-
-
-class SSVDLinear(nn.Module):
+class SSVDLinear(_AdditiveMerge):
     """SSVD on an nn.Linear (arXiv:2509.02830): buffers ssvd_U (out, r), ssvd_S (r,), ssvd_Vh = V^T (r, in)
     from the top-r SVD of W; trainable ssvd_R.weight (packed skew Q) and ssvd_R.delta_s (r,);
 
@@ -206,18 +212,6 @@ class SSVDLinear(nn.Module):
         C = self.core(alpha)
         return ops.svd_rotation_linear(x, self.base_layer.weight, self.base_layer.bias, self.ssvd_Vh,
                                        self.ssvd_U, C.to(x.dtype))
-
-    @torch.no_grad()
-    def merge(self):
-        if not self.merged:
-            self.base_layer.weight.add_(self.delta_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.base_layer.weight.sub_(self.delta_weight())
-            self.merged = False
 
 
 class AntiPaSTOLinear(SSVDLinear):
