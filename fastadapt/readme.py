@@ -21,8 +21,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     readme = pathlib.Path.cwd() / "README.md"
     text = replace_block(readme.read_text(), "matrix", support_matrix(markdown=True))
-    if argv:
-        text = replace_block(text, "bench", pathlib.Path(argv[0]).read_text())
+    if argv:  # the results file's own title becomes a sub-heading of the README's section
+        table = pathlib.Path(argv[0]).read_text().replace("# fastadapt benchmark", "#### fastadapt benchmark", 1)
+        text = replace_block(text, "bench", table)
     readme.write_text(text)
     return 0
 
