@@ -20,6 +20,7 @@ from peft import OFTConfig, PsoftConfig, get_peft_model
 import fastadapt
 from fastadapt.bench import Case, CaseSetup
 from fastadapt.layers.cayley import SSVDLinear
+from fastadapt.ops.cayley import oft_rotation_blocks, orthogonality_error
 from fastadapt.reference.cayley import SSVDReference
 from fastadapt.testing import linear_model, randn, randomize_
 
@@ -45,8 +46,11 @@ def _build_oft(block_size: int, neumann: bool):
                                                         use_cayley_neumann=neumann))
         randomize_(layer, scale=0.5 / block_size, names=["oft_R"])
         oracle = copy.deepcopy(layer).to(torch.float64).eval()
+        with torch.no_grad():
+            R = oft_rotation_blocks(layer.oft_R["default"].weight.float(), block_size, use_cayley_neumann=neumann)
         return CaseSetup(x=randn(n, d, dtype=dtype, device=device), base=layer.base_layer,
-                         arms={"fastadapt": _accelerated(layer), "peft": layer}, reference=oracle)
+                         arms={"fastadapt": _accelerated(layer), "peft": layer}, reference=oracle,
+                         metrics={"orthogonality error max ||R^T R - I||_F": float(orthogonality_error(R))})
     return build
 
 

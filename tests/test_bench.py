@@ -152,6 +152,20 @@ def test_run_cases_rows_keys_and_errors():
     assert by_arm["wrong"]["rel_error"] > 0.1
 
 
+def test_case_metrics_reach_every_row_and_the_markdown():
+    from fastadapt.bench.runner import markdown_table
+
+    def build(d, n, dtype, device):
+        setup = _tiny_case().build(d, n, dtype, device)
+        setup.metrics["orthogonality error"] = 3.5e-6
+        return setup
+
+    rows = bench.run_cases([bench.Case("with_metrics", "cayley", build)], 8, 4, torch.float32, "cpu",
+                           iters=1, warmup=0, compile=False, measures=("error",))
+    assert all(r["metrics"] == {"orthogonality error": 3.5e-6} for r in rows)
+    assert "- with_metrics: orthogonality error 3.50e-06" in markdown_table(rows)
+
+
 def test_run_cases_records_a_failing_case():
     def broken(d, n, dtype, device):
         raise ValueError("r=0 must be a positive integer")

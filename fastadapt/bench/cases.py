@@ -33,12 +33,15 @@ class CaseSetup:
     reference: ``reference(x64) -> float64 output`` for the accuracy column, or None.  The arms
                are evaluated for accuracy in eval mode (dropout inactive), so the reference
                computes the output without dropout.
+    metrics:   case-level numbers recorded beside the rows (e.g. the orthogonality error of the
+               rotation the case trains), name -> float.
     """
 
     x: torch.Tensor
     base: Callable
     arms: dict[str, Callable]
     reference: Optional[Callable] = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iter
     everything = {"base": setup.base, **arms}
     x = setup.x.detach().requires_grad_(True)
     rows = [{"case": case.name, "family": case.family, "arm": name, "d": d, "n": n,
-             "dtype": str(dtype).removeprefix("torch."), "device": str(device)}
+             "dtype": str(dtype).removeprefix("torch."), "device": str(device), "metrics": dict(setup.metrics)}
             for name in everything]
     by_arm = {row["arm"]: row for row in rows}
 

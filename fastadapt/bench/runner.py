@@ -145,6 +145,10 @@ def markdown_table(rows: list[dict]) -> str:
                   _fmt(r.get("peak_bytes") and r["peak_bytes"] / 2 ** 20, ".2f"),
                   _fmt(r.get("rel_error"), ".1e")]
         lines.append("| " + " | ".join(cells) + " |")
+    metrics = {r["case"]: r["metrics"] for r in rows if r.get("metrics")}
+    if metrics:
+        lines += ["", "Case metrics:"]
+        lines += [f"- {case}: " + ", ".join(f"{k} {v:.2e}" for k, v in m.items()) for case, m in metrics.items()]
     return "\n".join(lines)
 
 
