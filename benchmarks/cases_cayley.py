@@ -66,9 +66,11 @@ def _build_psoft(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
 
 
 def _build_ssvd(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
-    base = linear_model(d, d, bias=False, dtype=torch.float64)[0]
-    oracle = SSVDReference(base.weight, None, 0.5 / RANK * randn(RANK * (RANK - 1) // 2),
-                           0.01 * randn(RANK), r=RANK)
+    # Everything on ``device`` from the start: the oracle must live where x does, and the two
+    # d x d float64 SVDs (oracle and layer) run there (on a CPU they dominate the case at d = 4096).
+    base = linear_model(d, d, bias=False, dtype=torch.float64)[0].to(device)
+    oracle = SSVDReference(base.weight, None, 0.5 / RANK * randn(RANK * (RANK - 1) // 2, device=device),
+                           0.01 * randn(RANK, device=device), r=RANK)
     layer = SSVDLinear(copy.deepcopy(base), r=RANK)
     with torch.no_grad():
         layer.ssvd_R.weight.copy_(oracle.packed)

@@ -27,7 +27,7 @@ def _grads(model, x, params):
     """Output, dL/dx and dL/dparams for L = <y, fixed random cotangent>."""
     x = x.detach().clone().requires_grad_()
     y = model(x)
-    cotangent = randn(*y.shape, dtype=y.dtype, seed=7)
+    cotangent = randn(*y.shape, dtype=y.dtype, device=y.device, seed=7)
     grads = torch.autograd.grad(y, [x, *params], cotangent)
     return y.detach(), grads
 
@@ -469,21 +469,34 @@ def test_methods_report_cayley_family():
 # On CPU these run in the interpreter (tests/conftest.py); shapes are tiny but legal when compiled.
 
 triton_missing = pytest.mark.skipif(not fastadapt.backend.triton_available(), reason="triton is not installed")
+INTERPRETED = fastadapt.backend.interpreter_mode()
+# Every kernel in fp32, fp16 and bf16; bf16 only compiled (the interpreter has no bf16 arithmetic).
 KERNEL_DTYPES = [F32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="the Triton interpreter has no bf16 arithmetic"))]
+    INTERPRETED, reason="the Triton interpreter has no bf16 arithmetic"))]
+# Small blocks, and the benchmark's b = 32 and 128 (128 x 128 register tiles when compiled).
+KERNEL_BLOCKS = [4, 16, 32, 128]
+
+
+def _half_scale(dtype):
+    """Half I/O rounds the inputs and the output once each: twice the dtype's bound."""
+    return 1.0 if dtype == F32 else 2.0
 
 
 @triton_missing
-@pytest.mark.parametrize("block_size", [2, 5, 16])
-def test_triton_cayley_kernel_exact_and_neumann(block_size, device):
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("block_size", [2, 5, 16, 128])
+def test_triton_cayley_kernel_exact_and_neumann(block_size, dtype, device):
+    """Loads in packed's dtype, eliminates / sums the series in fp32, stores in packed's dtype;
+    the reference sees the same rounded packed values."""
     from fastadapt.triton_kernels import cayley as kernels
-    packed = randn(3, ops.packed_size(block_size), scale=0.4 / block_size)
-    Q = ref.skew(packed, block_size)
-    R = kernels.cayley_forward(packed.to(device, F32), block_size)
-    assert_rel_close(R, ref.cayley(Q), F32, name="exact R")
+    packed = randn(3, ops.packed_size(block_size), scale=0.4 / block_size).to(dtype)
+    Q = ref.skew(packed.double(), block_size)
+    R = kernels.cayley_forward(packed.to(device), block_size)
+    assert R.dtype == dtype
+    assert_rel_close(R, ref.cayley(Q), dtype, scale=_half_scale(dtype), name="exact R")
     for terms in (1, 2, 3, 5):
-        R = kernels.cayley_forward(packed.to(device, F32), block_size, terms)
-        assert_rel_close(R, ref.neumann(Q, terms), F32, name=f"neumann {terms}")
+        R = kernels.cayley_forward(packed.to(device), block_size, terms)
+        assert_rel_close(R, ref.neumann(Q, terms), dtype, scale=_half_scale(dtype), name=f"neumann {terms}")
 
 
 @triton_missing
@@ -497,7 +510,7 @@ def test_triton_cayley_kernel_nan_in_q_gives_nan_out(device):
 
 @triton_missing
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("block_size", [4, 16])
+@pytest.mark.parametrize("block_size", KERNEL_BLOCKS)
 def test_triton_block_rotate_kernels_strided_and_shared(dtype, block_size, device):
     from fastadapt.triton_kernels import cayley as kernels
     M, d = 37, 2 * block_size if block_size > 4 else 12
@@ -507,7 +520,7 @@ def test_triton_block_rotate_kernels_strided_and_shared(dtype, block_size, devic
     R = ref.cayley(ref.skew(randn(n, ops.packed_size(block_size), scale=0.3), block_size)).to(device)
     expected_y = torch.einsum("mnk,nkc->mnc", x.unflatten(1, (n, block_size)), R).flatten(1)
     expected_dR = torch.einsum("mnk,mnc->nkc", x.unflatten(1, (n, block_size)), g.unflatten(1, (n, block_size)))
-    scale = 1.0 if dtype == F32 else 2.0
+    scale = _half_scale(dtype)
     xd, gd, Rd = noncontig(x.to(dtype)), g.to(dtype), R.to(dtype)
     assert_rel_close(kernels.block_rotate_forward(xd, Rd), expected_y, dtype, scale=scale, name="y")
     expected_t = torch.einsum("mnk,nck->mnc", x.unflatten(1, (n, block_size)), R).flatten(1)
@@ -522,8 +535,9 @@ def test_triton_block_rotate_kernels_strided_and_shared(dtype, block_size, devic
 
 
 @triton_missing
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("neumann", [False, True])
-def test_triton_backend_oft_layer_output_and_gradients(neumann, monkeypatch, device):
+def test_triton_backend_oft_layer_output_and_gradients(neumann, dtype, monkeypatch, device):
     from fastadapt.triton_kernels import cayley as kernels
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
     launches = []
@@ -536,11 +550,12 @@ def test_triton_backend_oft_layer_output_and_gradients(neumann, monkeypatch, dev
     reference = ref.OFTv2Reference(base.weight, base.bias, layer.oft_R.weight, 16, use_cayley_neumann=neumann)
     x = randn(2, 9, 32)
     y_ref, (dx_ref, dR_ref) = _grads(reference, x, [reference.packed])
-    layer = layer.to(device, F32)
-    y, (dx, dR) = _grads(layer, x.to(device, F32), [layer.oft_R.weight])
-    assert_rel_close(y, y_ref, F32, name="y")
-    assert_rel_close(dx, dx_ref, F32, name="dx")
-    assert_rel_close(dR, dR_ref, F32, scale=2.0, name="doft_R")
+    layer = layer.to(device, dtype)
+    y, (dx, dR) = _grads(layer, x.to(device, dtype), [layer.oft_R.weight])
+    scale = _half_scale(dtype)
+    assert_rel_close(y, y_ref, dtype, scale=scale, name="y")
+    assert_rel_close(dx, dx_ref, dtype, scale=scale, name="dx")
+    assert_rel_close(dR, dR_ref, dtype, scale=2.0 * scale, name="doft_R")
     expected = {"block_rotate_forward", "block_rotate_backward_weight"} | (set() if neumann else {"cayley_forward"})
     assert set(launches) == expected
 
@@ -557,7 +572,8 @@ def test_triton_svd_core_kernel_strided(dtype, device):
 
 
 @triton_missing
-def test_triton_backend_psoft_layer_output_and_gradients(monkeypatch, device):
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_triton_backend_psoft_layer_output_and_gradients(dtype, monkeypatch, device):
     from fastadapt.triton_kernels import cayley as kernels
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
     launches = []
@@ -571,9 +587,10 @@ def test_triton_backend_psoft_layer_output_and_gradients(monkeypatch, device):
                                    vector_b=layer.psoft_R.vector_b)
     x = randn(3, 11, 40)
     y_ref, (dx_ref, dR_ref) = _grads(reference, x, [reference.packed])
-    layer = layer.to(device, F32)
-    y, (dx, dR) = _grads(layer, x.to(device, F32), [layer.psoft_R.weight])
+    layer = layer.to(device, dtype)
+    y, (dx, dR) = _grads(layer, x.to(device, dtype), [layer.psoft_R.weight])
     assert launches, "the Triton SVD-core kernel did not run"
-    assert_rel_close(y, y_ref, F32, name="y")
-    assert_rel_close(dx, dx_ref, F32, name="dx")
-    assert_rel_close(dR, dR_ref, F32, scale=2.0, name="dpsoft_R")
+    scale = _half_scale(dtype)
+    assert_rel_close(y, y_ref, dtype, scale=scale, name="y")
+    assert_rel_close(dx, dx_ref, dtype, scale=scale, name="dx")
+    assert_rel_close(dR, dR_ref, dtype, scale=2.0 * scale, name="dpsoft_R")

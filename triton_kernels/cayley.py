@@ -165,6 +165,12 @@ def _block_width(b: int) -> int:
     return max(16, triton.next_power_of_2(b))
 
 
+def _tile_warps(block: int) -> int:
+    """Warps for a program holding (block, block) fp32 register tiles: 4 up to 32 x 32, else 8
+    (a 128 x 128 tile is then 64 registers per thread instead of 128)."""
+    return 4 if block <= 32 else 8
+
+
 def cayley_forward(packed: torch.Tensor, block_size: int, neumann_terms: int = 0):
     """(n, b(b-1)/2) packed -> R (n, b, b) in packed's dtype: cayley(Q) (``neumann_terms=0``) or
     PEFT's ``neumann_terms``-term series."""
@@ -175,9 +181,10 @@ def cayley_forward(packed: torch.Tensor, block_size: int, neumann_terms: int = 0
     packed = packed.contiguous()
     n = packed.shape[0]
     R = torch.empty(n, block_size, block_size, dtype=packed.dtype, device=packed.device)
+    BLOCK = _block_width(block_size)
     _cayley_fwd_kernel[(n,)](packed, R, block_size, packed.stride(0), R.stride(0),
-                             BLOCK=_block_width(block_size), NEUMANN_TERMS=neumann_terms,
-                             NEUMANN_TOP=max(3, neumann_terms - 1))
+                             BLOCK=BLOCK, NEUMANN_TERMS=neumann_terms, NEUMANN_TOP=max(3, neumann_terms - 1),
+                             num_warps=_tile_warps(BLOCK))
     return R
 
 
@@ -204,6 +211,8 @@ def block_rotate_backward_weight(x2d: torch.Tensor, g2d: torch.Tensor, block_siz
     """dR (n, b, b) with dR_i = x_i^T g_i, fp32 accumulation, returned in x's dtype."""
     if x2d.shape != g2d.shape:
         raise ValueError(f"x {tuple(x2d.shape)} and g {tuple(g2d.shape)} must match")
+    if x2d.dtype != g2d.dtype:
+        raise TypeError(f"x is {x2d.dtype} but g is {g2d.dtype}; tl.dot needs one dtype")
     M, d = x2d.shape
     n = d // block_size
     BLOCK = _block_width(block_size)
@@ -216,7 +225,7 @@ def block_rotate_backward_weight(x2d: torch.Tensor, g2d: torch.Tensor, block_siz
     _block_rotate_bwd_weight_kernel[(n, splits)](
         x2d, g2d, partial, M, block_size, rows_per_split, x2d.stride(0), x2d.stride(1),
         g2d.stride(0), g2d.stride(1), partial.stride(0), partial.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=x2d.dtype == torch.float32)
+        BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=x2d.dtype == torch.float32, num_warps=_tile_warps(BLOCK))
     return partial.sum(0).to(x2d.dtype)
 
 

@@ -22,8 +22,9 @@ Fused scaled low-rank GEMM (DoRA's forward and its dx), one kernel for both::
              U = dY (s g o B) (N, r), V = A -> dx = dY (g o W) + v A.
 
 Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); fp32 accumulation; loads in the input dtype, store in
-the output dtype; int64 offsets.  For fp32 inputs tl.dot runs tf32 on GPUs (the project's "tf32"
-tolerance applies).
+the output dtype; int64 offsets.  fp32 inputs run tl.dot with input_precision="ieee" (no tf32
+rounding, like torch's default fp32 matmul on CUDA), so fp32 meets the fp32 tolerance on GPUs as
+in the interpreter.  All four operands share one dtype (tl.dot takes one dtype).
 """
 from __future__ import annotations
 
@@ -76,6 +77,13 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
+def _check_tiles(**tiles) -> None:
+    """Tile sizes compile only as powers of two >= 16 (tl.arange sizes, tl.dot's minimum)."""
+    for name, value in tiles.items():
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name}={value} must be a power of two >= 16, e.g. {name}=32")
+
+
 def dora_norm_forward(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                       w_sq: torch.Tensor | None = None, *, eps: float = 1e-12,
                       block_m: int | None = None, block_k: int | None = None) -> torch.Tensor:
@@ -86,6 +94,10 @@ def dora_norm_forward(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     """
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"weight has dtype {weight.dtype}; the Triton norm takes float32, float16 or bfloat16")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if t.dtype != weight.dtype or t.device != weight.device:
+            raise TypeError(f"{name} is {t.dtype} on {t.device} but weight is {weight.dtype} on {weight.device}; "
+                            "the Triton norm takes one dtype and device (tl.dot needs equal operand dtypes)")
     out_features, in_features = weight.shape
     r = lora_A.shape[0]
     br = _block_r(r)
@@ -97,6 +109,7 @@ def dora_norm_forward(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     wsq_buf = w_sq.to(torch.float32).contiguous() if has_wsq else torch.empty_like(norm)
     block_m = block_m or (64 if weight.is_cuda else 16)
     block_k = block_k or (64 if weight.is_cuda else 32)
+    _check_tiles(block_m=block_m, block_k=block_k)
     grid = (triton.cdiv(out_features, block_m),)
     _dora_norm_fwd_kernel[grid](
         weight, lora_A, lora_B, gram, wsq_buf, norm, out_features, in_features, r,
@@ -112,7 +125,7 @@ def _scaled_lowrank_gemm_kernel(X, Y, U, V, SK, SO, BIAS, C, M, N, K, R,
                                 stride_xm, stride_xk, stride_yk, stride_yn, stride_um, stride_ur,
                                 stride_vr, stride_vn, stride_cm, stride_cn,
                                 HAS_SK: tl.constexpr, HAS_SO: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -131,14 +144,20 @@ def _scaled_lowrank_gemm_kernel(X, Y, U, V, SK, SO, BIAS, C, M, N, K, R,
             x = (x.to(tl.float32) * sk[None, :]).to(Y.dtype.element_ty)
         y = tl.load(Y + ks[:, None] * stride_yk + cols[None, :] * stride_yn,
                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(x, y, acc)
+        if IEEE:
+            acc = tl.dot(x, y, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, y, acc)
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
     u = tl.load(U + rows[:, None] * stride_um + rr[None, :] * stride_ur,
                 mask=row_ok[:, None] & r_ok[None, :], other=0.0)
     v = tl.load(V + rr[:, None] * stride_vr + cols[None, :] * stride_vn,
                 mask=r_ok[:, None] & col_ok[None, :], other=0.0)
-    acc = tl.dot(u, v, acc)
+    if IEEE:
+        acc = tl.dot(u, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(u, v, acc)
     if HAS_SO:
         acc = acc * tl.load(SO + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -165,8 +184,15 @@ def scaled_lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: to
     """C = out_scale o (x diag(k_scale) y + u v) + bias for x (M, K), y (K, N), u (M, r), v (r, N).
 
     Any strides (pass W.T for y).  ``k_scale`` (K,) and ``out_scale`` (N,) are float32; ``bias``
-    (N,) in any float dtype.  C is (M, N), contiguous, in x's dtype.
+    (N,) in any float dtype.  x, y, u and v share one dtype (float32, float16 or bfloat16).
+    C is (M, N), contiguous, in x's dtype.
     """
+    for name, t in (("y", y), ("u", u), ("v", v)):
+        if t.dtype != x.dtype or t.device != x.device:
+            raise TypeError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; "
+                            "the fused GEMM takes one dtype and device")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x has dtype {x.dtype}; the fused GEMM takes float32, float16 or bfloat16")
     m, k = x.shape
     n = y.shape[1]
     r = u.shape[1]
@@ -180,12 +206,13 @@ def scaled_lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: to
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
             v.stride(0), v.stride(1), out.stride(0), out.stride(1))
     flags = dict(HAS_SK=k_scale is not None, HAS_SO=out_scale is not None, HAS_BIAS=bias is not None,
-                 BLOCK_R=_block_r(r))
+                 IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r))
     if x.is_cuda and block_m is None and block_n is None and block_k is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         _scaled_lowrank_gemm_tuned[grid](*args, **flags)
         return out
     block_m, block_n, block_k = block_m or 16, block_n or 16, block_k or 16
+    _check_tiles(block_m=block_m, block_n=block_n, block_k=block_k)
     _scaled_lowrank_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     return out

@@ -19,6 +19,9 @@ from ..numerics import rel_error, tolerance
 from .measure import device_time_arms, peak_memory, saved_activation_ratio, time_arms
 
 MEASURES = ("time", "saved", "error", "peak")
+# Profiled fwd+bwd runs per arm for the device-time column: each is its own profiler session
+# (tens of ms of setup and parsing), and kernel time barely varies between runs.
+DEVICE_TIME_ITERS = 5
 DEFAULT_MEASURES = ("time", "saved", "error")
 
 
@@ -106,7 +109,8 @@ def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iter
 
     if "time" in measures:
         times = time_arms(everything, x, iters=iters, warmup=warmup)
-        device_times = device_time_arms(everything, x, iters=iters) if device.type == "cuda" else None
+        device_times = (device_time_arms(everything, x, iters=min(iters, DEVICE_TIME_ITERS))
+                        if device.type == "cuda" else None)
         for name, row in by_arm.items():
             row["time_s"] = times[name]
             row["ratio"] = times[name] / times["base"]
@@ -135,7 +139,8 @@ def run_cases(cases: list[Case], d: int, n: int, dtype: torch.dtype, device, ite
 
     Row keys: case, family, arm, d, n, dtype, device, and per measure
       "time":  time_s (median fwd+bwd seconds), ratio (time / base time); on CUDA also
-               device_time_s and device_ratio (profiler device time);
+               device_time_s and device_ratio (profiler device time, median of
+               min(iters, DEVICE_TIME_ITERS) profiled runs);
       "saved": saved_ratio (saved-activation bytes / bytes(x));
       "error": rel_error (relative Frobenius error vs the float64 reference, eval mode; None
                for the base arm and without a reference) and tolerance (the project table's bound for ``dtype``);
