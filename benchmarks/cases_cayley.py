@@ -15,54 +15,38 @@ from __future__ import annotations
 import copy
 
 import torch
-from peft import OFTConfig, PsoftConfig, get_peft_model
+from peft import OFTConfig, PsoftConfig
 
-import fastadapt
-from fastadapt.bench import Case, CaseSetup
+from fastadapt.bench import Case, CaseSetup, peft_layer_case
 from fastadapt.layers.cayley import SSVDLinear
 from fastadapt.ops.cayley import oft_rotation_blocks, orthogonality_error
 from fastadapt.reference.cayley import SSVDReference
-from fastadapt.testing import linear_model, randn, randomize_
+from fastadapt.testing import linear_model, randn
 
 RANK = 32
 
 
-def _peft_layer(d: int, dtype: torch.dtype, device, config):
-    model = linear_model(d, d, bias=False, dtype=dtype).to(device)
-    return get_peft_model(model, config).base_model.model[0]
-
-
-def _accelerated(layer):
-    fused = copy.deepcopy(layer)
-    report = fastadapt.accelerate(fused)
-    if report.num_patched != 1:
-        raise RuntimeError(f"fastadapt did not patch the layer:\n{report}")
-    return fused
-
-
 def _build_oft(block_size: int, neumann: bool):
     def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
-        layer = _peft_layer(d, dtype, device, OFTConfig(oft_block_size=block_size, r=0, target_modules=["0"],
-                                                        use_cayley_neumann=neumann))
-        randomize_(layer, scale=0.5 / block_size, names=["oft_R"])
-        oracle = copy.deepcopy(layer).to(torch.float64).eval()
+        config = OFTConfig(oft_block_size=block_size, r=0, target_modules=["0"], use_cayley_neumann=neumann)
+        setup = peft_layer_case(d, n, dtype, device, config, randomize=["oft_R"], scale=0.5 / block_size,
+                                fused={"fastadapt": lambda layer: layer})
         with torch.no_grad():
-            R = oft_rotation_blocks(layer.oft_R["default"].weight.float(), block_size, use_cayley_neumann=neumann)
-        return CaseSetup(x=randn(n, d, dtype=dtype, device=device), base=layer.base_layer,
-                         arms={"fastadapt": _accelerated(layer), "peft": layer}, reference=oracle,
-                         metrics={"orthogonality error max ||R^T R - I||_F": float(orthogonality_error(R))})
+            packed = setup.arms["peft"].oft_R["default"].weight.float()
+            R = oft_rotation_blocks(packed, block_size, use_cayley_neumann=neumann)
+        setup.metrics["orthogonality error max ||R^T R - I||_F"] = float(orthogonality_error(R))
+        return setup
     return build
 
 
 def _build_psoft(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
-    layer = _peft_layer(d, dtype, device, PsoftConfig(r=RANK, psoft_alpha=RANK, target_modules=["0"],
-                                                      use_cayley_neumann=False))
-    randomize_(layer, scale=0.5 / RANK, names=["psoft_R.default.weight"])
-    with torch.no_grad():
+    config = PsoftConfig(r=RANK, psoft_alpha=RANK, target_modules=["0"], use_cayley_neumann=False)
+
+    def perturb_vector_a(layer):
         layer.psoft_R["default"].vector_a.add_(0.05 * randn(RANK, dtype=dtype, device=device))
-    oracle = copy.deepcopy(layer).to(torch.float64).eval()
-    return CaseSetup(x=randn(n, d, dtype=dtype, device=device), base=layer.base_layer,
-                     arms={"fastadapt": _accelerated(layer), "peft": layer}, reference=oracle)
+
+    return peft_layer_case(d, n, dtype, device, config, randomize=["psoft_R.default.weight"], scale=0.5 / RANK,
+                           prepare=perturb_vector_a, fused={"fastadapt": lambda layer: layer})
 
 
 def _build_ssvd(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:

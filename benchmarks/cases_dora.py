@@ -9,53 +9,36 @@ layer copied to float64 in eval mode (dropout inactive).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
-from peft import DeloraConfig, LoraConfig, get_peft_model
+from peft import DeloraConfig, LoraConfig
 
-import fastadapt
-from fastadapt.bench import Case, CaseSetup
+from fastadapt.bench import Case, CaseSetup, peft_layer_case
 from fastadapt.layers.dora import set_recompute
-from fastadapt.testing import linear_model, randn, randomize_
+from fastadapt.testing import randn
 
 RANK = 16
 
 
-def _peft_layer(d: int, dtype: torch.dtype, device, config):
-    model = linear_model(d, d, bias=False, dtype=dtype).to(device)
-    return get_peft_model(model, config).base_model.model[0]
-
-
-def _accelerated(layer, *, recompute: bool = False):
-    fused = copy.deepcopy(layer)
-    fastadapt.accelerate(fused)
-    if recompute:
-        set_recompute(fused)
-    return fused
-
-
 def _build_dora(dropout: float):
     def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
-        layer = _peft_layer(d, dtype, device, LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout,
-                                                         use_dora=True, target_modules=["0"]))
-        randomize_(layer, scale=d ** -0.5, names=["lora_A", "lora_B"])
-        with torch.no_grad():
+        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, use_dora=True, target_modules=["0"])
+
+        def perturb_magnitude(layer):
             layer.lora_magnitude_vector["default"].weight.mul_(1 + 0.1 * randn(d, dtype=dtype, device=device))
-        oracle = copy.deepcopy(layer).to(torch.float64).eval()
-        arms = {"fastadapt": _accelerated(layer), "fastadapt_recompute": _accelerated(layer, recompute=True),
-                "peft": layer}
-        return CaseSetup(x=randn(n, d, dtype=dtype, device=device), base=layer.base_layer, arms=arms,
-                         reference=oracle)
+
+        def recompute(layer):
+            set_recompute(layer)
+            return layer
+
+        return peft_layer_case(d, n, dtype, device, config, randomize=["lora_A", "lora_B"], scale=d ** -0.5,
+                               prepare=perturb_magnitude,
+                               fused={"fastadapt": lambda layer: layer, "fastadapt_recompute": recompute})
     return build
 
 
 def _build_delora(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
-    layer = _peft_layer(d, dtype, device, DeloraConfig(r=RANK, delora_lambda=15, init_weights=False,
-                                                       target_modules=["0"]))
-    oracle = copy.deepcopy(layer).to(torch.float64).eval()
-    return CaseSetup(x=randn(n, d, dtype=dtype, device=device), base=layer.base_layer,
-                     arms={"fastadapt": _accelerated(layer), "peft": layer}, reference=oracle)
+    config = DeloraConfig(r=RANK, delora_lambda=15, init_weights=False, target_modules=["0"])
+    return peft_layer_case(d, n, dtype, device, config, fused={"fastadapt": lambda layer: layer})
 
 
 CASES = [

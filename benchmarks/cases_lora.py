@@ -7,32 +7,18 @@ would make the branch trivially exact).  Reference: the same PEFT layer copied t
 """
 from __future__ import annotations
 
-import copy
-
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 
-from fastadapt.bench import Case, CaseSetup
-from fastadapt.testing import linear_model, randn, randomize_
+from fastadapt.bench import Case, CaseSetup, peft_layer_case
 
 RANK = 16
 
 
-def peft_lora_layer(d: int, dtype: torch.dtype, device, *, dropout: float = 0.0):
-    """PEFT's LoRA Linear wrapping a frozen, random, bias-free d x d Linear."""
-    model = linear_model(d, d, bias=False, dtype=dtype).to(device)
-    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules=["0"])
-    layer = get_peft_model(model, config).base_model.model[0]
-    randomize_(layer, scale=d ** -0.5, names=["lora_A", "lora_B"])
-    return layer
-
-
 def _build(dropout: float):
     def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
-        layer = peft_lora_layer(d, dtype, device, dropout=dropout)
-        oracle = copy.deepcopy(layer).to(torch.float64).eval()
-        return CaseSetup(x=randn(n, d, dtype=dtype, device=device), base=layer.base_layer,
-                         arms={"peft": layer}, reference=oracle)
+        config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules=["0"])
+        return peft_layer_case(d, n, dtype, device, config, randomize=["lora_A", "lora_B"], scale=d ** -0.5)
     return build
 
 

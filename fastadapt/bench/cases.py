@@ -8,6 +8,7 @@ every time sits beside its accuracy.
 """
 from __future__ import annotations
 
+import copy
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -55,6 +56,37 @@ class Case:
     family: str
     build: Callable[[int, int, torch.dtype, torch.device], CaseSetup]
     notes: str = field(default="", compare=False)
+
+
+def peft_layer_case(d: int, n: int, dtype: torch.dtype, device, config, *, randomize=(),
+                    scale: float = 0.1, prepare: Optional[Callable] = None,
+                    fused: Optional[dict] = None) -> CaseSetup:
+    """The usual case: PEFT's layer (``config``, target "0") on a frozen, random, bias-free d x d
+    Linear, parameters named in ``randomize`` overwritten (times ``scale``), then ``prepare(layer)``
+    (further changes to the adapter, in place); arms "peft" and, per
+    entry of ``fused`` (arm name -> function of a patched copy, e.g. ``lambda layer: layer``), an
+    ``accelerate``-patched copy; reference: the PEFT layer copied to float64."""
+    from peft import get_peft_model
+
+    import fastadapt
+    from ..testing import linear_model, randn, randomize_
+    model = linear_model(d, d, bias=False, dtype=dtype).to(device)
+    layer = get_peft_model(model, config).base_model.model[0]
+    if randomize:
+        randomize_(layer, scale=scale, names=list(randomize))
+    if prepare is not None:
+        with torch.no_grad():
+            prepare(layer)
+    arms = {}
+    for name, finish in (fused or {}).items():
+        patched = copy.deepcopy(layer)
+        report = fastadapt.accelerate(patched)
+        if report.num_patched != 1:
+            raise RuntimeError(f"fastadapt did not patch the layer:\n{report}")
+        arms[name] = finish(patched)
+    arms["peft"] = layer
+    return CaseSetup(x=randn(n, d, dtype=dtype, device=device), base=layer.base_layer, arms=arms,
+                     reference=copy.deepcopy(layer).to(torch.float64).eval())
 
 
 def selected(cases: list[Case], only) -> list[Case]:
