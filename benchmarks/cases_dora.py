@@ -19,7 +19,7 @@ from fastadapt.testing import randn
 RANK = 16
 
 
-def _build_dora(dropout: float):
+def _build_dora(dropout: float, autocast_adapter_dtype: bool = True):
     def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
         config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, use_dora=True, target_modules=["0"])
 
@@ -31,7 +31,7 @@ def _build_dora(dropout: float):
             return layer
 
         return peft_layer_case(d, n, dtype, device, config, randomize=["lora_A", "lora_B"], scale=d ** -0.5,
-                               prepare=perturb_magnitude,
+                               prepare=perturb_magnitude, autocast_adapter_dtype=autocast_adapter_dtype,
                                fused={"fastadapt": lambda layer: layer, "fastadapt_recompute": recompute})
     return build
 
@@ -44,5 +44,8 @@ def _build_delora(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
 CASES = [
     Case("dora_r16", "dora_norm", _build_dora(0.0), notes="DoRA r=16: fused vs PEFT vs frozen Linear"),
     Case("dora_r16_dropout0.1", "dora_norm", _build_dora(0.1), notes="DoRA r=16, lora_dropout=0.1 (two GEMMs)"),
+    Case("dora_r16_adapter_in_input_dtype", "dora_norm", _build_dora(0.0, autocast_adapter_dtype=False),
+         notes="DoRA r=16 with PEFT's autocast_adapter_dtype=False: on a half base the adapter stays in the "
+               "input dtype, which runs the Triton kernels on GPU (the default keeps fp32 adapters: torch path)"),
     Case("delora_r16", "dora_norm", _build_delora, notes="DeLoRA r=16: fused vs PEFT vs frozen Linear"),
 ]

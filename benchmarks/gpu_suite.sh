@@ -31,7 +31,7 @@ OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 timeout 270 python -m pytest -q $workers -p 
 tail -n 60 "$OUT/tests_full.log" | tee "$OUT/tests.log"
 # selection:seconds -- a family or a case-name prefix (--only), about 10 s of startup each plus
 # 5-10 s per case; ssvd apart, as its case starts with two 4096 x 4096 float64 SVDs.
-for entry in lowrank:30 dora_norm:45 oft:55 psoft:20 ssvd:30; do
+for entry in lowrank:25 dora_norm:60 oft:50 psoft:20 ssvd:30; do
     only=${entry%%:*}
     timeout "${entry##*:}" python -m benchmarks.run --device cuda --dtype bfloat16 --d 4096 --n 8192 \
         --iters 20 --no-compile --only "$only" --out "$OUT" >"$OUT/bench_$only.log" 2>&1 || status=1

@@ -60,18 +60,19 @@ class Case:
 
 def peft_layer_case(d: int, n: int, dtype: torch.dtype, device, config, *, randomize=(),
                     scale: float = 0.1, prepare: Optional[Callable] = None,
-                    fused: Optional[dict] = None) -> CaseSetup:
+                    fused: Optional[dict] = None, autocast_adapter_dtype: bool = True) -> CaseSetup:
     """The usual case: PEFT's layer (``config``, target "0") on a frozen, random, bias-free d x d
     Linear, parameters named in ``randomize`` overwritten (times ``scale``), then ``prepare(layer)``
     (further changes to the adapter, in place); arms "peft" and, per
     entry of ``fused`` (arm name -> function of a patched copy, e.g. ``lambda layer: layer``), an
-    ``accelerate``-patched copy; reference: the PEFT layer copied to float64."""
+    ``accelerate``-patched copy; reference: the PEFT layer copied to float64.
+    ``autocast_adapter_dtype`` is PEFT's own switch (True: fp32 adapters on a half base)."""
     from peft import get_peft_model
 
     import fastadapt
     from ..testing import linear_model, randn, randomize_
     model = linear_model(d, d, bias=False, dtype=dtype).to(device)
-    layer = get_peft_model(model, config).base_model.model[0]
+    layer = get_peft_model(model, config, autocast_adapter_dtype=autocast_adapter_dtype).base_model.model[0]
     if randomize:
         randomize_(layer, scale=scale, names=list(randomize))
     if prepare is not None:
