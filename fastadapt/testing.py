@@ -111,3 +111,15 @@ def assert_forward_is_merged(ref) -> None:
     """``ref(x) == x merged_weight()^T + merged_bias()`` on a random input."""
     x = randn(3, 5, ref.in_features)
     assert_rel_close(ref(x), F.linear(x, ref.merged_weight(), ref.merged_bias()), name="forward vs merged")
+
+
+def tiny_llama(seed: int | None = None, *, dtype=torch.float64, vocab_size: int = 64,
+               tie_word_embeddings: bool = False, scale: float = 0.3):
+    """A LlamaForCausalLM built from a config (hidden 32, 2 layers, 4 heads, intermediate 48, eager
+    attention, no cache; nothing downloaded) in eval mode, every weight redrawn times ``scale``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=64,
+                         tie_word_embeddings=tie_word_embeddings, use_cache=False, attn_implementation="eager")
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    return randomize_(model, scale=scale, seed=seed)

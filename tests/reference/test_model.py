@@ -16,10 +16,11 @@ from peft import (LNTuningConfig, LoraConfig, PolyConfig, PromptTuningConfig, Tr
                   get_peft_model)
 from peft.tuners.xlora.config import XLoraConfig
 from peft.tuners.xlora.layer import XLoraLinearLayer
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from fastadapt.numerics import assert_rel_close
 from fastadapt.reference.model import XLoRA, LNTuning, LoReFT, Poly, PromptTuning, TrainableTokens
+from fastadapt import testing
 from fastadapt.testing import generator, linear_model, randn, randomize_
 
 # PEFT warns that norm layers are an "unsupported layer type" for LN tuning; it wraps them anyway.
@@ -31,11 +32,7 @@ VOCAB = 64
 
 def tiny_llama(seed: int, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
     """A float64 LlamaForCausalLM (hidden 32, 2 layers, 4 heads, vocab 64) with every weight redrawn."""
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64,
-                         tie_word_embeddings=tie_word_embeddings, use_cache=False, attn_implementation="eager")
-    model = LlamaForCausalLM(config).to(F64).eval()
-    return randomize_(model, scale=0.3, seed=seed)
+    return testing.tiny_llama(seed, vocab_size=VOCAB, tie_word_embeddings=tie_word_embeddings)
 
 
 def token_batch(seed: int, batch: int = 3, seq: int = 7):

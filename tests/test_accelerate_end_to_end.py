@@ -1,0 +1,66 @@
+"""The drop-in promise end to end, on a tiny Llama built from a config (nothing downloaded):
+training with ``fastadapt.accelerate`` follows PEFT's own training step for step (losses and every
+adapter parameter), every adapted layer runs fused, and the checkpoint it writes loads in plain PEFT
+and gives PEFT's outputs."""
+import copy
+
+import pytest
+import torch
+from peft import DeloraConfig, LoraConfig, OFTConfig, PeftModel, PsoftConfig, get_peft_model
+
+import fastadapt
+from fastadapt.numerics import assert_rel_close
+from fastadapt.testing import generator, randomize_, tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+CONFIGS = {
+    "dora": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS),
+    "oft": lambda: OFTConfig(oft_block_size=8, r=0, target_modules=TARGETS),
+    "oft_exact": lambda: OFTConfig(oft_block_size=8, r=0, use_cayley_neumann=False, target_modules=TARGETS),
+    "psoft": lambda: PsoftConfig(r=4, psoft_alpha=4, target_modules=["q_proj", "v_proj"]),
+    "delora": lambda: DeloraConfig(r=4, delora_lambda=5, init_weights=False, target_modules=TARGETS),
+}
+ADAPTER_PARAMS = ["lora_B", "oft_R", "psoft_R", "delora_B"]
+
+
+def _batches(count=3, batch=2, seq=9, vocab=64):
+    g = generator(7)
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(count)]
+
+
+def _train(model, batches):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    losses = []
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_training_follows_peft_and_checkpoint_loads_in_plain_peft(method, tmp_path):
+    base = tiny_llama(3, dtype=torch.float32)
+    peft_model = get_peft_model(copy.deepcopy(base), CONFIGS[method]())
+    randomize_(peft_model, names=ADAPTER_PARAMS, scale=0.05)
+    peft_model.train()
+    fused_model = copy.deepcopy(peft_model)
+    report = fastadapt.accelerate(fused_model)
+    assert report.num_patched >= 4, str(report)
+
+    batches = _batches()
+    expected, got = _train(peft_model, batches), _train(fused_model, batches)
+    assert report.fused_calls == report.num_patched * len(batches) and not report.fallbacks, str(report)
+    assert_rel_close(got, expected, name="losses")
+    trained = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    for name, param in fused_model.named_parameters():
+        if param.requires_grad:
+            assert_rel_close(param, trained[name], scale=10, name=name)  # 3 SGD steps of fp32 rounding
+
+    fused_model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()  # plain PEFT, nothing patched
+    fused_model.eval()
+    ids = batches[0]
+    assert_rel_close(loaded(input_ids=ids).logits, fused_model(input_ids=ids).logits, name="logits")
