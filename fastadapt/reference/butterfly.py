@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import _validate
 from ._base import ReferenceAdapter, demo_linear, peft_weight_and_bias
+from .cayley import cayley
 
 _DEMO_SEED = 20240531
 
@@ -41,16 +42,14 @@ def _parameter(value: torch.Tensor | None, default: torch.Tensor, name: str) -> 
     return nn.Parameter(value.detach().clone().to(default.dtype))
 
 
-def cayley(params: torch.Tensor) -> torch.Tensor:
-    """Cayley map of a batch of square matrices, as PEFT's BOFT/OFT: ``Q = (I - S)(I + S)^{-1}``
-    with ``S = (A - A^T) / 2`` the skew-symmetric part of ``A`` (shape (..., b, b)).
+def boft_cayley(params: torch.Tensor) -> torch.Tensor:
+    """Cayley map of a batch of square matrices, as PEFT's BOFT: ``Q = (I - S)(I + S)^{-1}``
+    with ``S = (A - A^T) / 2`` the skew-symmetric part of ``A`` (shape (..., b, b)), i.e.
+    :func:`fastadapt.reference.cayley.cayley` of ``-S``.
 
     ``Q`` is orthogonal with det +1 for every skew ``S``; ``A = 0`` gives ``Q = I``.
     """
-    skew = 0.5 * (params - params.transpose(-1, -2))
-    eye = torch.eye(params.shape[-1], dtype=params.dtype, device=params.device).expand_as(skew)
-    # Q (I + S) = I - S, solved from the right.
-    return torch.linalg.solve(eye + skew, eye - skew, left=False)
+    return cayley(-0.5 * (params - params.transpose(-1, -2)))
 
 
 def butterfly_permutation(n: int, block_size: int, factor: int) -> torch.Tensor:
@@ -79,7 +78,7 @@ class BOFT(ReferenceAdapter):
     Parameters (PEFT's names): ``boft_R`` (m, n_blocks, b, b) with ``n_blocks * b = in_features``
     and ``m = n_butterfly_factor``; ``boft_s`` (out_features, 1).
 
-    Each factor ``i`` is a block-diagonal rotation ``B_i = blockdiag(cayley(boft_R[i, k]))``
+    Each factor ``i`` is a block-diagonal rotation ``B_i = blockdiag(boft_cayley(boft_R[i, k]))``
     conjugated by the butterfly permutation ``P_i`` (:func:`butterfly_permutation`)::
 
         R = M_{m-1} ... M_1 M_0,   M_i = P_i B_i P_i^T            (in_features x in_features)
@@ -113,7 +112,7 @@ class BOFT(ReferenceAdapter):
 
     def factors(self) -> list[torch.Tensor]:
         """The dense butterfly factors ``M_i = P_i B_i P_i^T``, i = 0..m-1."""
-        blocks = cayley(self.boft_R)                      # (m, n_blocks, b, b)
+        blocks = boft_cayley(self.boft_R)                      # (m, n_blocks, b, b)
         result = []
         for i in range(self.n_butterfly_factor):
             block_diag = torch.block_diag(*blocks[i])
