@@ -308,7 +308,7 @@ def test_oft_nan_in_q_gives_nan_out(neumann):
 
 
 def test_divergent_neumann_warns_once_with_orthogonality_error(monkeypatch):
-    monkeypatch.setattr(ops, "_neumann_warned", False)
+    monkeypatch.setattr(ops, "_neumann_monitor", ops._NeumannMonitor())
     layer = layers.OFTLinear(torch.nn.Linear(16, 4), oft_block_size=8)
     with torch.no_grad():
         layer.oft_R.weight.normal_().mul_(1.0)  # ||Q||_2 > 1
@@ -321,6 +321,88 @@ def test_divergent_neumann_warns_once_with_orthogonality_error(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer(randn(2, 16, dtype=F32))  # second call: no warning
+
+
+def _divergence_case(scale, block_size=16):
+    Q = ops.skew(randn(3, ops.packed_size(block_size), scale=scale, dtype=F32), block_size)
+    return Q, ops._neumann_series(Q, 5)
+
+
+def _warned_error(record):
+    return float(re.search(r"\|\|R\^T R - I\|\|_F = ([0-9.]+(?:e[+-]\d+)?)\.", str(record[0].message))[1])
+
+
+def test_deferred_divergence_check_reads_values_on_later_calls():
+    """The CUDA branch of the Neumann check, with a CPU stand-in for the pinned copy: a call never
+    reads what it measured; the bounds of call 1 are judged in call 2, which queues the exact test
+    (cholesky_ex of I + Q^2), judged in call 3: one warning carrying call 2's orthogonality error."""
+    monitor = ops._NeumannMonitor(deferred=True)
+    Q, R = _divergence_case(1.0)
+    Q2, R2 = _divergence_case(1.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.check(Q, R, 5)
+        assert monitor.pending is not None and len(monitor.pending.values()) == 2  # the two bounds
+        monitor.check(lambda: Q2, R2, 5)
+        assert monitor.exact_next and len(monitor.pending.values()) == 4
+    with pytest.warns(UserWarning, match=r"num_cayley_neumann_terms=5 diverges") as record:
+        monitor.check(Q, R, 5)
+    assert abs(_warned_error(record) - float(ref.orthogonality_error(R2.double()))) <= 1e-2 * _warned_error(record)
+    spectral = float(re.search(r"\|\|Q\|\|_2 = ([0-9.]+)", str(record[0].message))[1])
+    assert abs(spectral - float(torch.linalg.matrix_norm(Q2.double(), ord=2).max())) <= 1e-2 * spectral
+    built = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.check(lambda: built.append(1) or Q, R, 5)  # warned: nothing measured, Q not even built
+    assert not built
+    single = ops._NeumannMonitor(deferred=True)  # PSOFT's core: one r x r Q, no batch dim
+    with pytest.warns(UserWarning, match="diverges"):
+        for _ in range(3):
+            single.check(Q2[0], R2[0], 5)
+
+
+def test_deferred_divergence_check_waits_for_the_copy(monkeypatch):
+    """While the copy's event is not done, calls neither judge the reading nor queue another."""
+    monitor = ops._NeumannMonitor(deferred=True)
+    Q, R = _divergence_case(1.0)
+    monitor.check(Q, R, 5)
+    first = monitor.pending
+    monkeypatch.setattr(ops._HostReading, "ready", lambda self: False)
+    for _ in range(3):
+        monitor.check(Q, R, 5)
+    assert monitor.pending is first and not monitor.exact_next and not monitor.warned
+
+
+def test_deferred_divergence_check_silent_below_the_spectral_threshold():
+    """b = 64: ||Q||_F and ||Q||_1 above 1 but ||Q||_2 < 1, so the exact test runs and stays quiet;
+    the direct (CPU) check agrees."""
+    Q, R = _divergence_case(0.05, block_size=64)
+    assert float(torch.linalg.matrix_norm(Q, ord=2).max()) < 1 <= float(torch.linalg.matrix_norm(Q, ord=1).min())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for deferred in (True, False):
+            monitor = ops._NeumannMonitor(deferred=deferred)
+            for _ in range(4):
+                monitor.check(Q, R, 5)
+            assert not monitor.warned
+    assert monitor.pending is None  # direct mode keeps nothing
+
+
+def test_psoft_neumann_projection_without_host_branch():
+    """cayley_neumann_eps scales Q to Frobenius norm eps as PEFT does (a device-side choice):
+    values and gradient equal PEFT's branchy formula on both sides of the threshold."""
+    for scale in (0.3, 0.01):  # ||Q||_F above and below eps = 0.5
+        packed = randn(ops.packed_size(6), scale=scale, requires_grad=True)
+        core = ops.psoft_core(packed, scaling=1.3, use_cayley_neumann=True, cayley_neumann_eps=0.5, size=6)
+        Q = ref.skew(packed, 6)
+        norm = torch.linalg.matrix_norm(Q)
+        if norm > 0.5:
+            Q = Q * (0.5 / (norm + 1e-12))
+        expected = 1.3 * (ref.neumann(Q, 5) - torch.eye(6, dtype=F64))
+        assert_rel_close(core, expected, name=f"core (scale {scale})")
+        cotangent = randn(6, 6)
+        assert_rel_close(torch.autograd.grad(core, packed, cotangent)[0],
+                         torch.autograd.grad(expected, packed, cotangent)[0], name=f"dpacked (scale {scale})")
 
 
 # ----------------------------------------------------------------------------- PSOFT
@@ -500,12 +582,79 @@ def test_triton_cayley_kernel_exact_and_neumann(block_size, dtype, device):
 
 
 @triton_missing
-def test_triton_cayley_kernel_nan_in_q_gives_nan_out(device):
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the interpreter's numpy max over NaN
+@pytest.mark.parametrize("solver", ["elimination", "newton_schulz"])
+def test_triton_cayley_kernel_nan_in_q_gives_nan_out(solver, device):
     from fastadapt.triton_kernels import cayley as kernels
     packed = randn(2, ops.packed_size(8), scale=0.05, dtype=F32).to(device)
     packed[1, 3] = float("nan")
-    R = kernels.cayley_forward(packed, 8)
+    R = kernels.cayley_forward(packed, 8, solver=solver)
     assert torch.isnan(R[1]).any() and torch.isfinite(R[0]).all()
+
+
+# b = 128 with the elimination solver costs ~1.5 s per call in the interpreter: one case.
+SOLVER_CASES = [(2, 0.5), (5, 3.0), (16, 0.02), (16, 10.0), (32, 1.0), (64, 10.0), (128, 1.0)]
+
+
+@triton_missing
+@pytest.mark.parametrize("block_size, entry_scale", SOLVER_CASES)
+def test_triton_exact_cayley_solvers_equal_float64_reference(block_size, entry_scale, device):
+    """Elimination and Newton-Schulz from small to large |Q| (entries ~ entry_scale: at b = 64 and
+    entries ~10, ||Q||_2 ~ 160 and Newton-Schulz runs ~20 iterations).  Newton-Schulz keeps fp32
+    accuracy (~3e-7) and R^T R = I for every |Q|; elimination's rounding grows with
+    cond(I - Q) = sqrt(1 + ||Q||_2^2): measured 4e-6 .. 8e-6 (orthogonality 1e-4) at b = 64 with
+    entries ~10, so there it is held to 3x the fp32 bound."""
+    from fastadapt.triton_kernels import cayley as kernels
+    packed = randn(3, ops.packed_size(block_size), scale=entry_scale, dtype=F32)
+    expected = ref.cayley(ref.skew(packed.double(), block_size))
+    R = kernels.cayley_forward(packed.to(device), block_size, solver="newton_schulz")
+    assert_rel_close(R, expected, F32, name="newton_schulz R")
+    assert float(ref.orthogonality_error(R.double().cpu())) < 1e-5 * block_size ** 0.5
+    R = kernels.cayley_forward(packed.to(device), block_size, solver="elimination")
+    assert_rel_close(R, expected, F32, scale=3.0 if entry_scale > 1 else 1.0, name="elimination R")
+
+
+@triton_missing
+def test_triton_newton_schulz_converges_for_huge_q(device):
+    """Entries ~1e3 at b = 128 (||Q||_2 ~ 2e4, lam ~ 1e9): the tracked bound keeps its precision
+    (1 - alpha rounds to 1 in fp32) and the iteration still reaches fp32 accuracy."""
+    from fastadapt.triton_kernels import cayley as kernels
+    packed = randn(2, ops.packed_size(128), scale=1e3, dtype=F32)
+    R = kernels.cayley_forward(packed.to(device), 128, solver="newton_schulz")
+    assert_rel_close(R, ref.cayley(ref.skew(packed.double(), 128)), F32, name="R")
+
+
+@triton_missing
+def test_triton_cayley_kernel_rejects_unknown_solver(device):
+    from fastadapt.triton_kernels import cayley as kernels
+    with pytest.raises(ValueError, match=r"solver='lu'.*elimination.*newton_schulz"):
+        kernels.cayley_forward(randn(2, 6, dtype=F32).to(device), 4, solver="lu")
+
+
+@triton_missing
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("block_size", [2, 5, 16, 32])
+def test_triton_cayley_backward_kernel_equals_float64_autograd(block_size, dtype, device):
+    """dL/dpacked in one launch: exact mode from R (Cayley derivative), Neumann mode from packed
+    (k = 1, 2; Horner adjoint for k = 3, 6; closed form for PEFT's k = 5), against float64 autograd
+    through the reference; grad_R a transposed (non-contiguous) view."""
+    from fastadapt.triton_kernels import cayley as kernels
+    packed = randn(3, ops.packed_size(block_size), scale=0.4 / block_size ** 0.5).to(dtype)
+    grad_R = randn(3, block_size, block_size).to(dtype).transpose(-2, -1)
+    scale = _half_scale(dtype)
+    leaf = packed.double().requires_grad_()
+    R64 = ref.cayley(ref.skew(leaf, block_size))
+    (expected,) = torch.autograd.grad(R64, leaf, grad_R.double())
+    actual = kernels.cayley_backward(R64.detach().to(device, dtype), grad_R.to(device), block_size)
+    assert actual.dtype == dtype
+    assert_rel_close(actual, expected, dtype, scale=2 * scale, name="exact dpacked")
+    for terms in (1, 2, 3, 5, 6):
+        actual = kernels.cayley_backward(packed.to(device), grad_R.to(device), block_size, terms)
+        if terms == 1:
+            assert not actual.any(), "R = I does not depend on Q"
+            continue
+        (expected,) = torch.autograd.grad(ref.neumann(ref.skew(leaf, block_size), terms), leaf, grad_R.double())
+        assert_rel_close(actual, expected, dtype, scale=scale, name=f"neumann {terms} dpacked")
 
 
 @triton_missing
@@ -541,7 +690,7 @@ def test_triton_backend_oft_layer_output_and_gradients(neumann, dtype, monkeypat
     from fastadapt.triton_kernels import cayley as kernels
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
     launches = []
-    for name in ("cayley_forward", "block_rotate_forward", "block_rotate_backward_weight"):
+    for name in ("cayley_forward", "cayley_backward", "block_rotate_forward", "block_rotate_backward_weight"):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
     base = linear_model(32, 16, dtype=F64)[0]
@@ -556,8 +705,9 @@ def test_triton_backend_oft_layer_output_and_gradients(neumann, dtype, monkeypat
     assert_rel_close(y, y_ref, dtype, scale=scale, name="y")
     assert_rel_close(dx, dx_ref, dtype, scale=scale, name="dx")
     assert_rel_close(dR, dR_ref, dtype, scale=2.0 * scale, name="doft_R")
-    expected = {"block_rotate_forward", "block_rotate_backward_weight"} | (set() if neumann else {"cayley_forward"})
-    assert set(launches) == expected
+    # packed -> R and dL/dR -> dL/dpacked are one launch each, in both modes
+    assert sorted(n for n in launches if n.startswith("cayley")) == ["cayley_backward", "cayley_forward"]
+    assert {"block_rotate_forward", "block_rotate_backward_weight"} <= set(launches)
 
 
 @triton_missing

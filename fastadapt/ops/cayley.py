@@ -9,11 +9,14 @@ y = (x R_bd) W^T + bias, R_bd = blockdiag(R_1, ..., R_n); PSOFT / SSVD / AntiPaS
 Backends: "torch" on CPU (batched bmm over blocks writing strided output in place, batched b x b
 inverses; ``oft_linear`` runs the whole OFT layer, packed parameter to output, as one autograd
 Function), "triton" on CUDA (fastadapt.triton_kernels.cayley) chosen per call by
-fastadapt.backend.select.
+fastadapt.backend.select: there OFT's rotation blocks are one launch packed -> R and one launch
+dL/dR -> dL/dpacked in both Cayley modes, and nothing in a call waits for the device (the
+Neumann divergence check reads its measurements on later calls, _NeumannMonitor).
 """
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -114,9 +117,6 @@ def cayley(Q: torch.Tensor) -> torch.Tensor:
     return _CayleyExact.apply(Q)
 
 
-_neumann_warned = False
-
-
 def cayley_neumann(Q: torch.Tensor, terms: int) -> torch.Tensor:
     """PEFT's ``terms``-term series for (I + Q)(I - Q)^{-1}:
     1: I;  2: I + 2Q;  k >= 3, t = max(3, k - 1): I + 2(Q + ... + Q^{t-1}) + Q^t.
@@ -126,7 +126,7 @@ def cayley_neumann(Q: torch.Tensor, terms: int) -> torch.Tensor:
     """
     _validate.positive_int("num_cayley_neumann_terms", terms)
     R = _neumann_series(Q, terms)
-    _check_neumann(Q, R, terms)
+    _neumann_monitor.check(Q, R, terms)
     return R
 
 
@@ -168,19 +168,30 @@ class _NeumannPacked(torch.autograd.Function):
     """R = PEFT's Neumann series of skew(packed), saving only ``packed`` (the parameter).
 
     Backward recomputes the small b x b powers and differentiates the polynomial,
-    dL/dQ = sum_j c_j sum_{a + c = j - 1} (Q^a)^T (dL/dR) (Q^c)^T: in closed form for the default
-    5 terms (_neumann5_adjoint), by autograd over the powers otherwise.
+    dL/dQ = sum_j c_j sum_{a + c = j - 1} (Q^a)^T (dL/dR) (Q^c)^T: on the triton backend one
+    launch each way (kernels.cayley_forward / cayley_backward: packed -> R, dL/dR -> dL/dpacked);
+    on torch in closed form for the default 5 terms (_neumann5_adjoint), by autograd over the
+    powers otherwise.
     """
 
     @staticmethod
     def forward(ctx, packed, block_size, terms):
         ctx.save_for_backward(packed)
         ctx.block_size, ctx.terms = block_size, terms
+        ctx.triton = select("cayley.cayley", packed.device, _IMPLEMENTED) == "triton"
+        if ctx.triton:
+            from ..triton_kernels import cayley as kernels
+            R = kernels.cayley_forward(packed, block_size, terms)
+            _neumann_monitor.check(lambda: skew(packed, block_size), R, terms)
+            return R
         return cayley_neumann(skew(packed, block_size), terms)
 
     @staticmethod
     def backward(ctx, grad_R):
         (packed,) = ctx.saved_tensors
+        if ctx.triton:
+            from ..triton_kernels import cayley as kernels
+            return kernels.cayley_backward(packed, grad_R, ctx.block_size, ctx.terms), None, None
         if ctx.terms == 5:
             Q = skew(packed, ctx.block_size)
             _, S, M = _neumann5(Q)
@@ -194,25 +205,106 @@ class _NeumannPacked(torch.autograd.Function):
         return grad, None, None
 
 
-def _check_neumann(Q, R, terms):
-    global _neumann_warned
-    if _neumann_warned:
-        return
-    with torch.no_grad():
-        # ||Q||_2 <= ||Q||_F and ||Q||_2 <= sqrt(||Q||_1 ||Q||_inf) = ||Q||_1 for skew Q: the exact
-        # norm (an SVD) runs only when both cheap bounds reach 1 (the Frobenius one is the cheapest).
+class _HostReading:
+    """A few device values on their way to the host without a sync.
+
+    CUDA: copied with non_blocking=True into pinned host memory, then a CUDA event is recorded on
+    the same stream; ``ready()`` is event.query() (no sync) and ``values()`` reads the host copy
+    once it is.  Any other device (the CPU stand-in of the tests) copies at once and is ready.
+    ``keep`` holds device tensors the reader needs when the values call for them; ``terms`` is
+    the series length they were measured for."""
+
+    def __init__(self, values: torch.Tensor, terms: int, keep: tuple = ()):
+        self.terms, self.keep, self.event = terms, keep, None
+        if values.device.type == "cuda":
+            with torch.cuda.device(values.device):
+                self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                self.host.copy_(values, non_blocking=True)
+                self.event = torch.cuda.Event()
+                self.event.record()
+        else:
+            self.host = values.to("cpu", copy=True)
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def values(self) -> list:
+        return self.host.tolist()
+
+
+class _NeumannMonitor:
+    """The Neumann series' one-time divergence warning (issue 3): once per process, when a block
+    has ||Q||_2 >= 1, warn with the measured orthogonality error max ||R^T R - I||_F.
+
+    ||Q||_2 <= ||Q||_F and ||Q||_2 <= sqrt(||Q||_1 ||Q||_inf) = ||Q||_1 for skew Q: the exact test
+    runs only when both cheap bounds reach 1.
+    Direct (CPU tensors): each value is read on the host at once; the exact test is the spectral
+    norm (an SVD).
+    Deferred (CUDA tensors, or ``deferred=True``): no call reads a value it produced.  While no
+    reading is in flight, a call queues on the device [max ||Q||_F, max ||Q||_1] and, when the
+    previous reading had both >= 1, also [any block with I + Q^2 = I - Q^T Q not positive definite
+    (cholesky_ex's info: ||Q||_2 >= 1), max ||R^T R - I||_F]; the values go to the host behind an
+    event (_HostReading) and a later call judges them once the copy is done.  So the warning comes
+    a call or more after the divergent one; its ||Q||_2 is then computed from that call's Q (one
+    sync, at most once per process).
+    """
+
+    def __init__(self, deferred: bool | None = None):
+        self.deferred = deferred
+        self.warned = False
+        self.pending: _HostReading | None = None
+        self.exact_next = False
+
+    def check(self, Q: torch.Tensor | Callable[[], torch.Tensor], R: torch.Tensor, terms: int):
+        """Q: the skew blocks, or a function building them (skipped once warned)."""
+        if self.warned:
+            return
+        deferred = R.device.type == "cuda" if self.deferred is None else self.deferred
+        with torch.no_grad():
+            if deferred:
+                self._check_deferred(Q, R, terms)
+            else:
+                self._check_now(Q() if callable(Q) else Q, R, terms)
+
+    def _check_now(self, Q, R, terms):
         if not float(torch.linalg.vector_norm(Q, dim=(-2, -1)).max()) >= 1.0:
             return
         if not float(torch.linalg.matrix_norm(Q.float(), ord=1).max()) >= 1.0:
             return
         spectral = float(torch.linalg.matrix_norm(Q.float(), ord=2).max())
-        if not spectral >= 1.0:
-            return
-        error = float(orthogonality_error(R.float()))
-    _neumann_warned = True
-    warnings.warn(f"Cayley-Neumann series with num_cayley_neumann_terms={terms} diverges: ||Q||_2 = "
-                  f"{spectral:.3g} >= 1, orthogonality error max ||R^T R - I||_F = {error:.3g}. "
-                  "use_cayley_neumann=False computes the exact rotation at the same cost.", stacklevel=3)
+        if spectral >= 1.0:
+            self._warn(terms, spectral, float(orthogonality_error(R.float())))
+
+    def _check_deferred(self, Q, R, terms):
+        if self.pending is not None:
+            if not self.pending.ready():
+                return
+            reading, self.pending = self.pending, None
+            frobenius, one, *exact = reading.values()
+            bounds_reached = frobenius >= 1.0 and one >= 1.0
+            if bounds_reached and exact and exact[0] > 0:
+                spectral = float(torch.linalg.matrix_norm(reading.keep[0].float(), ord=2).max())
+                self._warn(reading.terms, spectral, exact[1])
+                return
+            self.exact_next = bounds_reached
+        Qf = (Q() if callable(Q) else Q).float()
+        values = [torch.linalg.vector_norm(Qf, dim=(-2, -1)).max(), torch.linalg.matrix_norm(Qf, ord=1).max()]
+        keep = ()
+        if self.exact_next:
+            eye = torch.eye(Qf.shape[-1], dtype=Qf.dtype, device=Qf.device)
+            info = torch.linalg.cholesky_ex(eye + Qf @ Qf).info
+            values += [(info != 0).any().to(Qf.dtype), orthogonality_error(R.float())]
+            keep = (Qf,)
+        self.pending = _HostReading(torch.stack(values), terms, keep)
+
+    def _warn(self, terms, spectral, error):
+        self.warned = True
+        warnings.warn(f"Cayley-Neumann series with num_cayley_neumann_terms={terms} diverges: ||Q||_2 = "
+                      f"{spectral:.3g} >= 1, orthogonality error max ||R^T R - I||_F = {error:.3g}. "
+                      "use_cayley_neumann=False computes the exact rotation at the same cost.", stacklevel=5)
+
+
+_neumann_monitor = _NeumannMonitor()
 
 
 def orthogonality_error(R: torch.Tensor) -> torch.Tensor:
@@ -222,11 +314,11 @@ def orthogonality_error(R: torch.Tensor) -> torch.Tensor:
 
 
 class _PackedCayleyTriton(torch.autograd.Function):
-    """R = cayley(skew(packed)) for all blocks in one Triton launch (in-kernel Gauss-Jordan).
+    """R = cayley(skew(packed)) for all blocks in one Triton launch (in-kernel solve).
 
     Saved: the output R (shared with the rotation that consumes it); N = (I - Q)^{-1} = (R + I) / 2.
-    Backward: dQ = 2 N^T dR N^T, and the packed gradient is dQ[r, c] - dQ[c, r] over the strict
-    upper triangle (Q = U - U^T).
+    Backward, one launch (kernels.cayley_backward): dQ = 2 N^T dR N^T, and the packed gradient
+    dQ[r, c] - dQ[c, r] over the strict upper triangle (Q = U - U^T).
     """
 
     @staticmethod
@@ -238,11 +330,9 @@ class _PackedCayleyTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_R):
+        from ..triton_kernels import cayley as kernels
         (R,) = ctx.saved_tensors
-        b = R.shape[-1]
-        Nt = (R.transpose(-2, -1).float() + torch.eye(b, device=R.device)) / 2
-        dQ = 2 * (Nt @ grad_R.float() @ Nt)
-        return _skew_adjoint(dQ).to(R.dtype), None
+        return kernels.cayley_backward(R, grad_R, R.shape[-1]), None
 
 
 def cayley_packed(packed: torch.Tensor, block_size: int, *, transpose: bool = False) -> torch.Tensor:
@@ -259,7 +349,7 @@ def oft_rotation_blocks(packed: torch.Tensor, block_size: int, *, use_cayley_neu
                         num_cayley_neumann_terms: int = 5) -> torch.Tensor:
     """(n, b(b-1)/2) -> (n, b, b) rotation blocks in PEFT's OFT conventions:
     Neumann mode approximates (I + Q)(I - Q)^{-1}; exact mode is (I - Q)(I + Q)^{-1} = cayley(-Q).
-    The Neumann series runs in torch on every device (b x b powers, autograd for the gradient)."""
+    Triton backend: one launch for R and one for its packed gradient in either mode."""
     if use_cayley_neumann:
         _validate.positive_int("num_cayley_neumann_terms", num_cayley_neumann_terms)
         return _NeumannPacked.apply(packed, block_size, num_cayley_neumann_terms)
@@ -726,10 +816,10 @@ def psoft_core(packed, *, scaling: float, vector_a=None, vector_b=None, use_cayl
     if orth:
         Q = skew(packed, size)
         if use_cayley_neumann:
-            if cayley_neumann_eps is not None:
-                norm = torch.linalg.matrix_norm(Q)
-                if torch.isfinite(norm) and norm > cayley_neumann_eps:
-                    Q = Q * (cayley_neumann_eps / (norm + 1e-12))
+            if cayley_neumann_eps is not None:  # PEFT: if norm > eps: Q *= eps / (norm + 1e-12)
+                norm = torch.linalg.matrix_norm(Q)  # a device-side choice: no host sync on CUDA
+                shrink = torch.isfinite(norm) & (norm > cayley_neumann_eps)
+                Q = Q * torch.where(shrink, cayley_neumann_eps / (norm + 1e-12), torch.ones_like(norm))
             R = cayley_neumann(Q, num_cayley_neumann_terms)
         else:
             R = cayley(Q)
