@@ -39,6 +39,9 @@ class BridgeEntry:
                 PEFT's forward instead (e.g. dropout in training on a path without it).
     base_classes: dotted class paths of the base layers ``forward`` handles exactly (a quantized
                 or otherwise different base runs PEFT's forward).
+    note:       ``note(layer, adapter_name, x) -> note or None``: for a call the fused path serves,
+                a documented difference the user should see in the report (e.g. dropout masks
+                drawn from fastadapt's own random stream: same distribution, other bits).
     """
 
     peft_class: str
@@ -47,6 +50,7 @@ class BridgeEntry:
     applies: Callable = lambda layer, adapter: True
     check: Optional[Callable] = None
     base_classes: tuple = ("torch.nn.modules.linear.Linear",)
+    note: Optional[Callable] = None
 
 
 @dataclass
@@ -56,12 +60,15 @@ class AccelerationReport:
     patched:   layer class -> number of patched layers.
     skipped:   PEFT tuner layer class -> reason it was not patched.
     fused_calls / fallbacks: forward calls served by the fused path / by PEFT, with the reason.
+    notes:     fused calls that differ from PEFT in a documented way (not in value: e.g. the
+               random stream of a dropout mask), with the difference.
     """
 
     patched: Counter = field(default_factory=Counter)
     skipped: dict = field(default_factory=dict)
     fused_calls: int = 0
     fallbacks: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
 
     @property
     def num_patched(self) -> int:
@@ -73,6 +80,7 @@ class AccelerationReport:
         lines += [f"  not patched {cls}: {why}" for cls, why in sorted(self.skipped.items())]
         lines.append(f"  calls: {self.fused_calls} fused, {sum(self.fallbacks.values())} PEFT fallback")
         lines += [f"    fallback x{n}: {why}" for why, n in self.fallbacks.most_common()]
+        lines += [f"    fused x{n}, note: {what}" for what, n in self.notes.most_common()]
         return "\n".join(lines)
 
 
@@ -143,6 +151,10 @@ def _patched_forward(layer, x, *args, **kwargs):
         report.fallbacks[reason] += 1
         return type(layer).forward(layer, x, *args, **kwargs)
     report.fused_calls += 1
+    if chosen.note is not None:
+        note = chosen.note(layer, adapter, x)
+        if note is not None:
+            report.notes[note] += 1
     return chosen.forward(layer, adapter, x)
 
 

@@ -131,3 +131,22 @@ def test_methods_filter_and_unknown_name(toy_registry):
     assert report.num_patched == 0 and "not among methods" in report.skipped[LORA_CLASS]
     with pytest.raises(ValueError, match="valid choices"):
         fastadapt.accelerate(model, methods=["nolora"])
+
+
+def test_notes_count_documented_differences_of_fused_calls(monkeypatch):
+    def note(layer, adapter, x):
+        return "toy note in training" if layer.training else None
+
+    entry = bridge.BridgeEntry(LORA_CLASS, "lora", _toy_lora_forward, note=note,
+                               applies=lambda layer, a: not layer.use_dora[a])
+    monkeypatch.setattr(bridge, "registry", lambda: {LORA_CLASS: [entry]})
+    model = _lora_model()
+    report = fastadapt.accelerate(model)
+    x = randn(3, 12)
+    model.eval()
+    model(x)
+    assert not report.notes and report.fused_calls == 2
+    model.train()
+    model(x)
+    assert report.notes == {"toy note in training": 2} and report.fused_calls == 4
+    assert "fused x2, note: toy note in training" in str(report)
