@@ -1,8 +1,12 @@
 """dora_norm family: factored norm, fused DoRA / DeLoRA Functions, the PEFT bridge entries.
 
 PEFT parity runs in float64 through ``fastadapt.accelerate`` (outputs and every gradient, r in
-{4, 16, 64}, with and without bias, dropout 0 and 0.1 with the same seed on both sides).
+{4, 16, 64}, with and without bias, dropout 0 and 0.1 with the same seed on both sides); on the
+triton backend (forced here, the interpreter on CPU) dropout 0.1 against PEFT whose dropout module
+multiplies by the same fixed Philox mask.
 """
+import copy
+
 import pytest
 import torch
 from peft import DeloraConfig, LoraConfig, get_peft_model
@@ -181,7 +185,7 @@ def test_dora_equals_peft(r, bias, dropout):
     expected = run(model, dora_params(layer), x, dy)
     report = fastadapt.accelerate(model)
     got = run(model, dora_params(layer), x, dy)
-    assert report.fused_calls == 1 and not report.fallbacks
+    assert report.fused_calls == 1 and not report.fallbacks and not report.notes  # CPU: nn.Dropout's own mask
     assert_all_close(got, expected, ["output", "x", "A", "B", "m"])
     layer.scaling["default"] = 0.7  # read at call time
     fused = run(model, dora_params(layer), x, dy)
@@ -239,7 +243,7 @@ def test_delora_equals_peft(r, bias, dropout):
     expected = run(model, delora_params(layer), x, dy)
     report = fastadapt.accelerate(model)
     got = run(model, delora_params(layer), x, dy)
-    assert report.fused_calls == 1 and not report.fallbacks
+    assert report.fused_calls == 1 and not report.fallbacks and not report.notes  # CPU: nn.Dropout's own mask
     assert_all_close(got, expected, ["output", "x", "A", "B", "lambda"])
 
 
@@ -333,11 +337,12 @@ def _half_scale(dtype):
 def test_forced_triton_backend_runs_the_kernels(monkeypatch, device, dtype):
     """FASTADAPT_BACKEND=triton: the norm kernel and the fused scaled GEMM (forward and dx) run
     (the interpreter on CPU; on a GPU the launchers' default tiles and the autotuned GEMM); output
-    and every gradient match the float64 reference.  float16 / bfloat16 take the half-output
-    branch (the GEMM gives y_pre, saved; y = g o y_pre + b after it).  fp32 tl.dot runs IEEE."""
+    and every gradient match the float64 reference.  The forward GEMM stores y and y_pre (saved)
+    from one epilogue in every dtype; backward's row pass gives v, u^T dY and dm's column sum.
+    fp32 tl.dot runs IEEE."""
     from fastadapt.triton_kernels import dora_norm as kernels
     calls = []
-    for name in ("dora_norm_forward", "scaled_lowrank_gemm"):
+    for name in ("dora_norm_forward", "scaled_lowrank_gemm", "dora_dy_row_pass"):
         launcher = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
@@ -354,7 +359,7 @@ def test_forced_triton_backend_runs_the_kernels(monkeypatch, device, dtype):
     expected = [y_ref, *torch.autograd.grad(y_ref, [x, ref.lora_A, ref.lora_B, ref.magnitude], dy)]
     for name, g, e in zip(["output", "x", "A", "B", "m"], got, expected):
         assert_rel_close(g, e, dtype, scale=_half_scale(dtype), name=name)
-    assert sorted(set(calls)) == ["dora_norm_forward", "scaled_lowrank_gemm"]
+    assert sorted(set(calls)) == ["dora_dy_row_pass", "dora_norm_forward", "scaled_lowrank_gemm"]
     assert calls.count("scaled_lowrank_gemm") == 2  # forward and dx
 
 
@@ -422,25 +427,35 @@ def saved_ratio(fn, x, params):
     return sum(storages.values()) / (x.numel() * x.element_size())
 
 
-@pytest.mark.parametrize("kind", ["dora", "dora_recompute", "dora_dropout", "dora_dropout_recompute", "delora"])
-def test_saved_activation_bytes(kind):
+@pytest.mark.parametrize("kind", ["dora", "dora_recompute", "dora_dropout", "dora_dropout_recompute", "delora",
+                                  "delora_dropout", "triton_dora", "triton_dora_dropout",
+                                  "triton_dora_dropout_recompute", "triton_delora_dropout"])
+def test_saved_activation_bytes(monkeypatch, device, kind):
     """Exactly x (+ the output or y_pre by default) + u (N x r) + the norm (out,) + 1 bit per
-    element of x for a dropout mask; the issue's bounds (2.05 / 1.05 at r/in = 16/1024) follow."""
+    element of x for the torch backend's dropout mask; the triton backend saves y_pre and no mask
+    (an int seed); the issue's bounds (2.05 / 1.05 at r/in = 16/1024) follow."""
+    triton = kind.startswith("triton")
+    if triton:
+        monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    dev = device if triton else "cpu"
     n, d, r = 64, 128, 4
-    x = randn(n, d, dtype=torch.float32, requires_grad=True)
-    w, b = randn(d, d, dtype=torch.float32), randn(d, dtype=torch.float32)
-    a, bb = randn(r, d, dtype=torch.float32, requires_grad=True), randn(d, r, dtype=torch.float32, requires_grad=True)
+    f32 = dict(dtype=torch.float32, device=dev)
+    x = randn(n, d, **f32, requires_grad=True)
+    w, b = randn(d, d, **f32), randn(d, **f32)
+    a, bb = randn(r, d, **f32, requires_grad=True), randn(d, r, **f32, requires_grad=True)
     dropout = 0.1 if "dropout" in kind else 0.0
-    if kind == "delora":
-        lam, w_norm = randn(1, dtype=torch.float32, requires_grad=True), w.norm(dim=0)
-        ratio = saved_ratio(lambda: ops.delora_linear(x, w, b, a, bb, lam, w_norm), x, [w, b, a, bb, lam, w_norm])
-        assert ratio == pytest.approx(1 + r / d)
+    mask_bits = 1 / 32 if dropout and not triton else 0
+    if "delora" in kind:
+        lam, w_norm = randn(1, **f32, requires_grad=True), w.norm(dim=0)
+        ratio = saved_ratio(lambda: ops.delora_linear(x, w, b, a, bb, lam, w_norm, dropout_p=dropout), x,
+                            [w, b, a, bb, lam, w_norm])
+        assert ratio == pytest.approx(1 + r / d + mask_bits)
         return
-    m = randn(d, dtype=torch.float32, requires_grad=True)
+    m = randn(d, **f32, requires_grad=True)
     ratio = saved_ratio(lambda: ops.dora_linear(x, w, b, a, bb, m, 2.0, dropout_p=dropout,
                                                 recompute="recompute" in kind), x, [w, b, a, bb, m])
     activations = 1 if "recompute" in kind else 2
-    assert ratio == pytest.approx(activations + r / d + 1 / n + (1 / 32 if dropout else 0))
+    assert ratio == pytest.approx(activations + r / d + 1 / n + mask_bits)
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -536,9 +551,176 @@ def test_triton_scaled_lowrank_gemm_matches_reference(device, dtype):
     g, bias = randn(n).abs() + 0.5, randn(n)
     cast = lambda t: t.to(dtype=dtype, device=device)  # noqa: E731
     x_strided = noncontig(cast(x))
-    y = scaled_lowrank_gemm(x_strided, cast(w).T, cast(u), cast(b_lr).T, out_scale=g.float().to(device),
-                            bias=cast(bias))
+    y, y_pre = scaled_lowrank_gemm(x_strided, cast(w).T, cast(u), cast(b_lr).T, out_scale=g.float().to(device),
+                                   bias=cast(bias), with_pre=True)
     assert_rel_close(y, g * (x @ w.T + u @ b_lr.T) + bias, dtype, name="forward: scale epilogue")
+    assert_rel_close(y_pre, x @ w.T + u @ b_lr.T, dtype, name="forward: y_pre from the same epilogue")
     dy, v, a = randn(m, n), randn(m, r), randn(r, k)
     dx = scaled_lowrank_gemm(cast(dy), cast(w), cast(v), cast(a), k_scale=g.float().to(device))
     assert_rel_close(dx, (dy * g) @ w + v @ a, dtype, name="dx: scale on load")
+
+
+# ------------------------------------------------------------------ triton backend: seeded dropout
+
+class FixedMask(nn.Module):
+    """PEFT's dropout module replaced by a product with one fixed, already scaled mask."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x):
+        return x * self.mask.reshape(x.shape).to(x.dtype)
+
+
+def philox_mask(seed, shape, p, device):
+    """The triton backend's mask (0 or 1 / (1 - p), float32) for ``seed``, ``p`` and a 2-D shape."""
+    from fastadapt.triton_kernels.dora_norm import seeded_dropout
+    return seeded_dropout(torch.ones(shape, device=device), seed, p)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_seeded_dropout_kernels(device, dtype):
+    """The mask drops a fraction p (within 4 sigma), scales kept values by 1 / (1 - p), depends on
+    the seed and the logical index only (strided x, same mask; 97 columns: a partial group of 4
+    at the end of each row), and the backward's in-place out += mask o inner regenerates exactly
+    the forward's mask."""
+    from fastadapt.triton_kernels.dora_norm import dropout_mask_add_, seeded_dropout
+    p, shape, seed = 0.3, (61, 97), 123
+    mask = philox_mask(seed, shape, p, device)
+    dropped = float((mask == 0).double().mean())
+    assert abs(dropped - p) < 4 * (p * (1 - p) / mask.numel()) ** 0.5
+    assert torch.equal(mask.unique().cpu(), torch.tensor([0.0, 1 / (1 - p)]))
+    assert not torch.equal(philox_mask(seed + 1, shape, p, device), mask)
+    lanes = [mask[:, c:96:4] for c in range(4)]  # the four outputs of one Philox call are distinct draws
+    assert all(not torch.equal(lanes[0], other) for other in lanes[1:])
+    x = randn(*shape).to(dtype=dtype, device=device)
+    x_d, rest = seeded_dropout(x, seed, p, with_rest=True)
+    assert x_d.dtype == rest.dtype == dtype
+    assert torch.equal(x_d, (x.float() * mask).to(dtype))
+    assert_rel_close(rest, x.double() - x.double() * mask.double(), dtype, name="x - x_d")
+    assert torch.equal(seeded_dropout(x, seed, p), x_d)
+    assert torch.equal(seeded_dropout(noncontig(x), seed, p), x_d)
+    assert torch.equal(seeded_dropout(x.T.contiguous().T, seed, p), x_d)
+    assert torch.equal(dropout_mask_add_(torch.zeros(shape, device=device), torch.ones(shape, device=device), seed, p),
+                       mask)
+    out, inner = (randn(*shape).to(dtype=dtype, device=device) for _ in range(2))
+    expected = out.double() + inner.double() * mask.double()
+    assert dropout_mask_add_(out, noncontig(inner), seed, p) is out
+    assert_rel_close(out, expected, dtype, name="out += mask o inner")
+
+
+def _triton_vs_peft(monkeypatch, device, dtype, method, *, bias, recompute=False, dropout=0.1, zero_rows=()):
+    """The fused layer on the forced triton backend against PEFT in float64 whose dropout module
+    multiplies by the mask the fused call regenerates (its seed is the first draw after
+    manual_seed(11), as in :func:`run`): output and every gradient within the dtype's table
+    (doubled for half I/O; dlambda scaled by its condition number)."""
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    build = dora_model if method == "dora" else delora_model
+    model64, layer64 = build(16, bias=bias, dropout=dropout)
+    if zero_rows:
+        with torch.no_grad():
+            layer64.lora_magnitude_vector["default"].weight[list(zero_rows)] = 0.0
+    model = copy.deepcopy(model64).to(dtype=dtype, device=device)
+    layer = model.base_model.model[0]
+    params, params64 = (dora_params(lay) if method == "dora" else delora_params(lay) for lay in (layer, layer64))
+    x64, dy64 = randn(2, 13, D_IN, requires_grad=True), randn(2, 13, D_OUT)
+    mask = torch.ones(())
+    if dropout:
+        torch.manual_seed(11)
+        mask = philox_mask(ops.draw_dropout_seed(), (26, D_IN), dropout, device).cpu().double().reshape(x64.shape)
+        (layer64.lora_dropout if method == "dora" else layer64.delora_dropout)["default"] = FixedMask(mask)
+    expected = run(model64, params64, x64, dy64)
+    report = fastadapt.accelerate(model)
+    if recompute:
+        assert dora_layers.set_recompute(model) == 1
+    x = x64.detach().to(dtype=dtype, device=device).requires_grad_()
+    got = run(model, params, x, dy64.to(dtype=dtype, device=device))
+    assert report.fused_calls == 1 and not report.fallbacks
+    assert report.notes == ({dora_layers.PHILOX_DROPOUT_NOTE: 1} if dropout else {})
+    names = ["output", "x", "A", "B", "m" if method == "dora" else "lambda"]
+    scales = [1, 1, 1, 1, 1 if method == "dora" else
+              lambda_condition(DeLoRA.from_peft(layer64), x64.detach(), mask, dy64)]
+    for name, g, e, sc in zip(names, got, expected, scales):
+        assert torch.isfinite(g).all(), name
+        assert_rel_close(g, e, dtype, scale=_half_scale(dtype) * sc, name=name)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("method, bias, recompute", [("dora", True, False), ("dora", False, False),
+                                                     ("dora", True, True), ("dora", False, True),
+                                                     ("delora", True, False), ("delora", False, False)])
+def test_triton_dropout_equals_peft_with_the_same_mask(monkeypatch, device, dtype, method, bias, recompute):
+    """Dropout 0.1 in training on the triton backend: no fallback, the Philox mask regenerated in
+    forward and backward (never saved), and PEFT's output and gradients for that mask."""
+    _triton_vs_peft(monkeypatch, device, dtype, method, bias=bias, recompute=recompute)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_triton_zero_magnitude_rows_equal_peft(monkeypatch, device, dropout):
+    """The triton backend always saves y_pre (no m == 0 check, no host sync): rows with m_j = 0
+    still get PEFT's dm_j = colsum(dY o y_pre)_j / n_j, finite."""
+    _triton_vs_peft(monkeypatch, device, torch.float32, "dora", bias=True, dropout=dropout, zero_rows=(3, 40))
+
+
+def test_dropout_falls_back_only_where_the_torch_backend_would_serve_a_device():
+    """Off CPU, dropout runs fused on the triton backend; float64 (torch backend) there falls back,
+    since only CPU's mask stream is nn.Dropout's.  (A meta tensor stands in for a device here.)"""
+    off_cpu = "cuda" if torch.cuda.is_available() else "meta"
+    for dtype, fallback in ((torch.float64, True), (torch.float32, False)):
+        _, layer = dora_model(4, dropout=0.1, dtype=dtype)
+        layer.train()
+        x = torch.empty(3, D_IN, dtype=dtype, device=off_cpu)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("FASTADAPT_BACKEND", "triton")
+            reason = dora_layers.dora_check(layer, "default", x)
+        assert (reason is not None and "torch backend" in reason) == fallback, reason
+        assert dora_layers.dora_check(layer, "default", torch.empty(3, D_IN, dtype=dtype)) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a CUDA device")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_triton_backend_does_not_sync(dropout):
+    """DoRA (a zero magnitude entry included) and DeLoRA forward and backward on CUDA run with
+    torch's sync debug mode set to error (after a warm-up call that compiles and autotunes; every
+    tensor is on the device before, since a host-to-device copy synchronizes too)."""
+    ref = DoRA(randn(40, 48), randn(40), randn(8, 48, scale=0.3), randn(40, 8, scale=0.3), randn(40), 1.5)
+    dref = DeLoRA.demo(48, 40, 8)
+    cuda = lambda t: t.detach().float().cuda()  # noqa: E731
+    params = [cuda(t).requires_grad_() for t in (ref.lora_A, ref.lora_B, ref.magnitude)]
+    dparams = [cuda(t).requires_grad_() for t in (dref.delora_A, dref.delora_B, dref.delora_lambda)]
+    with torch.no_grad():
+        params[2][5] = 0.0
+    weight, bias, dweight, dbias, w_norm = (cuda(t) for t in (ref.weight, ref.bias, dref.weight, dref.bias,
+                                                                 dref.delora_w_norm))
+    x, dy = cuda(randn(33, 48)).requires_grad_(), cuda(randn(33, 40))
+
+    def step():
+        y = ops.dora_linear(x, weight, bias, *params, ref.scaling, dropout_p=dropout)
+        torch.autograd.grad(y, [x, *params], dy)
+        y = ops.delora_linear(x, dweight, dbias, *dparams, w_norm, dropout_p=dropout)
+        torch.autograd.grad(y, [x, *dparams], dy)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+def test_triton_dy_row_pass_matches_reference(device, dtype):
+    """v = dY b_s, P = u^T dY and colsum(dY o y_pre) from one read of dY (3 row blocks of 16 and
+    a partial one, strided dY), against float64 of the same rounded inputs."""
+    from fastadapt.triton_kernels.dora_norm import dora_dy_row_pass
+    n, out_features, r = 53, 45, 5
+    dy, u, b_s, y_pre = (randn(*s).to(dtype=dtype, device=device)
+                         for s in ((n, out_features), (n, r), (out_features, r), (n, out_features)))
+    v, p, colsum = dora_dy_row_pass(noncontig(dy), u, b_s, y_pre, block_n=16, block_o=16)
+    dy64, u64, b64, y64 = (t.double() for t in (dy, u, b_s, y_pre))
+    assert v.dtype == p.dtype == dtype and colsum.dtype == torch.float32
+    assert_rel_close(v, dy64 @ b64, dtype, name="v = dY b_s")
+    assert_rel_close(p, u64.T @ dy64, dtype, name="P = u^T dY")
+    assert_rel_close(colsum, (dy64 * y64).sum(0), torch.float32, name="colsum(dY o y_pre)")

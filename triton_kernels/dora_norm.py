@@ -21,10 +21,34 @@ Fused scaled low-rank GEMM (DoRA's forward and its dx), one kernel for both::
     dx:      X = dY (N, out), sk = g (applied to the dY tile as it is loaded), Y = W (out, in),
              U = dY (s g o B) (N, r), V = A -> dx = dY (g o W) + v A.
 
+    pre (optional second output): C_pre = sum_k X sk Y + U V, the accumulator before so and bias
+             (DoRA's y_pre, which dm needs), stored by the same epilogue: y and y_pre from one pass.
+
 Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)); fp32 accumulation; loads in the input dtype, store in
 the output dtype; int64 offsets.  fp32 inputs run tl.dot with input_precision="ieee" (no tf32
 rounding, like torch's default fp32 matmul on CUDA), so fp32 meets the fp32 tolerance on GPUs as
 in the interpreter.  All four operands share one dtype (tl.dot takes one dtype).
+
+DoRA's backward row pass (one read of dY, with dY (N, out), u (N, r), b_s = s g o B (out, r))::
+
+    v = dY b_s (N, r),     P = u^T dY (r, out),     c = colsum(dY o y_pre) (out,)
+
+One program owns BLOCK_N rows and walks out in BLOCK_O chunks: v accumulates in registers, and
+each chunk's P and c for those rows go to float32 partial buffers (n_blocks, r, out) and
+(n_blocks, out) that the launcher sums (deterministic, no atomics).
+
+Seeded dropout (the mask regenerated from a seed, never stored).  For a 2-D (N, d) tensor the
+element (i, j) belongs to the group q = i ceil(d / 4) + floor(j / 4) (int64, a logical index:
+independent of strides) at lane c = j mod 4, and::
+
+    keep_ij = philox4x_uniform(seed, q)[c] >= p    (tl.rand4x: four float32 in [0, 1) per Philox
+                                                    call, one call per 4 columns; P(keep) = 1 - p)
+    mask_ij = keep_ij / (1 - p)                     (nn.Dropout's scaling: E[mask] = 1)
+
+``seeded_dropout`` writes x_d = mask o x (and optionally x - x_d: DoRA's base correction) and
+``dropout_mask_add_`` adds mask o inner to an output in place (the backward's dx term); both
+regenerate the same mask from (seed, p, d).  Loads in the input dtype, fp32 arithmetic, stores in
+the output dtype.  The stream is Triton's Philox, not nn.Dropout's: the same distribution, other bits.
 """
 from __future__ import annotations
 
@@ -121,10 +145,11 @@ def dora_norm_forward(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
 
 
 @triton.jit
-def _scaled_lowrank_gemm_kernel(X, Y, U, V, SK, SO, BIAS, C, M, N, K, R,
+def _scaled_lowrank_gemm_kernel(X, Y, U, V, SK, SO, BIAS, C, PRE, M, N, K, R,
                                 stride_xm, stride_xk, stride_yk, stride_yn, stride_um, stride_ur,
                                 stride_vr, stride_vn, stride_cm, stride_cn,
                                 HAS_SK: tl.constexpr, HAS_SO: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                HAS_PRE: tl.constexpr,
                                 IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                 BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -158,6 +183,9 @@ def _scaled_lowrank_gemm_kernel(X, Y, U, V, SK, SO, BIAS, C, M, N, K, R,
         acc = tl.dot(u, v, acc, input_precision="ieee")
     else:
         acc = tl.dot(u, v, acc)
+    if HAS_PRE:  # C and PRE are both (M, N) contiguous: one set of strides
+        tl.store(PRE + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(PRE.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
     if HAS_SO:
         acc = acc * tl.load(SO + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -179,13 +207,14 @@ _scaled_lowrank_gemm_tuned = triton.autotune(configs=_GEMM_CONFIGS, key=["M", "N
 
 def scaled_lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *,
                         k_scale: torch.Tensor | None = None, out_scale: torch.Tensor | None = None,
-                        bias: torch.Tensor | None = None, block_m: int | None = None,
-                        block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+                        bias: torch.Tensor | None = None, with_pre: bool = False, block_m: int | None = None,
+                        block_n: int | None = None, block_k: int | None = None):
     """C = out_scale o (x diag(k_scale) y + u v) + bias for x (M, K), y (K, N), u (M, r), v (r, N).
 
     Any strides (pass W.T for y).  ``k_scale`` (K,) and ``out_scale`` (N,) are float32; ``bias``
     (N,) in any float dtype.  x, y, u and v share one dtype (float32, float16 or bfloat16).
-    C is (M, N), contiguous, in x's dtype.
+    C is (M, N), contiguous, in x's dtype.  ``with_pre``: return (C, C_pre) with
+    C_pre = x diag(k_scale) y + u v (before out_scale and bias), stored by the same epilogue.
     """
     for name, t in (("y", y), ("u", u), ("v", v)):
         if t.dtype != x.dtype or t.device != x.device:
@@ -200,19 +229,188 @@ def scaled_lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: to
         raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, y {tuple(y.shape)}, u {tuple(u.shape)}, "
                          f"v {tuple(v.shape)}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    dummy = out  # never read when the matching HAS_* flag is off
+    pre = torch.empty_like(out) if with_pre else None
+    dummy = out  # never read (or written) when the matching HAS_* flag is off
     args = (x, y, u, v, dummy if k_scale is None else k_scale, dummy if out_scale is None else out_scale,
-            dummy if bias is None else bias, out, m, n, k, r,
+            dummy if bias is None else bias, out, dummy if pre is None else pre, m, n, k, r,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
             v.stride(0), v.stride(1), out.stride(0), out.stride(1))
     flags = dict(HAS_SK=k_scale is not None, HAS_SO=out_scale is not None, HAS_BIAS=bias is not None,
-                 IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r))
+                 HAS_PRE=with_pre, IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r))
     if x.is_cuda and block_m is None and block_n is None and block_k is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
         _scaled_lowrank_gemm_tuned[grid](*args, **flags)
-        return out
-    block_m, block_n, block_k = block_m or 16, block_n or 16, block_k or 16
-    _check_tiles(block_m=block_m, block_n=block_n, block_k=block_k)
-    _scaled_lowrank_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    else:
+        block_m, block_n, block_k = block_m or 16, block_n or 16, block_k or 16
+        _check_tiles(block_m=block_m, block_n=block_n, block_k=block_k)
+        _scaled_lowrank_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return (out, pre) if with_pre else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeded dropout: the mask regenerated from (seed, p, d) in every kernel that needs it.
+
+@triton.jit
+def _dropout_keep(seed, rows, col0, D, p, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """keep (BLOCK_M, BLOCK_D) for int64 ``rows`` and columns col0 + [0, BLOCK_D), col0 a multiple
+    of 4: one 10-round Philox call per group of 4 columns, its four outputs interleaved to lanes."""
+    groups = rows[:, None] * ((D + 3) // 4) + (col0 // 4 + tl.arange(0, BLOCK_D // 4))[None, :]
+    r0, r1, r2, r3 = tl.rand4x(seed, groups)
+    # join(join(r0, r2), join(r1, r3))[..., s, t] = r_{2s+t}: row-major reshape puts it at column 4k + 2s + t.
+    uniform = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK_M, BLOCK_D))
+    return uniform >= p
+
+@triton.jit(do_not_specialize=["seed"])
+def _seeded_dropout_kernel(X, XD, XR, M, D, stride_xm, stride_xd, seed, p, keep_scale,
+                           HAS_REST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    col0 = tl.program_id(1) * BLOCK_D
+    cols = (col0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+    ok = (rows < M)[:, None] & (cols < D)[None, :]
+    index = rows[:, None] * D + cols[None, :]                # x_d and x - x_d are contiguous
+    keep = _dropout_keep(seed, rows, col0, D, p, BLOCK_M, BLOCK_D)
+    x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    x_d = tl.where(keep, x * keep_scale, 0.0)
+    tl.store(XD + index, x_d.to(XD.dtype.element_ty), mask=ok)
+    if HAS_REST:
+        tl.store(XR + index, (x - x_d).to(XR.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_add_kernel(OUT, INNER, M, D, stride_om, stride_od, stride_im, stride_id, seed, p, keep_scale,
+                             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    col0 = tl.program_id(1) * BLOCK_D
+    cols = (col0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+    ok = (rows < M)[:, None] & (cols < D)[None, :]
+    keep = _dropout_keep(seed, rows, col0, D, p, BLOCK_M, BLOCK_D)
+    out_ptr = OUT + rows[:, None] * stride_om + cols[None, :] * stride_od
+    inner = tl.load(INNER + rows[:, None] * stride_im + cols[None, :] * stride_id, mask=ok, other=0.0)
+    out = tl.load(out_ptr, mask=ok, other=0.0).to(tl.float32)
+    out += tl.where(keep, inner.to(tl.float32) * keep_scale, 0.0)
+    tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+# Elements per program of the elementwise dropout kernels (a (BLOCK_M, BLOCK_D) tile, both powers
+# of two): 2048 compile to 62 registers for sm_90 with the default 4 warps (4096: 136).
+_ELEMENTWISE_BLOCK = 2048
+
+
+def _elementwise_grid(m: int, d: int) -> tuple[tuple[int, int], int, int]:
+    block_d = min(max(triton.next_power_of_2(d), 4), 1024)   # >= 4: whole Philox groups per tile
+    block_m = _ELEMENTWISE_BLOCK // block_d
+    return (triton.cdiv(m, block_m), triton.cdiv(d, block_d)), block_m, block_d
+
+
+def _check_dropout(name: str, t: torch.Tensor, seed: int, p: float) -> None:
+    if t.ndim != 2:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; the dropout kernels take a 2-D (N, d) tensor")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} has dtype {t.dtype}; the dropout kernels take float32, float16 or bfloat16")
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p={p} must be in (0, 1), e.g. p=0.1")
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed={seed} must be in [0, 2**63)")
+
+
+def seeded_dropout(x: torch.Tensor, seed: int, p: float, *, with_rest: bool = False):
+    """x_d = mask o x for x (N, d) with the mask of the module docstring (Philox of the seed at the
+    element's logical index: any strides give the same mask).  x_d is (N, d), contiguous, in x's dtype;
+    ``with_rest``: return (x_d, x - x_d) (the difference taken in float32 before rounding)."""
+    _check_dropout("x", x, seed, p)
+    m, d = x.shape
+    x_d = torch.empty(m, d, dtype=x.dtype, device=x.device)
+    rest = torch.empty_like(x_d) if with_rest else None
+    grid, block_m, block_d = _elementwise_grid(m, d)
+    _seeded_dropout_kernel[grid](x, x_d, x_d if rest is None else rest, m, d, x.stride(0), x.stride(1),
+                                 int(seed), float(p), 1.0 / (1.0 - p),
+                                 HAS_REST=with_rest, BLOCK_M=block_m, BLOCK_D=block_d)
+    return (x_d, rest) if with_rest else x_d
+
+
+def dropout_mask_add_(out: torch.Tensor, inner: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """out += mask o inner in place (float32 arithmetic, stored in out's dtype), with the mask of
+    :func:`seeded_dropout` for the same (seed, p) and shape.  out and inner are (N, d), any strides;
+    out must not overlap itself or inner.  Returns out."""
+    _check_dropout("out", out, seed, p)
+    _check_dropout("inner", inner, seed, p)
+    if inner.shape != out.shape or inner.device != out.device:
+        raise ValueError(f"inner is {tuple(inner.shape)} on {inner.device} but out is {tuple(out.shape)} on "
+                         f"{out.device}; they must match")
+    m, d = out.shape
+    grid, block_m, block_d = _elementwise_grid(m, d)
+    _dropout_mask_add_kernel[grid](out, inner, m, d, out.stride(0), out.stride(1), inner.stride(0), inner.stride(1),
+                                   int(seed), float(p), 1.0 / (1.0 - p), BLOCK_M=block_m, BLOCK_D=block_d)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# DoRA's backward row pass: v, P and dm's column sum from one read of dY.
+
+@triton.jit
+def _dora_dy_row_pass_kernel(DY, U, BS, YP, V, P_PART, C_PART, N, OUT, R,
+                             stride_dn, stride_do, stride_un, stride_ur, stride_bo, stride_br,
+                             stride_yn, stride_yo,
+                             IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr,
+                             BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_ok = rows < N
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    u_t = tl.load(U + rows[None, :] * stride_un + rr[:, None] * stride_ur,
+                  mask=r_ok[:, None] & row_ok[None, :], other=0.0)                 # (BLOCK_R, BLOCK_N)
+    v = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for o0 in range(0, OUT, BLOCK_O):
+        cols = (o0 + tl.arange(0, BLOCK_O)).to(tl.int64)
+        col_ok = cols < OUT
+        ok = row_ok[:, None] & col_ok[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dn + cols[None, :] * stride_do, mask=ok, other=0.0)
+        b_s = tl.load(BS + cols[:, None] * stride_bo + rr[None, :] * stride_br,
+                      mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        if IEEE:
+            v = tl.dot(dy, b_s, v, input_precision="ieee")
+            p = tl.dot(u_t, dy, input_precision="ieee")
+        else:
+            v = tl.dot(dy, b_s, v)
+            p = tl.dot(u_t, dy)
+        tl.store(P_PART + (pid * R + rr[:, None]) * OUT + cols[None, :], p, mask=r_ok[:, None] & col_ok[None, :])
+        y_pre = tl.load(YP + rows[:, None] * stride_yn + cols[None, :] * stride_yo, mask=ok, other=0.0)
+        colsum = tl.sum(dy.to(tl.float32) * y_pre.to(tl.float32), axis=0)
+        tl.store(C_PART + pid * OUT + cols, colsum, mask=col_ok)
+    tl.store(V + rows[:, None] * R + rr[None, :], v.to(V.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+
+
+def dora_dy_row_pass(dy: torch.Tensor, u: torch.Tensor, b_scaled: torch.Tensor, y_pre: torch.Tensor, *,
+                     block_n: int | None = None, block_o: int | None = None):
+    """(v, P, c) = (dY b_scaled, u^T dY, colsum(dY o y_pre)) for dY, y_pre (N, out), u (N, r) and
+    b_scaled (out, r) of one dtype (float32, float16 or bfloat16), any strides, from one read of dY.
+    v (N, r) and P (r, out) in dY's dtype, c (out,) float32; all accumulated in float32."""
+    for name, t in (("u", u), ("b_scaled", b_scaled), ("y_pre", y_pre)):
+        if t.dtype != dy.dtype or t.device != dy.device:
+            raise TypeError(f"{name} is {t.dtype} on {t.device} but dy is {dy.dtype} on {dy.device}; "
+                            "the row pass takes one dtype and device")
+    if dy.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dy has dtype {dy.dtype}; the row pass takes float32, float16 or bfloat16")
+    n, out_features = dy.shape
+    r = u.shape[1]
+    if u.shape[0] != n or b_scaled.shape != (out_features, r) or y_pre.shape != dy.shape:
+        raise ValueError(f"shapes do not chain: dy {tuple(dy.shape)}, u {tuple(u.shape)}, "
+                         f"b_scaled {tuple(b_scaled.shape)}, y_pre {tuple(y_pre.shape)}")
+    # 128 x 32 tiles with 8 warps compile without spills for sm_90 (ptxas: 184 registers for
+    # bf16, 144 for fp32; 128 x 64 needs 255 and spills in fp32).
+    block_n = block_n or (128 if dy.is_cuda else 16)
+    block_o = block_o or 32
+    _check_tiles(block_n=block_n, block_o=block_o)
+    n_blocks = triton.cdiv(n, block_n)
+    v = torch.empty(n, r, dtype=dy.dtype, device=dy.device)
+    p_part = torch.empty(n_blocks, r, out_features, dtype=torch.float32, device=dy.device)
+    c_part = torch.empty(n_blocks, out_features, dtype=torch.float32, device=dy.device)
+    _dora_dy_row_pass_kernel[(n_blocks,)](
+        dy, u, b_scaled, y_pre, v, p_part, c_part, n, out_features, r,
+        dy.stride(0), dy.stride(1), u.stride(0), u.stride(1), b_scaled.stride(0), b_scaled.stride(1),
+        y_pre.stride(0), y_pre.stride(1),
+        IEEE=dy.dtype == torch.float32, BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_R=_block_r(r),
+        num_warps=8 if dy.is_cuda else 4)
+    return v, p_part.sum(dim=0).to(dy.dtype), c_part.sum(dim=0)

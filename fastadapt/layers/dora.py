@@ -15,8 +15,18 @@ it exactly: x, base weight and bias of different dtypes, adapter tensors of diff
 adapter dtype other than the base's or float32 on a half base, PEFT's input cast switched off
 (``cast_input_dtype_enabled=False``) with a float32 adapter on a half base, ``lora_bias=True``, a
 trainable base weight, a dropout module other than nn.Dropout / nn.Identity, or dropout in
-training on a non-CPU device (the mask is redrawn from CPU's default generator exactly as
-nn.Dropout draws it; CUDA's nn.Dropout uses a fused kernel with another stream).
+training on a non-CPU device where the call would run the torch backend (float64, or a float32
+adapter on a half base): that backend reproduces nn.Dropout's mask stream on CPU only.
+
+Dropout masks.  On CPU (torch backend) the fused forward draws nn.Dropout's own mask from the
+default generator: bit-identical to PEFT's lora_dropout / module_dropout for the same seed.  On
+CUDA (triton backend; also on CPU under FASTADAPT_BACKEND=triton, through the interpreter) the
+mask comes from fastadapt's Philox stream: one int seed drawn from CPU's default generator per
+call, the mask regenerated in-kernel in forward and backward and never stored.  It has
+nn.Dropout's distribution and 1 / (1 - p) scaling but not PEFT's bits (CUDA's nn.Dropout uses its
+own fused kernel and stream), so a run is reproducible under ``torch.manual_seed`` and matches
+PEFT in distribution, not mask for mask; the acceleration report counts such calls under
+:data:`PHILOX_DROPOUT_NOTE`.
 """
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.dora_norm import HALF_DTYPES, RowSqNormCache, delora_linear, dora_linear
+from ..ops.dora_norm import HALF_DTYPES, RowSqNormCache, delora_linear, dora_linear, fused_backend
 from ..peft import BridgeEntry
 
 _CACHE_ATTR = "_fastadapt_weight_sq_norm"
@@ -40,13 +50,27 @@ def _weight_sq_norm(layer, weight):
     return cache.get(weight)
 
 
-def _dropout_reason(layer, dropout: nn.Module, x) -> Optional[str]:
+def _dropout_reason(layer, dropout: nn.Module, x, adapter_dtype: torch.dtype) -> Optional[str]:
+    """Why dropout cannot run fused, or None.  The triton backend regenerates a Philox mask on any
+    device; the torch backend matches nn.Dropout's mask stream on CPU only."""
     if isinstance(dropout, nn.Identity) or not layer.training:
         return None
     if type(dropout) is not nn.Dropout:
         return f"dropout module {type(dropout).__name__} is not nn.Dropout"
-    if dropout.p > 0 and x.device.type != "cpu":
-        return f"dropout in training on {x.device.type} (mask stream is matched to nn.Dropout on CPU only)"
+    if dropout.p > 0 and x.device.type != "cpu" and fused_backend(x, adapter_dtype) != "triton":
+        return (f"dropout in training on {x.device.type} with the torch backend (float64, or a float32 adapter "
+                "on a half base): its mask stream is matched to nn.Dropout on CPU only")
+    return None
+
+
+PHILOX_DROPOUT_NOTE = "dropout mask from fastadapt's Philox stream (nn.Dropout's distribution, not PEFT's bits)"
+
+
+def _dropout_note(layer, dropout: nn.Module, x, adapter_dtype: torch.dtype) -> Optional[str]:
+    """The report's note for a fused call whose dropout mask is the triton backend's Philox mask."""
+    if (layer.training and type(dropout) is nn.Dropout and dropout.p > 0
+            and fused_backend(x, adapter_dtype) == "triton"):
+        return PHILOX_DROPOUT_NOTE
     return None
 
 
@@ -95,7 +119,11 @@ def dora_check(layer, adapter: str, x) -> Optional[str]:
     return (_dtype_reason(layer, x, (base.weight, base.bias),
                           (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
                            layer.lora_magnitude_vector[adapter].weight), casts_x=True)
-            or _dropout_reason(layer, layer.lora_dropout[adapter], x))
+            or _dropout_reason(layer, layer.lora_dropout[adapter], x, layer.lora_A[adapter].weight.dtype))
+
+
+def dora_note(layer, adapter: str, x) -> Optional[str]:
+    return _dropout_note(layer, layer.lora_dropout[adapter], x, layer.lora_A[adapter].weight.dtype)
 
 
 def dora_forward(layer, adapter: str, x):
@@ -134,7 +162,11 @@ def delora_check(layer, adapter: str, x) -> Optional[str]:
     return (_dtype_reason(layer, x, (base.weight, base.bias),
                           (layer.delora_A[adapter], layer.delora_B[adapter], layer.delora_lambda[adapter],
                            layer.delora_w_norm[adapter]), casts_x=False)
-            or _dropout_reason(layer, layer.delora_dropout[adapter], x))
+            or _dropout_reason(layer, layer.delora_dropout[adapter], x, layer.delora_A[adapter].dtype))
+
+
+def delora_note(layer, adapter: str, x) -> Optional[str]:
+    return _dropout_note(layer, layer.delora_dropout[adapter], x, layer.delora_A[adapter].dtype)
 
 
 def delora_forward(layer, adapter: str, x):
@@ -147,8 +179,8 @@ def delora_forward(layer, adapter: str, x):
 
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.lora.layer.Linear", method="dora", forward=dora_forward,
-                applies=lambda layer, a: bool(layer.use_dora.get(a, False)), check=dora_check,
+                applies=lambda layer, a: bool(layer.use_dora.get(a, False)), check=dora_check, note=dora_note,
                 base_classes=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D")),
     BridgeEntry(peft_class="peft.tuners.delora.layer.DeloraLinear", method="delora", forward=delora_forward,
-                applies=lambda layer, a: a in layer.delora_A, check=delora_check),
+                applies=lambda layer, a: a in layer.delora_A, check=delora_check, note=delora_note),
 ]

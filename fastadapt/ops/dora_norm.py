@@ -20,10 +20,18 @@ float64 always runs torch (tl.dot has no float64), and so does a float32 adapter
 (PEFT's default autocast_adapter_dtype; see DoraLinearFunction).  On the torch path forward
 applies g = m / n to the output in place; backward folds it into W's rows for dx (a d_out x d_in
 temporary, freed at once) since dY may not be scaled in place.  On the triton backend DoRA's
-forward GEMM carries g, the low-rank term and the bias in its epilogue (for a half output it
-gives y_pre, and g, b follow in torch), and dx's GEMM applies g to the dY tiles as it loads them
-(``scaled_lowrank_gemm``); the skinny GEMMs (x A^T, dY B, dA, dB), dm and the dropout path (two
-GEMMs with W) use torch.
+forward GEMM carries g, the low-rank term and the bias in its epilogue and stores y_pre beside y
+from the same accumulator, and dx's GEMM applies g to the dY tiles as it loads them
+(``scaled_lowrank_gemm``); backward reads dY once for v = dY (s g o B), u^T dY and dm's column
+sum (``dora_dy_row_pass``); x A^T, dA, the recompute path's pieces and the second GEMM with W of
+the dropout path use torch.  No call on the triton backend synchronizes with the device.
+
+Dropout masks: the torch backend draws nn.Dropout's own mask from the default generator (on CPU
+bit-identical to PEFT's nn.Dropout for the same seed) and keeps it as 1 bit per element for
+backward.  The triton backend keeps no mask: it draws one int seed from CPU's default generator
+(:func:`draw_dropout_seed`; no device sync, reproducible under ``torch.manual_seed``) and the
+kernels regenerate the mask from Philox(seed, element index) wherever it is needed
+(``seeded_dropout``, ``dropout_mask_add_``): nn.Dropout's distribution and scaling, other bits.
 """
 from __future__ import annotations
 
@@ -65,6 +73,21 @@ def adapter_compute_dtype(base_name: str, base: torch.Tensor, adapter_tensors) -
     if first.device != base.device:
         raise ValueError(f"{base_name} is on {base.device} but {first_name} is on {first.device}; move one to match")
     return first.dtype
+
+
+def fused_backend(x: torch.Tensor, adapter_dtype: torch.dtype) -> str:
+    """The backend :func:`dora_linear` / :func:`delora_linear` run for ``x`` with adapter tensors of
+    ``adapter_dtype``: "torch" for float64 (tl.dot has none) and for a float32 adapter on a half base
+    (PEFT's autocast_adapter_dtype); otherwise :func:`fastadapt.backend.select`'s choice."""
+    if x.dtype == torch.float64 or adapter_dtype != x.dtype:
+        return "torch"
+    return select("dora_norm", x.device, ("torch", "triton"))
+
+
+def draw_dropout_seed() -> int:
+    """The seed of one triton-backend dropout mask: an int in [0, 2^31 - 1) from CPU's default
+    generator (no device sync on any device; reproducible under ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,), device="cpu").item())
 
 
 def weight_row_sq_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -292,21 +315,25 @@ class DoraLinearFunction(torch.autograd.Function):
 
     Forward without dropout (one GEMM with W, accumulating onto the low-rank term written first
     (beta = 1), then g and b applied to y in place: no d_out x d_in temporary, no second N x out
-    tensor; on the triton backend g, the low-rank term and b sit in the GEMM's epilogue instead;
-    float16 / bfloat16 outputs: see "saved" below):
+    tensor; on the triton backend g, the low-rank term and b sit in the GEMM's epilogue instead,
+    which also stores y_pre from the same accumulator; float16 / bfloat16 outputs: see "saved"):
         y = g o (u (s B)^T + x W^T) + b
     Forward with dropout (PEFT corrects the base output of the un-dropped x: two GEMMs with W):
         y_pre = x_d W^T + s u B^T,     y = (x - x_d) W^T + b + g o y_pre
+    (triton backend: x_d and x - x_d from one ``seeded_dropout`` pass, y_pre from the fused GEMM.)
     Backward, with dY (N, out):
         v   = dY (s g o B)                      (N, r)
         dx  = v A + dY (g o W)                  without dropout (triton: g applied to dY tiles on load)
-        dx  = dY W + mask o (v A + dY ((g - 1) o W))       with dropout
-        dA  = v^T x_d,   P = u^T dY (r, out),   dB = (s g) o P^T,   db = colsum(dY)
+        dx  = dY W + mask o (v A + dY ((g - 1) o W))       with dropout (triton: the inner term from
+                                                the fused GEMM, mask o inner added to dY W in place
+                                                by ``dropout_mask_add_``, the mask regenerated)
+        dA  = v^T x_d   (triton: x_d regenerated from the seed)
+        P   = u^T dY (r, out),   dB = (s g) o P^T,   db = colsum(dY)
         dm  = colsum(dY o y_pre) / n
-    On CPU with one dtype, v, P and dm's colsum come from one pass over 256-row blocks of dY
-    (:func:`dy_row_pass`): dY is read from memory once for the three, and no N x out product
-    temporary is allocated.
-    What is saved (besides parameters):
+    v, P and dm's colsum come from one read of dY (unless recompute): on the triton backend one
+    kernel (``dora_dy_row_pass``), on CPU with one dtype a pass over 256-row blocks of dY
+    (:func:`dy_row_pass`); no N x out product temporary is allocated.
+    What is saved (besides parameters), torch backend:
         default, no dropout: x, u and the output y; y_pre is recovered as (y - b) / g, so
                   dm = (colsum(dY o y) - b colsum(dY)) / m.  (If some m_j == 0 the call runs
                   as ``recompute`` instead: y carries no information on that row.)  For a
@@ -318,10 +345,14 @@ class DoraLinearFunction(torch.autograd.Function):
         recompute=True:     x, u (and the packed mask); backward recomputes x_d W^T, one more
                   GEMM with W, about +0.5x the frozen layer's time, and takes y_pre's low-rank
                   half from P: colsum(dY o (s u B^T))_j = s sum_k B_jk P_kj.
-    Saved bytes as a multiple of bytes(x), float32: 2 + r/in (+ 1/32 with dropout) by default,
-    1 + r/in (+ 1/32) with recompute.  Because the default saves the output itself, modifying
-    it in place before backward (e.g. ``nn.ReLU(inplace=True)`` right after the layer) makes
-    autograd raise its "modified by an inplace operation" error; use recompute=True there.
+    What is saved on the triton backend: x, u and y_pre by default (the fused GEMM stores it, so
+    no m == 0 check and no host sync), x and u with recompute; with dropout the same tensors plus
+    the int seed in ctx (no mask: the kernels regenerate it).
+    Saved bytes as a multiple of bytes(x), float32: 2 + r/in (+ 1/32 for the torch backend's
+    packed mask) by default, 1 + r/in (+ 1/32) with recompute.  Where the default saves the
+    output itself (torch backend, no dropout, float32 / float64), modifying it in place before
+    backward (e.g. ``nn.ReLU(inplace=True)`` right after the layer) makes autograd raise its
+    "modified by an inplace operation" error; use recompute=True there.
 
     Float32 adapter on a float16 / bfloat16 base (PEFT's default ``autocast_adapter_dtype``;
     ``mixed``), the casts of PEFT's ``lora.Linear.forward`` / ``DoraLinearLayer.forward``: every
@@ -340,27 +371,26 @@ class DoraLinearFunction(torch.autograd.Function):
         compute = lora_A.dtype                                            # x.dtype unless mixed
         mixed = compute != x.dtype
         g = (magnitude.detach().to(acc) / weight_norm).to(compute)       # (out,)
-        recompute = plan.recompute or bool((magnitude == 0).any())
-        packed = None
-        x_c = x.to(compute)                                               # no copy unless mixed
+        ctx.plan = plan
+        ctx.dropout_seed = None
+        if plan.backend == "triton":
+            y, y_pre, u, ctx.dropout_seed = _dora_forward_triton(x, weight, bias, lora_A, lora_B, g, plan)
+            ctx.save_for_backward(x, u, weight, bias, lora_A, lora_B, magnitude, weight_norm, y_pre, None)
+            ctx.recompute = plan.recompute
+            ctx.saved_pre = True
+            return y
         # A half y is not inverted for y_pre ((y - b) / g loses digits where |g y_pre| << |b|):
         # half outputs keep y_pre itself (same bytes).
         keep_pre = plan.dropout_p > 0 or x.dtype in HALF_DTYPES
+        # Only a saved y needs m != 0 (y_pre = (y - b) / g); the check syncs, so it runs only then.
+        recompute = plan.recompute or (not keep_pre and bool((magnitude == 0).any()))
+        packed = None
+        x_c = x.to(compute)                                               # no copy unless mixed
         if plan.dropout_p == 0 and keep_pre:
-            if plan.backend == "triton":
-                from ..triton_kernels.dora_norm import scaled_lowrank_gemm
-                u = x @ lora_A.T
-                y_pre = scaled_lowrank_gemm(x, weight.T, u, (lora_B * s).T)
-            else:
-                u = x_c @ lora_A.T
-                y_pre = F.linear(x, weight).to(compute).addmm_(u, lora_B.T, alpha=s)
+            u = x_c @ lora_A.T
+            y_pre = F.linear(x, weight).to(compute).addmm_(u, lora_B.T, alpha=s)
             y = (y_pre * g if bias is None else torch.addcmul(bias.to(compute), y_pre, g)).to(x.dtype)
             y_pre = y_pre.to(x.dtype)
-        elif plan.dropout_p == 0 and plan.backend == "triton":
-            from ..triton_kernels.dora_norm import scaled_lowrank_gemm
-            u = x @ lora_A.T
-            y = scaled_lowrank_gemm(x, weight.T, u, (lora_B * s).T, out_scale=g.to(torch.float32), bias=bias)
-            y_pre = None
         elif plan.dropout_p == 0:
             u = x @ lora_A.T
             y = u @ (lora_B * s).T
@@ -388,7 +418,6 @@ class DoraLinearFunction(torch.autograd.Function):
         del x_c
         saved_out = None if recompute else (y_pre if keep_pre else y)
         ctx.save_for_backward(x, u, weight, bias, lora_A, lora_B, magnitude, weight_norm, saved_out, packed)
-        ctx.plan = plan
         ctx.recompute = recompute
         ctx.saved_pre = keep_pre
         return y
@@ -405,19 +434,23 @@ class DoraLinearFunction(torch.autograd.Function):
         dy_c = dy.to(compute)                                             # no copy unless mixed
         b_scaled = lora_B * (s * g)[:, None]
         need_m = ctx.needs_input_grad[5]
-        # CPU: one blocked pass over dY for v, u^T dY and dm's colsum when all are one dtype.
-        row_pass = (need_m and not ctx.recompute and dy.dtype == acc == compute and plan.backend == "torch"
-                    and dy.device.type == "cpu")
-        if row_pass:
+        # One pass over dY for v, u^T dY and dm's colsum: the triton kernel, or on CPU row blocks
+        # when all are one dtype.
+        row_pass = need_m and not ctx.recompute and (
+            plan.backend == "triton" or (dy.dtype == acc == compute and dy.device.type == "cpu"))
+        if row_pass and plan.backend == "triton":
+            from ..triton_kernels.dora_norm import dora_dy_row_pass
+            v, u_t_dy, dot = dora_dy_row_pass(dy, u, b_scaled, saved_out)
+        elif row_pass:
             v, u_t_dy, dot = dy_row_pass(dy, u, b_scaled, saved_out)
         else:
             v = dy_c @ b_scaled                                           # (N, r)
+        seed = ctx.dropout_seed
         mask = None if packed is None else unpack_dropout(packed, x.shape, compute, plan.dropout_p)
         dx = d_a = d_b = d_m = d_bias = None
         if ctx.needs_input_grad[0]:
-            if mask is None and plan.backend == "triton":
-                from ..triton_kernels.dora_norm import scaled_lowrank_gemm
-                dx = scaled_lowrank_gemm(dy, weight, v, lora_A, k_scale=g.to(torch.float32))
+            if plan.backend == "triton":
+                dx = _dora_dx_triton(dy, weight, v, lora_A, g, seed, plan.dropout_p)
             elif mask is None:
                 dx = v @ lora_A
                 if mixed:
@@ -434,7 +467,11 @@ class DoraLinearFunction(torch.autograd.Function):
                     dx = dy @ weight
                     dx.addcmul_(inner, mask)
                 del inner
-        x_d = x.to(compute) if mask is None else x.to(compute) * mask
+        if seed is not None and (ctx.needs_input_grad[3] or (need_m and ctx.recompute)):
+            from ..triton_kernels.dora_norm import seeded_dropout
+            x_d = seeded_dropout(x, seed, plan.dropout_p)
+        elif seed is None:
+            x_d = x.to(compute) if mask is None else x.to(compute) * mask
         if ctx.needs_input_grad[3]:
             d_a = v.T @ x_d
         if not row_pass and (ctx.needs_input_grad[4] or (need_m and ctx.recompute)):
@@ -459,6 +496,40 @@ class DoraLinearFunction(torch.autograd.Function):
         return dx, None, d_bias, d_a, d_b, d_m, None, None
 
 
+def _dora_forward_triton(x, weight, bias, lora_A, lora_B, g, plan: DoraPlan):
+    """(y, y_pre or None, u, seed or None) of DoRA's forward on the triton backend (one dtype):
+    without dropout one fused GEMM gives y and y_pre; with dropout ``seeded_dropout`` gives x_d and
+    x - x_d in one pass, the fused GEMM y_pre, and y = (x - x_d) W^T + b + g o y_pre.  y_pre is
+    None with recompute."""
+    from ..triton_kernels.dora_norm import scaled_lowrank_gemm, seeded_dropout
+    keep_pre = not plan.recompute
+    b_scaled_t = (lora_B * plan.scaling).T
+    if plan.dropout_p == 0:
+        u = x @ lora_A.T
+        out = scaled_lowrank_gemm(x, weight.T, u, b_scaled_t, out_scale=g.to(torch.float32), bias=bias,
+                                  with_pre=keep_pre)
+        y, y_pre = out if keep_pre else (out, None)
+        return y, y_pre, u, None
+    seed = draw_dropout_seed()
+    x_d, x_rest = seeded_dropout(x, seed, plan.dropout_p, with_rest=True)
+    u = x_d @ lora_A.T
+    y_pre = scaled_lowrank_gemm(x_d, weight.T, u, b_scaled_t)
+    del x_d
+    y = F.linear(x_rest, weight, bias)
+    y.addcmul_(y_pre, g)
+    return y, (y_pre if keep_pre else None), u, seed
+
+
+def _dora_dx_triton(dy, weight, v, lora_A, g, seed, p):
+    """dx on the triton backend: v A + dY (g o W) from one fused GEMM (g on the dY tiles) without
+    dropout; with dropout dY W + mask o (v A + dY ((g - 1) o W)), the mask regenerated from ``seed``."""
+    from ..triton_kernels.dora_norm import dropout_mask_add_, scaled_lowrank_gemm
+    if seed is None:
+        return scaled_lowrank_gemm(dy, weight, v, lora_A, k_scale=g.to(torch.float32))
+    inner = scaled_lowrank_gemm(dy, weight, v, lora_A, k_scale=(g - 1).to(torch.float32))
+    return dropout_mask_add_(dy @ weight, inner, seed, p)
+
+
 def _check_frozen(name: str, t: torch.Tensor) -> None:
     if t.requires_grad:
         raise ValueError(f"{name} requires grad; the fused path needs it frozen ({name}.requires_grad_(False))")
@@ -473,9 +544,10 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     (out,) or None; lora_A (r, in); lora_B (out, r); magnitude (out,) = ``lora_magnitude_vector``.
     lora_A, lora_B and magnitude share x's dtype, or are float32 on a float16 / bfloat16 x and W
     (PEFT's default autocast_adapter_dtype; see :class:`DoraLinearFunction` for the casts).
-    ``dropout_p > 0`` draws the dropout mask from the default generator exactly as nn.Dropout
-    does on CPU (training-mode semantics; pass 0 in eval).  ``recompute``: save only x (see
-    :class:`DoraLinearFunction` for what each mode saves and costs).
+    ``dropout_p > 0`` (training-mode semantics; pass 0 in eval): the torch backend draws the mask
+    from the default generator exactly as nn.Dropout does (bit-identical on CPU); the triton backend
+    regenerates a Philox mask from one seed (see the module docstring).  ``recompute``: save only
+    x (see :class:`DoraLinearFunction` for what each mode saves and costs).
     """
     _validate.tensor("x", x, min_ndim=1)
     _validate.tensor("weight", weight, ndim=2)
@@ -491,10 +563,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1), e.g. dropout_p=0.1")
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
-    # float64 (tl.dot has none) and a float32 adapter on a half base run torch.
-    backend = ("torch" if x.dtype == torch.float64 or adapter_dtype != x.dtype
-               else select("dora_norm", x.device, ("torch", "triton")))
-    plan = DoraPlan(float(scaling), float(dropout_p), bool(recompute), backend)
+    plan = DoraPlan(float(scaling), float(dropout_p), bool(recompute), fused_backend(x, adapter_dtype))
     x2d = x.reshape(-1, in_features)
     y = DoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm, plan)
     return y.reshape(*x.shape[:-1], out_features)
@@ -540,8 +609,10 @@ class DeloraLinearFunction(torch.autograd.Function):
         dA  = ((t o c)^T x_d) o w  +  (-dc c / ||A_i||^2) A_i       (second term where ||A_i|| >= 1e-4)
         dB  = (dY^T u) o c         +  (-dc c / ||B_:,i||^2) B_:,i   (second term where ||B_:,i|| >= 1e-4)
         dlambda = sum_i dc_i c_i / lambda, computed as sum_i dc_i / (r ||A_i|| ||B_:,i||)
-    Saved (besides parameters and buffers): x, u and with dropout the 1-bit packed mask:
-    1 + r/in (+ 1/32) times bytes(x) for float32 x.
+    Saved (besides parameters and buffers): x, u and with dropout the 1-bit packed mask on the
+    torch backend, the int seed (in ctx, no tensor) on the triton backend, whose kernels regenerate
+    the mask for x_d (forward, dA) and add mask o ((t o c) A_w) to dY W in place (dx):
+    1 + r/in (+ 1/32 for the torch backend's mask) times bytes(x) for float32 x.
 
     Float32 adapter (A, B, lambda, w) on a float16 / bfloat16 base (PEFT's default
     autocast_adapter_dtype): PEFT does not cast x; the mask is drawn on x's dtype, x_d o w and
@@ -554,9 +625,13 @@ class DeloraLinearFunction(torch.autograd.Function):
         c, *_ = delora_component_scale(lora_A, lora_B, delora_lambda)
         compute = lora_A.dtype                              # x.dtype unless mixed
         a_w = lora_A * w_norm
-        packed = None
+        packed = ctx.dropout_seed = None
         if plan.dropout_p == 0:
             u = x.to(compute) @ a_w.T
+        elif plan.backend == "triton":
+            from ..triton_kernels.dora_norm import seeded_dropout
+            ctx.dropout_seed = draw_dropout_seed()
+            u = seeded_dropout(x, ctx.dropout_seed, plan.dropout_p) @ a_w.T
         else:
             mask, packed = draw_dropout(x, plan.dropout_p)  # on x's dtype, as PEFT's dropout(x)
             u = (x * mask).to(compute) @ a_w.T
@@ -587,12 +662,16 @@ class DeloraLinearFunction(torch.autograd.Function):
         dy_c = dy.to(compute)                               # no copy unless mixed
         t = dy_c @ lora_B
         tc = t * c.to(t.dtype)
-        mask = None if packed is None else unpack_dropout(packed, x.shape, x.dtype, ctx.plan.dropout_p)
+        seed, p = ctx.dropout_seed, ctx.plan.dropout_p
+        mask = None if packed is None else unpack_dropout(packed, x.shape, x.dtype, p)
         dx = d_bias = d_a = d_b = d_lambda = None
         if ctx.needs_input_grad[0]:
-            if mask is None and ctx.plan.backend == "triton":
-                from ..triton_kernels.dora_norm import scaled_lowrank_gemm
-                dx = scaled_lowrank_gemm(dy, weight, tc, a_w)
+            if ctx.plan.backend == "triton":
+                from ..triton_kernels.dora_norm import dropout_mask_add_, scaled_lowrank_gemm
+                if seed is None:
+                    dx = scaled_lowrank_gemm(dy, weight, tc, a_w)
+                else:
+                    dx = dropout_mask_add_(dy @ weight, tc @ a_w, seed, p)
             elif mask is None and not mixed:
                 dx = tc @ a_w
                 dx.addmm_(dy, weight)                       # beta = 1: dx written once
@@ -606,7 +685,11 @@ class DeloraLinearFunction(torch.autograd.Function):
             d_bias = dy.sum(dim=0)
         dc = torch.linalg.vecdot(t.to(acc), u.to(acc), dim=0)             # (r,), accumulated in acc
         if ctx.needs_input_grad[3]:
-            x_d = (x if mask is None else x * mask).to(compute)
+            if seed is not None:
+                from ..triton_kernels.dora_norm import seeded_dropout
+                x_d = seeded_dropout(x, seed, p)
+            else:
+                x_d = (x if mask is None else x * mask).to(compute)
             d_an = torch.where(a_live, -dc * c / a_norm.clamp_min(DELORA_NORM_CLAMP), 0)
             radial = (d_an / a_norm.clamp_min(DELORA_NORM_CLAMP))[:, None] * lora_A.to(acc)
             d_a = ((tc.T @ x_d) * w_norm + radial).to(lora_A.dtype)
@@ -628,8 +711,9 @@ def delora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     x (..., in); weight (out, in) frozen; delora_A (r, in); delora_B (out, r); delora_lambda (1,);
     delora_w_norm (in,) frozen; the four adapter tensors share x's dtype or are float32 on a
     float16 / bfloat16 x (PEFT's default autocast_adapter_dtype).  ``dropout_p > 0``: PEFT's
-    module_dropout in training, the mask drawn from the default generator exactly as nn.Dropout
-    does on CPU.
+    module_dropout in training; the torch backend draws the mask from the default generator
+    exactly as nn.Dropout does (bit-identical on CPU), the triton backend regenerates a Philox
+    mask from one seed (see the module docstring).
     """
     _validate.tensor("x", x, min_ndim=1)
     _validate.tensor("weight", weight, ndim=2)
@@ -652,8 +736,6 @@ def delora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     _check_frozen("delora_w_norm", delora_w_norm)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1), e.g. dropout_p=0.1")
-    backend = ("torch" if x.dtype == torch.float64 or adapter_dtype != x.dtype
-               else select("dora_norm", x.device, ("torch", "triton")))
     y = DeloraLinearFunction.apply(x.reshape(-1, in_features), weight, bias, delora_A, delora_B, delora_lambda,
-                                   delora_w_norm, DeloraPlan(float(dropout_p), backend))
+                                   delora_w_norm, DeloraPlan(float(dropout_p), fused_backend(x, adapter_dtype)))
     return y.reshape(*x.shape[:-1], out_features)
