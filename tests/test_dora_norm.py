@@ -663,19 +663,63 @@ def test_triton_zero_magnitude_rows_equal_peft(monkeypatch, device, dropout):
     _triton_vs_peft(monkeypatch, device, torch.float32, "dora", bias=True, dropout=dropout, zero_rows=(3, 40))
 
 
-def test_dropout_falls_back_only_where_the_torch_backend_would_serve_a_device():
-    """Off CPU, dropout runs fused on the triton backend; float64 (torch backend) there falls back,
-    since only CPU's mask stream is nn.Dropout's.  (A meta tensor stands in for a device here.)"""
+def test_dropout_falls_back_only_where_no_philox_kernel_serves_a_device():
+    """Off CPU, dropout runs fused wherever the Philox kernels serve x (also PEFT's default float32
+    adapter on a half base, whose GEMMs run torch); float64 there, or the torch backend forced,
+    falls back, since only CPU's mask stream is nn.Dropout's.  (A meta tensor stands in for a
+    device here.)"""
     off_cpu = "cuda" if torch.cuda.is_available() else "meta"
-    for dtype, fallback in ((torch.float64, True), (torch.float32, False)):
-        _, layer = dora_model(4, dropout=0.1, dtype=dtype)
+    for dtype, autocast, backend, fallback in ((torch.float64, True, "triton", True),
+                                               (torch.float32, True, "triton", False),
+                                               (torch.float16, True, "triton", False),   # fp32 adapter
+                                               (torch.float16, False, "triton", False),
+                                               (torch.float32, True, "torch", True)):
+        _, layer = dora_model(4, dropout=0.1, dtype=dtype, autocast=autocast)
         layer.train()
         x = torch.empty(3, D_IN, dtype=dtype, device=off_cpu)
         with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("FASTADAPT_BACKEND", "triton")
+            mp.setenv("FASTADAPT_BACKEND", backend)
             reason = dora_layers.dora_check(layer, "default", x)
-        assert (reason is not None and "torch backend" in reason) == fallback, reason
+            note = dora_layers.dora_note(layer, "default", x)
+        assert (reason is not None and "without the Philox kernels" in reason) == fallback, reason
+        assert (note == dora_layers.PHILOX_DROPOUT_NOTE) == (not fallback)
         assert dora_layers.dora_check(layer, "default", torch.empty(3, D_IN, dtype=dtype)) is None
+
+
+@pytest.mark.parametrize("mode", [m for m in AUTOCAST_MODES if "dropout" in m])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:])
+def test_autocast_adapter_on_half_base_with_philox_mask(monkeypatch, device, mode, dtype):
+    """PEFT's default float32 adapter on a half base, dropout 0.1, where the Philox kernels serve
+    (every CUDA call; FASTADAPT_BACKEND=triton here): the GEMMs run torch with PEFT's casts, the
+    mask comes from the seeded kernels (DoRA on the float32 copy of x, DeLoRA on x) and is
+    regenerated in backward, never saved; no fallback, the report notes the stream; output and
+    every gradient within the dtype's tolerance of the float64 truth for that mask."""
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    method = mode.split("_")[0]
+    build, reference = (dora_model, DoRA) if method == "dora" else (delora_model, DeLoRA)
+    model, layer = build(16, dropout=0.1, dtype=dtype)
+    ref = reference.from_peft(layer)
+    model.to(device)
+    params = dora_params(layer) if method == "dora" else delora_params(layer)
+    assert all(p.dtype == torch.float32 for p in params) and layer.get_base_layer().weight.dtype == dtype
+    x, dy = randn(3, 11, D_IN, dtype=dtype), randn(3, 11, D_OUT, dtype=dtype)
+    torch.manual_seed(11)
+    mask = philox_mask(ops.draw_dropout_seed(), (33, D_IN), 0.1, device).cpu().double().reshape(x.shape)
+    x64 = x.double().requires_grad_()
+    y64 = ref(x64, dropout_mask=mask)
+    ref_params = [ref.lora_A, ref.lora_B, ref.magnitude] if method == "dora" else \
+        [ref.delora_A, ref.delora_B, ref.delora_lambda]
+    truth = [y64, *torch.autograd.grad(y64, [x64, *ref_params], dy.double())]
+    report = fastadapt.accelerate(model)
+    if mode.endswith("recompute"):
+        dora_layers.set_recompute(model)
+    fused = run(model, params, x.to(device).requires_grad_(), dy.to(device))
+    assert report.fused_calls == 1 and not report.fallbacks
+    assert report.notes == {dora_layers.PHILOX_DROPOUT_NOTE: 1}
+    scale = lambda_condition(ref, x64.detach(), mask, dy.double()) if method == "delora" else 1
+    for name, got, true, sc in zip(["output", "x", "A", "B", "m or lambda"], fused, truth, [1, 1, 1, 1, scale]):
+        assert got.dtype == (dtype if name in ("output", "x") else torch.float32), name
+        assert_rel_close(got, true, dtype, scale=sc, name=f"fused {name}")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a CUDA device")

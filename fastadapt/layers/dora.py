@@ -15,13 +15,14 @@ it exactly: x, base weight and bias of different dtypes, adapter tensors of diff
 adapter dtype other than the base's or float32 on a half base, PEFT's input cast switched off
 (``cast_input_dtype_enabled=False``) with a float32 adapter on a half base, ``lora_bias=True``, a
 trainable base weight, a dropout module other than nn.Dropout / nn.Identity, or dropout in
-training on a non-CPU device where the call would run the torch backend (float64, or a float32
-adapter on a half base): that backend reproduces nn.Dropout's mask stream on CPU only.
+training on a non-CPU device without the Triton kernels (float64, or FASTADAPT_BACKEND=torch):
+only the Philox kernels or CPU's nn.Dropout stream give a mask fastadapt can regenerate.
 
 Dropout masks.  On CPU (torch backend) the fused forward draws nn.Dropout's own mask from the
 default generator: bit-identical to PEFT's lora_dropout / module_dropout for the same seed.  On
-CUDA (triton backend; also on CPU under FASTADAPT_BACKEND=triton, through the interpreter) the
-mask comes from fastadapt's Philox stream: one int seed drawn from CPU's default generator per
+CUDA (every dtype but float64, including PEFT's default float32 adapter on a half base, whose GEMMs
+run torch; also on CPU under FASTADAPT_BACKEND=triton, through the interpreter) the mask comes from
+fastadapt's Philox stream: one int seed drawn from CPU's default generator per
 call, the mask regenerated in-kernel in forward and backward and never stored.  It has
 nn.Dropout's distribution and 1 / (1 - p) scaling but not PEFT's bits (CUDA's nn.Dropout uses its
 own fused kernel and stream), so a run is reproducible under ``torch.manual_seed`` and matches
@@ -35,7 +36,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.dora_norm import HALF_DTYPES, RowSqNormCache, delora_linear, dora_linear, fused_backend
+from ..ops.dora_norm import HALF_DTYPES, RowSqNormCache, delora_linear, dora_linear, seeded_dropout_masks
 from ..peft import BridgeEntry
 
 _CACHE_ATTR = "_fastadapt_weight_sq_norm"
@@ -50,26 +51,25 @@ def _weight_sq_norm(layer, weight):
     return cache.get(weight)
 
 
-def _dropout_reason(layer, dropout: nn.Module, x, adapter_dtype: torch.dtype) -> Optional[str]:
-    """Why dropout cannot run fused, or None.  The triton backend regenerates a Philox mask on any
-    device; the torch backend matches nn.Dropout's mask stream on CPU only."""
+def _dropout_reason(layer, dropout: nn.Module, x) -> Optional[str]:
+    """Why dropout cannot run fused, or None.  The Philox kernels regenerate a mask on any device
+    with Triton; without them only CPU's draw is nn.Dropout's mask stream."""
     if isinstance(dropout, nn.Identity) or not layer.training:
         return None
     if type(dropout) is not nn.Dropout:
         return f"dropout module {type(dropout).__name__} is not nn.Dropout"
-    if dropout.p > 0 and x.device.type != "cpu" and fused_backend(x, adapter_dtype) != "triton":
-        return (f"dropout in training on {x.device.type} with the torch backend (float64, or a float32 adapter "
-                "on a half base): its mask stream is matched to nn.Dropout on CPU only")
+    if dropout.p > 0 and x.device.type != "cpu" and not seeded_dropout_masks(x):
+        return (f"dropout in training on {x.device.type} without the Philox kernels (float64 or the torch "
+                "backend forced): only CPU's mask stream is nn.Dropout's")
     return None
 
 
 PHILOX_DROPOUT_NOTE = "dropout mask from fastadapt's Philox stream (nn.Dropout's distribution, not PEFT's bits)"
 
 
-def _dropout_note(layer, dropout: nn.Module, x, adapter_dtype: torch.dtype) -> Optional[str]:
-    """The report's note for a fused call whose dropout mask is the triton backend's Philox mask."""
-    if (layer.training and type(dropout) is nn.Dropout and dropout.p > 0
-            and fused_backend(x, adapter_dtype) == "triton"):
+def _dropout_note(layer, dropout: nn.Module, x) -> Optional[str]:
+    """The report's note for a fused call whose dropout mask is the Philox kernels' mask."""
+    if layer.training and type(dropout) is nn.Dropout and dropout.p > 0 and seeded_dropout_masks(x):
         return PHILOX_DROPOUT_NOTE
     return None
 
@@ -119,11 +119,11 @@ def dora_check(layer, adapter: str, x) -> Optional[str]:
     return (_dtype_reason(layer, x, (base.weight, base.bias),
                           (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
                            layer.lora_magnitude_vector[adapter].weight), casts_x=True)
-            or _dropout_reason(layer, layer.lora_dropout[adapter], x, layer.lora_A[adapter].weight.dtype))
+            or _dropout_reason(layer, layer.lora_dropout[adapter], x))
 
 
 def dora_note(layer, adapter: str, x) -> Optional[str]:
-    return _dropout_note(layer, layer.lora_dropout[adapter], x, layer.lora_A[adapter].weight.dtype)
+    return _dropout_note(layer, layer.lora_dropout[adapter], x)
 
 
 def dora_forward(layer, adapter: str, x):
@@ -162,11 +162,11 @@ def delora_check(layer, adapter: str, x) -> Optional[str]:
     return (_dtype_reason(layer, x, (base.weight, base.bias),
                           (layer.delora_A[adapter], layer.delora_B[adapter], layer.delora_lambda[adapter],
                            layer.delora_w_norm[adapter]), casts_x=False)
-            or _dropout_reason(layer, layer.delora_dropout[adapter], x, layer.delora_A[adapter].dtype))
+            or _dropout_reason(layer, layer.delora_dropout[adapter], x))
 
 
 def delora_note(layer, adapter: str, x) -> Optional[str]:
-    return _dropout_note(layer, layer.delora_dropout[adapter], x, layer.delora_A[adapter].dtype)
+    return _dropout_note(layer, layer.delora_dropout[adapter], x)
 
 
 def delora_forward(layer, adapter: str, x):

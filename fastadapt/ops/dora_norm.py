@@ -26,9 +26,11 @@ from the same accumulator, and dx's GEMM applies g to the dY tiles as it loads t
 sum (``dora_dy_row_pass``); x A^T, dA, the recompute path's pieces and the second GEMM with W of
 the dropout path use torch.  No call on the triton backend synchronizes with the device.
 
-Dropout masks: the torch backend draws nn.Dropout's own mask from the default generator (on CPU
-bit-identical to PEFT's nn.Dropout for the same seed) and keeps it as 1 bit per element for
-backward.  The triton backend keeps no mask: it draws one int seed from CPU's default generator
+Dropout masks (:func:`seeded_dropout_masks` picks the source per call): on CPU the fused forward
+draws nn.Dropout's own mask from the default generator (bit-identical to PEFT's nn.Dropout for
+the same seed) and keeps it as 1 bit per element for backward.  Wherever the Triton kernels serve
+the device (every CUDA call but float64, including a float32 adapter on a half base whose GEMMs
+run torch) no mask is kept: one int seed is drawn from CPU's default generator
 (:func:`draw_dropout_seed`; no device sync, reproducible under ``torch.manual_seed``) and the
 kernels regenerate the mask from Philox(seed, element index) wherever it is needed
 (``seeded_dropout``, ``dropout_mask_add_``): nn.Dropout's distribution and scaling, other bits.
@@ -82,6 +84,15 @@ def fused_backend(x: torch.Tensor, adapter_dtype: torch.dtype) -> str:
     if x.dtype == torch.float64 or adapter_dtype != x.dtype:
         return "torch"
     return select("dora_norm", x.device, ("torch", "triton"))
+
+
+def seeded_dropout_masks(x: torch.Tensor) -> bool:
+    """Whether a fused call on ``x`` draws its dropout mask from the seeded Philox kernels
+    (``triton_kernels.dora_norm.seeded_dropout``) instead of nn.Dropout's own draw: wherever the
+    triton backend serves x's device (every CUDA call, including a float32 adapter on a half base,
+    whose GEMMs run torch), never for float64 (the kernels take fp32 / fp16 / bf16) and never on
+    CPU by default (there the torch draw is bit-identical to PEFT's nn.Dropout)."""
+    return x.dtype != torch.float64 and select("dora_norm", x.device, ("torch", "triton")) == "triton"
 
 
 def draw_dropout_seed() -> int:
@@ -305,6 +316,7 @@ class DoraPlan:
     dropout_p: float = 0.0
     recompute: bool = False
     backend: str = "torch"
+    seeded_mask: bool = False   # dropout mask from the Philox kernels (seeded_dropout_masks)
 
 
 class DoraLinearFunction(torch.autograd.Function):
@@ -359,7 +371,8 @@ class DoraLinearFunction(torch.autograd.Function):
     GEMM with W runs in the base dtype (x W^T, dY W; with dropout x_d and (g - 1) o dY are rounded
     to the base dtype for their GEMM with W, where PEFT upcasts W instead), everything else in
     float32 (x cast to float32 for the adapter path, the mask drawn on that float32 copy as
-    nn.Dropout draws it there, u, v, g, the scaling of the base product, dm, dA, dB), and the
+    nn.Dropout draws it there (on CUDA the Philox kernels' mask on that copy, regenerated in
+    backward from the seed: x, u, y_pre saved, no mask), u, v, g, the scaling of the base product, dm, dA, dB), and the
     output and dx are rounded to the base dtype once at the end.  g is never folded into the half
     W (that would round g o W).  y_pre is saved in the base dtype.
     """
@@ -400,8 +413,14 @@ class DoraLinearFunction(torch.autograd.Function):
                 y.add_(bias)
             y_pre = None
         else:
-            mask, packed = draw_dropout(x_c, plan.dropout_p)
-            x_d = x_c * mask
+            if plan.seeded_mask:  # CUDA, float32 adapter on a half base: the triton backend's mask
+                from ..triton_kernels.dora_norm import seeded_dropout
+                ctx.dropout_seed = draw_dropout_seed()
+                x_d = seeded_dropout(x_c, ctx.dropout_seed, plan.dropout_p)
+            else:
+                mask, packed = draw_dropout(x_c, plan.dropout_p)
+                x_d = x_c * mask
+                del mask
             u = x_d @ lora_A.T
             if mixed:
                 base_d = F.linear(x_d.to(x.dtype), weight)
@@ -414,7 +433,7 @@ class DoraLinearFunction(torch.autograd.Function):
                 y_pre.addmm_(u, lora_B.T, alpha=s)
                 y = F.linear(x - x_d, weight, bias)
                 y.addcmul_(y_pre, g)
-            del x_d, mask
+            del x_d
         del x_c
         saved_out = None if recompute else (y_pre if keep_pre else y)
         ctx.save_for_backward(x, u, weight, bias, lora_A, lora_B, magnitude, weight_norm, saved_out, packed)
@@ -451,7 +470,7 @@ class DoraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if plan.backend == "triton":
                 dx = _dora_dx_triton(dy, weight, v, lora_A, g, seed, plan.dropout_p)
-            elif mask is None:
+            elif mask is None and seed is None:
                 dx = v @ lora_A
                 if mixed:
                     dx = dx.add_((dy_c * g).to(x.dtype) @ weight).to(x.dtype)
@@ -461,15 +480,14 @@ class DoraLinearFunction(torch.autograd.Function):
                 inner = v @ lora_A
                 if mixed:
                     inner.add_((dy_c * (g - 1)).to(x.dtype) @ weight)
-                    dx = (dy @ weight).to(compute).addcmul_(inner, mask).to(x.dtype)
+                    dx = _add_dropped_((dy @ weight).to(compute), inner, mask, seed, plan.dropout_p).to(x.dtype)
                 else:
                     inner.addmm_(dy, weight * (g - 1)[:, None])
-                    dx = dy @ weight
-                    dx.addcmul_(inner, mask)
+                    dx = _add_dropped_(dy @ weight, inner, mask, seed, plan.dropout_p)
                 del inner
         if seed is not None and (ctx.needs_input_grad[3] or (need_m and ctx.recompute)):
             from ..triton_kernels.dora_norm import seeded_dropout
-            x_d = seeded_dropout(x, seed, plan.dropout_p)
+            x_d = seeded_dropout(x.to(compute), seed, plan.dropout_p)
         elif seed is None:
             x_d = x.to(compute) if mask is None else x.to(compute) * mask
         if ctx.needs_input_grad[3]:
@@ -494,6 +512,16 @@ class DoraLinearFunction(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             d_bias = dy.sum(dim=0)
         return dx, None, d_bias, d_a, d_b, d_m, None, None
+
+
+def _add_dropped_(out: torch.Tensor, inner: torch.Tensor, mask: Optional[torch.Tensor], seed: Optional[int],
+                  p: float) -> torch.Tensor:
+    """out += mask o inner in place: the unpacked torch-drawn mask, or the Philox mask of ``seed``
+    regenerated in-kernel.  Returns out."""
+    if seed is None:
+        return out.addcmul_(inner, mask)
+    from ..triton_kernels.dora_norm import dropout_mask_add_
+    return dropout_mask_add_(out, inner, seed, p)
 
 
 def _dora_forward_triton(x, weight, bias, lora_A, lora_B, g, plan: DoraPlan):
@@ -563,7 +591,8 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1), e.g. dropout_p=0.1")
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
-    plan = DoraPlan(float(scaling), float(dropout_p), bool(recompute), fused_backend(x, adapter_dtype))
+    plan = DoraPlan(float(scaling), float(dropout_p), bool(recompute), fused_backend(x, adapter_dtype),
+                    seeded_mask=dropout_p > 0 and seeded_dropout_masks(x))
     x2d = x.reshape(-1, in_features)
     y = DoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm, plan)
     return y.reshape(*x.shape[:-1], out_features)
@@ -591,6 +620,7 @@ class DeloraPlan:
 
     dropout_p: float = 0.0
     backend: str = "torch"
+    seeded_mask: bool = False   # dropout mask from the Philox kernels (seeded_dropout_masks)
 
 
 class DeloraLinearFunction(torch.autograd.Function):
@@ -615,7 +645,8 @@ class DeloraLinearFunction(torch.autograd.Function):
     1 + r/in (+ 1/32 for the torch backend's mask) times bytes(x) for float32 x.
 
     Float32 adapter (A, B, lambda, w) on a float16 / bfloat16 base (PEFT's default
-    autocast_adapter_dtype): PEFT does not cast x; the mask is drawn on x's dtype, x_d o w and
+    autocast_adapter_dtype): PEFT does not cast x; the mask is drawn on x's dtype (on CUDA by the
+    Philox kernels, regenerated in backward), x_d o w and
     everything after it is float32, x W^T and dY W run in the base dtype, and the float32 low-rank
     term is added to the base output (and to dY W) with one rounding to the base dtype.
     """
@@ -628,10 +659,10 @@ class DeloraLinearFunction(torch.autograd.Function):
         packed = ctx.dropout_seed = None
         if plan.dropout_p == 0:
             u = x.to(compute) @ a_w.T
-        elif plan.backend == "triton":
+        elif plan.seeded_mask or plan.backend == "triton":  # on x's dtype, as PEFT's dropout(x)
             from ..triton_kernels.dora_norm import seeded_dropout
             ctx.dropout_seed = draw_dropout_seed()
-            u = seeded_dropout(x, ctx.dropout_seed, plan.dropout_p) @ a_w.T
+            u = seeded_dropout(x, ctx.dropout_seed, plan.dropout_p).to(compute) @ a_w.T
         else:
             mask, packed = draw_dropout(x, plan.dropout_p)  # on x's dtype, as PEFT's dropout(x)
             u = (x * mask).to(compute) @ a_w.T
@@ -672,22 +703,21 @@ class DeloraLinearFunction(torch.autograd.Function):
                     dx = scaled_lowrank_gemm(dy, weight, tc, a_w)
                 else:
                     dx = dropout_mask_add_(dy @ weight, tc @ a_w, seed, p)
-            elif mask is None and not mixed:
+            elif mask is None and seed is None and not mixed:
                 dx = tc @ a_w
                 dx.addmm_(dy, weight)                       # beta = 1: dx written once
-            elif mask is None:
+            elif mask is None and seed is None:
                 dx = dy @ weight
                 dx.add_(tc @ a_w)
             else:
-                dx = dy @ weight
-                dx.addcmul_(tc @ a_w, mask)
+                dx = _add_dropped_(dy @ weight, tc @ a_w, mask, seed, p)
         if bias is not None and ctx.needs_input_grad[2]:
             d_bias = dy.sum(dim=0)
         dc = torch.linalg.vecdot(t.to(acc), u.to(acc), dim=0)             # (r,), accumulated in acc
         if ctx.needs_input_grad[3]:
             if seed is not None:
                 from ..triton_kernels.dora_norm import seeded_dropout
-                x_d = seeded_dropout(x, seed, p)
+                x_d = seeded_dropout(x, seed, p).to(compute)
             else:
                 x_d = (x if mask is None else x * mask).to(compute)
             d_an = torch.where(a_live, -dc * c / a_norm.clamp_min(DELORA_NORM_CLAMP), 0)
@@ -737,5 +767,6 @@ def delora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1), e.g. dropout_p=0.1")
     y = DeloraLinearFunction.apply(x.reshape(-1, in_features), weight, bias, delora_A, delora_B, delora_lambda,
-                                   delora_w_norm, DeloraPlan(float(dropout_p), fused_backend(x, adapter_dtype)))
+                                   delora_w_norm, DeloraPlan(float(dropout_p), fused_backend(x, adapter_dtype),
+                                                             seeded_mask=dropout_p > 0 and seeded_dropout_masks(x)))
     return y.reshape(*x.shape[:-1], out_features)
