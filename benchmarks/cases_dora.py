@@ -47,5 +47,8 @@ CASES = [
     Case("dora_r16_adapter_in_input_dtype", "dora_norm", _build_dora(0.0, autocast_adapter_dtype=False),
          notes="DoRA r=16 with PEFT's autocast_adapter_dtype=False: on a half base the adapter stays in the "
                "input dtype, which runs the Triton kernels on GPU (the default keeps fp32 adapters: torch path)"),
+    Case("dora_r16_dropout0.1_adapter_in_input_dtype", "dora_norm", _build_dora(0.1, autocast_adapter_dtype=False),
+         notes="DoRA r=16, lora_dropout=0.1, adapter in the input dtype: on GPU the Triton path with the mask "
+               "regenerated in-kernel from a seed (on CPU the same as dora_r16_dropout0.1 in fp32)"),
     Case("delora_r16", "dora_norm", _build_delora, notes="DeLoRA r=16: fused vs PEFT vs frozen Linear"),
 ]
