@@ -14,7 +14,7 @@ from torch import nn
 
 import fastadapt
 from fastadapt.layers import dora as dora_layers
-from fastadapt.numerics import assert_rel_close
+from fastadapt.numerics import assert_rel_close, rel_error
 from fastadapt.ops import dora_norm as ops
 from fastadapt.reference.dora import DeLoRA, DoRA
 from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
@@ -665,7 +665,7 @@ def test_triton_zero_magnitude_rows_equal_peft(monkeypatch, device, dropout):
 
 def test_dropout_falls_back_only_where_no_philox_kernel_serves_a_device():
     """Off CPU, dropout runs fused wherever the Philox kernels serve x (also PEFT's default float32
-    adapter on a half base, whose GEMMs run torch); float64 there, or the torch backend forced,
+    adapter on a half base); float64 there, or the torch backend forced,
     falls back, since only CPU's mask stream is nn.Dropout's.  (A meta tensor stands in for a
     device here.)"""
     off_cpu = "cuda" if torch.cuda.is_available() else "meta"
@@ -690,8 +690,9 @@ def test_dropout_falls_back_only_where_no_philox_kernel_serves_a_device():
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES[1:])
 def test_autocast_adapter_on_half_base_with_philox_mask(monkeypatch, device, mode, dtype):
     """PEFT's default float32 adapter on a half base, dropout 0.1, where the Philox kernels serve
-    (every CUDA call; FASTADAPT_BACKEND=triton here): the GEMMs run torch with PEFT's casts, the
-    mask comes from the seeded kernels (DoRA on the float32 copy of x, DeLoRA on x) and is
+    (every CUDA call; FASTADAPT_BACKEND=triton here): DoRA runs the mixed kernels, DeLoRA's GEMMs
+    run torch, both with PEFT's casts; the mask comes from the seeded kernels (DoRA on the float32
+    copy of x, applied in-kernel; DeLoRA on x) and is
     regenerated in backward, never saved; no fallback, the report notes the stream; output and
     every gradient within the dtype's tolerance of the float64 truth for that mask."""
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
@@ -725,9 +726,10 @@ def test_autocast_adapter_on_half_base_with_philox_mask(monkeypatch, device, mod
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs exist only with a CUDA device")
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_triton_backend_does_not_sync(dropout):
-    """DoRA (a zero magnitude entry included) and DeLoRA forward and backward on CUDA run with
-    torch's sync debug mode set to error (after a warm-up call that compiles and autotunes; every
-    tensor is on the device before, since a host-to-device copy synchronizes too)."""
+    """DoRA (a zero magnitude entry included) and DeLoRA, each also with PEFT's default float32
+    adapter on a bf16 base (the mixed kernels), forward and backward on CUDA run with torch's sync
+    debug mode set to error (after a warm-up call that compiles and autotunes; every tensor is on
+    the device before, since a host-to-device copy synchronizes too)."""
     ref = DoRA(randn(40, 48), randn(40), randn(8, 48, scale=0.3), randn(40, 8, scale=0.3), randn(40), 1.5)
     dref = DeLoRA.demo(48, 40, 8)
     cuda = lambda t: t.detach().float().cuda()  # noqa: E731
@@ -738,12 +740,19 @@ def test_triton_backend_does_not_sync(dropout):
     weight, bias, dweight, dbias, w_norm = (cuda(t) for t in (ref.weight, ref.bias, dref.weight, dref.bias,
                                                                  dref.delora_w_norm))
     x, dy = cuda(randn(33, 48)).requires_grad_(), cuda(randn(33, 40))
+    bf16 = lambda t: t.detach().to(torch.bfloat16)  # noqa: E731
+    x_h, dy_h, weight_h, bias_h = bf16(x).requires_grad_(), bf16(dy), bf16(weight), bf16(bias)
+    dweight_h, dbias_h = bf16(dweight), bf16(dbias)
 
     def step():
         y = ops.dora_linear(x, weight, bias, *params, ref.scaling, dropout_p=dropout)
         torch.autograd.grad(y, [x, *params], dy)
+        y = ops.dora_linear(x_h, weight_h, bias_h, *params, ref.scaling, dropout_p=dropout)
+        torch.autograd.grad(y, [x_h, *params], dy_h)
         y = ops.delora_linear(x, dweight, dbias, *dparams, w_norm, dropout_p=dropout)
         torch.autograd.grad(y, [x, *dparams], dy)
+        y = ops.delora_linear(x_h, dweight_h, dbias_h, *dparams, w_norm, dropout_p=dropout)
+        torch.autograd.grad(y, [x_h, *dparams], dy_h)
 
     step()
     torch.cuda.synchronize()
@@ -768,3 +777,262 @@ def test_triton_dy_row_pass_matches_reference(device, dtype):
     assert_rel_close(v, dy64 @ b64, dtype, name="v = dY b_s")
     assert_rel_close(p, u64.T @ dy64, dtype, name="P = u^T dY")
     assert_rel_close(colsum, (dy64 * y64).sum(0), torch.float32, name="colsum(dY o y_pre)")
+
+
+# ------------------------------------------- triton backend: float32 adapter on a half base (mixed)
+
+def _count_launchers(monkeypatch, names):
+    """Record every call of the named launchers of fastadapt.triton_kernels.dora_norm."""
+    from fastadapt.triton_kernels import dora_norm as kernels
+    calls = []
+    for name in names:
+        launcher = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=launcher, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+def _half_ulp_bound(dtype):
+    """One unit in the last place of ``dtype``, relative: 2^-10 for float16 (2^-7 for bfloat16)."""
+    return torch.finfo(dtype).eps
+
+
+@pytest.mark.parametrize("mode", ["bias", "no_bias", "recompute", "dropout", "dropout_recompute"])
+def test_mixed_triton_path_matches_torch_mixed_path_and_float64(monkeypatch, device, mode):
+    """PEFT's default float32 adapter on a float16 base, FASTADAPT_BACKEND=triton (every CUDA call):
+    DoRA runs the mixed kernels (u = x A^T and dA = v^T x by float32_matmul, the dropout mask applied
+    in-kernel; the fused GEMM with the half base product rounded where PEFT rounds it; the row pass
+    on half dY with float32 u and B), not the torch mixed path.  Output and every gradient: PEFT's
+    dtypes; within the float16 table of the float64 truth of the same math and mask; and within one
+    float16 rounding of the torch mixed path.  Both round at the same points and differ only in
+    float32 summation order, so a rounded value moves by one unit in the last place where a
+    rounding flips: y, dx within 2^-10 relative, dm (sums of dY o y_pre, y_pre half) within 2^-10
+    times its sum's condition number, dA and dB (float32 math on identical half inputs) within the
+    float32 table."""
+    calls = _count_launchers(monkeypatch, ("float32_matmul", "scaled_lowrank_gemm", "dora_dy_row_pass"))
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    half, f32 = torch.float16, torch.float32
+    dropout = 0.2 if "dropout" in mode else 0.0
+    recompute = "recompute" in mode
+    exact = lambda t, dtype: t.to(dtype).double()  # noqa: E731  (values the low-precision run sees exactly)
+    ref = DoRA(exact(randn(19, 24), half), None if mode == "no_bias" else exact(randn(19), half),
+               exact(randn(4, 24, scale=0.3), f32), exact(randn(19, 4, scale=0.3), f32), exact(randn(19), f32), 1.5)
+    x64, dy = exact(randn(21, 24), half).requires_grad_(), randn(21, 19).to(half)
+    mask = torch.ones(())
+    if dropout:
+        torch.manual_seed(11)  # the fused call's seed is the first draw after manual_seed(11)
+        mask = philox_mask(ops.draw_dropout_seed(), (21, 24), dropout, device).cpu().double()
+    y64 = ref(x64, dropout_mask=mask) if dropout else ref(x64)
+    truth = [y64, *torch.autograd.grad(y64, [x64, ref.lora_A, ref.lora_B, ref.magnitude], dy.double())]
+
+    def fused(backend):
+        cast = lambda t, dtype: None if t is None else t.detach().to(dtype=dtype, device=device)  # noqa: E731
+        params = [cast(t, f32).requires_grad_() for t in (ref.lora_A, ref.lora_B, ref.magnitude)]
+        x, weight, bias = cast(x64, half).requires_grad_(), cast(ref.weight, half), cast(ref.bias, half)
+        torch.manual_seed(11)
+        if backend == "triton":
+            y = ops.dora_linear(x, weight, bias, *params, ref.scaling, dropout_p=dropout, recompute=recompute)
+        else:  # the torch mixed path with the same Philox mask (what CUDA ran before)
+            norm = ops.dora_weight_norm(weight, *params[:2], ref.scaling)
+            plan = ops.DoraPlan(ref.scaling, dropout, recompute, "torch", seeded_mask=dropout > 0)
+            y = ops.DoraLinearFunction.apply(x, weight, bias, *params, norm, plan)
+        return [y, *torch.autograd.grad(y, [x, *params], cast(dy, half))]
+
+    got = fused("triton")
+    counts = {name: calls.count(name) for name in set(calls)}
+    torch_path = fused("torch")
+    # forward u and GEMM, backward dx GEMM and dA; recompute: v and u^T dY instead of the row pass
+    assert counts == ({"float32_matmul": 4, "scaled_lowrank_gemm": 2} if recompute else
+                      {"float32_matmul": 2, "scaled_lowrank_gemm": 2, "dora_dy_row_pass": 1})
+    with torch.no_grad():
+        x_d = x64 * mask
+        y_pre = x_d @ ref.weight.T + ref.scaling * (x_d @ ref.lora_A.T) @ ref.lora_B.T
+        terms = dy.double() * y_pre
+        dm_condition = float(terms.abs().sum(0).norm() / terms.sum(0).norm())
+    bounds = {"output": 1.0, "x": 1.0, "m": dm_condition}
+    for name, g, t, true in zip(["output", "x", "A", "B", "m"], got, torch_path, truth):
+        assert g.dtype == t.dtype == (half if name in ("output", "x") else f32), name
+        assert_rel_close(g, true, half, name=f"{name} vs float64")
+        if name in bounds:
+            err = rel_error(g, t)
+            assert err <= bounds[name] * _half_ulp_bound(half), f"{name} vs torch mixed path: {err:.3e}"
+        else:
+            assert_rel_close(g, t, f32, name=f"{name} vs torch mixed path")
+
+
+def test_triton_float32_matmul_matches_reference(device):
+    """C = fl32(a) fl32(b) for a half a and a float32 b (and the transposed roles), strided, the
+    reduction split in 3 chunks; with dropout the operand's mask is seeded_dropout's for that
+    shape (DoRA's u = (mask o x) A^T and dA = v^T (mask o x)): float32 table of float64."""
+    from fastadapt.triton_kernels.dora_norm import float32_matmul
+    x = randn(45, 37).to(dtype=torch.float16, device=device)
+    a_t = randn(37, 5).to(dtype=torch.float32, device=device)
+    v_t = randn(5, 45).to(dtype=torch.float32, device=device)
+    x64, a64, v64 = (t.double().cpu() for t in (x, a_t, v_t))
+    assert_rel_close(float32_matmul(noncontig(x), a_t), x64 @ a64, torch.float32, name="x A^T")
+    assert_rel_close(float32_matmul(v_t, x, split_k=3, block_k=16), v64 @ x64, torch.float32, name="v^T x, split")
+    mask = philox_mask(7, (45, 37), 0.3, device).double().cpu()
+    assert_rel_close(float32_matmul(x, a_t, dropout=("a", 7, 0.3)), (x64 * mask) @ a64, torch.float32,
+                     name="(mask o x) A^T")
+    assert_rel_close(float32_matmul(v_t, x, dropout=("b", 7, 0.3), split_k=2, block_k=16), v64 @ (x64 * mask),
+                     torch.float32, name="v^T (mask o x), split")
+    with pytest.raises(ValueError, match="valid choices: 'a', 'b'"):
+        float32_matmul(x, a_t, dropout=("x", 7, 0.3))
+
+
+def test_triton_mixed_gemm_rounds_the_base_product(device):
+    """The fused GEMM with half x, W and float32 u, v: ``round_base`` rounds x W^T to float16
+    before the float32 low-rank term joins it (PEFT's F.linear(x, W)).  Integer x and W make x W^T
+    exact in float32 and odd above 2048, where float16 rounds; u v is a multiple of 1/16: C_pre is
+    then fl_h(fl_h(x W^T) + u v) exactly (both sums exact in float32), and differs without
+    ``round_base``.  The residual
+    epilogue (DoRA's mixed dropout forward) and a float32 output (its dx inner term) match the
+    float64 of the same formula within the float16 / float32 table."""
+    from fastadapt.triton_kernels.dora_norm import scaled_lowrank_gemm
+    gen = torch.Generator().manual_seed(3)
+    ints = lambda *s, lo=-8, hi=9: torch.randint(lo, hi, s, generator=gen).double()  # noqa: E731
+    m, k, n, r = 37, 48, 29, 5
+    x, w = ints(m, k, lo=1, hi=17), ints(n, k, lo=1, hi=17)         # x W^T in [48, 12288]
+    u, v = ints(m, r, lo=-3, hi=4) / 4, ints(r, n, lo=-3, hi=4) / 4
+    g = randn(n).abs() + 0.5
+    half = lambda t: t.to(dtype=torch.float16, device=device)  # noqa: E731
+    f32 = lambda t: t.to(dtype=torch.float32, device=device)  # noqa: E731
+    base = (x @ w.T).half().double()
+    assert not torch.equal(base, x @ w.T)  # the data does hit float16 rounding
+    y, pre = scaled_lowrank_gemm(half(x), half(w).T, f32(u), f32(v), out_scale=f32(g), with_pre=True, round_base=True)
+    assert torch.equal(pre.cpu(), (base + u @ v).half())
+    unrounded = scaled_lowrank_gemm(half(x), half(w).T, f32(u), f32(v), with_pre=True)[1]
+    assert not torch.equal(unrounded.cpu(), pre.cpu())
+    assert_rel_close(y, g * (base + u @ v), torch.float16, name="y")
+    res = randn(m, n).half().double()
+    y_res = scaled_lowrank_gemm(half(x), half(w).T, f32(u), f32(v), out_scale=f32(g), round_base=True,
+                                residual=half(res))
+    assert_rel_close(y_res, (res - base) + g * (base + u @ v), torch.float16, name="residual epilogue")
+    inner = scaled_lowrank_gemm(half(x), half(w).T, f32(u), f32(v), round_base=True, out_dtype=torch.float32)
+    assert inner.dtype == torch.float32
+    assert_rel_close(inner, base + u @ v, torch.float32, name="float32 output")
+
+
+def test_triton_dy_row_pass_mixed(device):
+    """Half dY and y_pre with float32 u and b_s (PEFT's float32 adapter): v and P in float32 from
+    the exactly converted dY, within the float32 table of float64 of the same inputs."""
+    from fastadapt.triton_kernels.dora_norm import dora_dy_row_pass
+    n, out_features, r = 40, 45, 5
+    dy, y_pre = (randn(n, out_features).to(dtype=torch.float16, device=device) for _ in range(2))
+    u, b_s = randn(n, r).to(dtype=torch.float32, device=device), randn(out_features, r).to(dtype=torch.float32,
+                                                                                         device=device)
+    v, p, colsum = dora_dy_row_pass(noncontig(dy), u, b_s, y_pre, block_n=16, block_o=16)
+    dy64, u64, b64, y64 = (t.double().cpu() for t in (dy, u, b_s, y_pre))
+    assert v.dtype == p.dtype == colsum.dtype == torch.float32
+    assert_rel_close(v, dy64 @ b64, torch.float32, name="v = dY b_s")
+    assert_rel_close(p, u64.T @ dy64, torch.float32, name="P = u^T dY")
+    assert_rel_close(colsum, (dy64 * y64).sum(0), torch.float32, name="colsum(dY o y_pre)")
+
+
+@pytest.mark.parametrize("mode", ["default", "recompute", "dropout", "delora", "delora_dropout"])
+def test_mixed_triton_path_saves_no_float32_activation_copies(monkeypatch, device, mode):
+    """A float32 adapter on a float16 base on the triton backend: DoRA saves x and y_pre in float16
+    (x alone with recompute), u (N, r) in float32 and the norm, DeLoRA x and u, and no mask (an
+    int seed): exactly (2 or 1) + 2 r/d + 2/N (DeLoRA 1 + 2 r/d) times bytes(x) for
+    d_in = d_out = d, no float32 copy of x or y_pre."""
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    n, d, r = 64, 128, 4
+    half = dict(dtype=torch.float16, device=device)
+    x, w, b = randn(n, d, **half, requires_grad=True), randn(d, d, **half), randn(d, **half)
+    a, bb, m = (randn(*s, dtype=torch.float32, device=device, requires_grad=True) for s in ((r, d), (d, r), (d,)))
+    dropout = 0.1 if mode.endswith("dropout") else 0.0
+    if mode.startswith("delora"):
+        w_norm = w.float().norm(dim=0)
+        ratio = saved_ratio(lambda: ops.delora_linear(x, w, b, a, bb, m[:1], w_norm, dropout_p=dropout), x,
+                            [w, b, a, bb, m, w_norm])
+        assert ratio == pytest.approx(1 + 2 * r / d)
+        return
+    ratio = saved_ratio(lambda: ops.dora_linear(x, w, b, a, bb, m, 2.0, dropout_p=dropout,
+                                                recompute=mode == "recompute"), x, [w, b, a, bb, m])
+    assert ratio == pytest.approx((1 if mode == "recompute" else 2) + 2 * r / d + 2 / n)
+
+
+@pytest.mark.parametrize("mode", ["bias", "no_bias", "dropout"])
+def test_mixed_triton_delora_matches_torch_mixed_path_and_float64(monkeypatch, device, mode):
+    """DeLoRA with PEFT's default float32 adapter on a float16 base, FASTADAPT_BACKEND=triton: the
+    mixed kernels (u, dY B and dA's and dB's products by float32_matmul; y and dx without dropout
+    by the fused GEMM, its half base product, with the bias in forward, rounded before the float32
+    low-rank term joins it), not the torch mixed path.  Output and every gradient within the
+    float16 table of the float64 truth and within one float16 rounding of the torch mixed path
+    (y, dx: 2^-10 relative; the float32 gradients: the float32 table); dlambda, and dA's and dB's
+    radial terms through the same sums dc, scaled by the sums' condition number."""
+    calls = _count_launchers(monkeypatch, ("float32_matmul", "scaled_lowrank_gemm"))
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    half, f32 = torch.float16, torch.float32
+    dropout = 0.2 if mode == "dropout" else 0.0
+    demo = DeLoRA.demo(24, 19, 4)
+    exact = lambda t, dtype: t.to(dtype).double()  # noqa: E731  (values the low-precision run sees exactly)
+    ref = DeLoRA(exact(demo.weight, half), None if mode == "no_bias" else exact(demo.bias, half),
+                 *(exact(t, f32) for t in (demo.delora_A, demo.delora_B, demo.delora_lambda, demo.delora_w_norm)))
+    x64, dy = exact(randn(21, 24), half).requires_grad_(), randn(21, 19).to(half)
+    mask = torch.ones(())
+    if dropout:
+        torch.manual_seed(11)  # the fused call's seed is the first draw after manual_seed(11)
+        mask = philox_mask(ops.draw_dropout_seed(), (21, 24), dropout, device).cpu().double()
+    y64 = ref(x64, dropout_mask=mask) if dropout else ref(x64)
+    truth = [y64, *torch.autograd.grad(y64, [x64, ref.delora_A, ref.delora_B, ref.delora_lambda], dy.double())]
+
+    def fused(backend):
+        cast = lambda t, dtype: None if t is None else t.detach().to(dtype=dtype, device=device)  # noqa: E731
+        params = [cast(t, f32).requires_grad_() for t in (ref.delora_A, ref.delora_B, ref.delora_lambda)]
+        x, weight, bias = cast(x64, half).requires_grad_(), cast(ref.weight, half), cast(ref.bias, half)
+        w_norm = cast(ref.delora_w_norm, f32)
+        torch.manual_seed(11)
+        if backend == "triton":
+            y = ops.delora_linear(x, weight, bias, *params, w_norm, dropout_p=dropout)
+        else:  # the torch mixed path with the same Philox mask (what CUDA ran before)
+            plan = ops.DeloraPlan(dropout, "torch", seeded_mask=dropout > 0)
+            y = ops.DeloraLinearFunction.apply(x, weight, bias, *params, w_norm, plan)
+        return [y, *torch.autograd.grad(y, [x, *params], cast(dy, half))]
+
+    got = fused("triton")
+    counts = {name: calls.count(name) for name in set(calls)}
+    torch_path = fused("torch")
+    # u, t = dY B, dA's and dB's products; the fused GEMM for y and (without dropout) dx
+    assert counts == {"float32_matmul": 4, "scaled_lowrank_gemm": 1 if dropout else 2}
+    condition = lambda_condition(ref, x64.detach(), mask, dy.double())
+    for name, g, t, true in zip(["output", "x", "A", "B", "lambda"], got, torch_path, truth):
+        assert g.dtype == t.dtype == (half if name in ("output", "x") else f32), name
+        scale = 1.0 if name in ("output", "x") else condition
+        assert_rel_close(g, true, half, scale=scale, name=f"{name} vs float64")
+        if name in ("output", "x"):
+            err = rel_error(g, t)
+            assert err <= _half_ulp_bound(half), f"{name} vs torch mixed path: {err:.3e}"
+        else:
+            assert_rel_close(g, t, f32, scale=scale, name=f"{name} vs torch mixed path")
+
+
+@pytest.mark.parametrize("method", ["dora", "delora"])
+def test_bridge_runs_the_mixed_kernels_for_peft_default_autocast(monkeypatch, device, method):
+    """fastadapt.accelerate on PEFT's default float32 adapter on a float16 base with the triton
+    backend (FASTADAPT_BACKEND=triton here, every CUDA call): the mixed kernels run (no fallback),
+    and PEFT's output and fused are each within the float16 table of the float64 truth, with
+    PEFT's dtypes (dlambda scaled by its sum's condition number)."""
+    calls = _count_launchers(monkeypatch, ("float32_matmul", "scaled_lowrank_gemm"))
+    monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
+    build, reference = (dora_model, DoRA) if method == "dora" else (delora_model, DeLoRA)
+    model, layer = build(8, dtype=torch.float16)
+    ref = reference.from_peft(layer)
+    model.to(device)
+    params = dora_params(layer) if method == "dora" else delora_params(layer)
+    x, dy = randn(3, 11, D_IN, dtype=torch.float16), randn(3, 11, D_OUT, dtype=torch.float16)
+    x64 = x.double().requires_grad_()
+    y64 = ref(x64)
+    ref_params = [ref.lora_A, ref.lora_B, ref.magnitude] if method == "dora" else \
+        [ref.delora_A, ref.delora_B, ref.delora_lambda]
+    truth = [y64, *torch.autograd.grad(y64, [x64, *ref_params], dy.double())]
+    peft_out = run(model, params, x.to(device).requires_grad_(), dy.to(device))
+    report = fastadapt.accelerate(model)
+    fused = run(model, params, x.to(device).requires_grad_(), dy.to(device))
+    assert report.fused_calls == 1 and not report.fallbacks
+    assert calls.count("scaled_lowrank_gemm") == 2 and "float32_matmul" in calls  # forward and dx
+    scale = lambda_condition(ref, x64.detach(), torch.ones(()), dy.double()) if method == "delora" else 1
+    for name, got, want, true in zip(["output", "x", "A", "B", "m or lambda"], fused, peft_out, truth):
+        assert got.dtype == want.dtype, name
+        sc = scale if name == "m or lambda" else 1
+        assert_rel_close(want, true, torch.float16, scale=sc, name=f"PEFT {name}")
+        assert_rel_close(got, true, torch.float16, scale=sc, name=f"fused {name}")

@@ -16,21 +16,26 @@ Zero-norm rows: n = max(sqrt(max(n^2, 0)), NORM_EPS) with NORM_EPS = 1e-12 (the 
 
 Backends: "torch" (CPU path, this file) and "triton" for the norm pieces
 (``fastadapt.triton_kernels.dora_norm``), picked per call by :func:`fastadapt.backend.select`;
-float64 always runs torch (tl.dot has no float64), and so does a float32 adapter on a half base
-(PEFT's default autocast_adapter_dtype; see DoraLinearFunction).  On the torch path forward
+float64 always runs torch (tl.dot has no float64).  A float32 adapter on a half base (PEFT's
+default autocast_adapter_dtype) runs the triton backend's mixed kernels with PEFT's casts (see
+DoraLinearFunction / DeloraLinearFunction; DoRA's norm itself runs torch there, W converted to
+float32 block by block).  On the torch path forward
 applies g = m / n to the output in place; backward folds it into W's rows for dx (a d_out x d_in
 temporary, freed at once) since dY may not be scaled in place.  On the triton backend DoRA's
 forward GEMM carries g, the low-rank term and the bias in its epilogue and stores y_pre beside y
 from the same accumulator, and dx's GEMM applies g to the dY tiles as it loads them
 (``scaled_lowrank_gemm``); backward reads dY once for v = dY (s g o B), u^T dY and dm's column
 sum (``dora_dy_row_pass``); x A^T, dA, the recompute path's pieces and the second GEMM with W of
-the dropout path use torch.  No call on the triton backend synchronizes with the device.
+the dropout path use torch, except on the mixed path, where u = x A^T, dA = v^T x (and
+recompute's v, u^T dY; DeLoRA's u, dY B, dA and dB) come from ``float32_matmul`` (half tiles
+converted to float32 on load, DoRA's dropout mask applied in-kernel).  No call on the triton
+backend synchronizes with the device.
 
 Dropout masks (:func:`seeded_dropout_masks` picks the source per call): on CPU the fused forward
 draws nn.Dropout's own mask from the default generator (bit-identical to PEFT's nn.Dropout for
 the same seed) and keeps it as 1 bit per element for backward.  Wherever the Triton kernels serve
-the device (every CUDA call but float64, including a float32 adapter on a half base whose GEMMs
-run torch) no mask is kept: one int seed is drawn from CPU's default generator
+the device (every CUDA call but float64, including a float32 adapter on a half base) no mask is
+kept: one int seed is drawn from CPU's default generator
 (:func:`draw_dropout_seed`; no device sync, reproducible under ``torch.manual_seed``) and the
 kernels regenerate the mask from Philox(seed, element index) wherever it is needed
 (``seeded_dropout``, ``dropout_mask_add_``): nn.Dropout's distribution and scaling, other bits.
@@ -77,11 +82,12 @@ def adapter_compute_dtype(base_name: str, base: torch.Tensor, adapter_tensors) -
     return first.dtype
 
 
-def fused_backend(x: torch.Tensor, adapter_dtype: torch.dtype) -> str:
-    """The backend :func:`dora_linear` / :func:`delora_linear` run for ``x`` with adapter tensors of
-    ``adapter_dtype``: "torch" for float64 (tl.dot has none) and for a float32 adapter on a half base
-    (PEFT's autocast_adapter_dtype); otherwise :func:`fastadapt.backend.select`'s choice."""
-    if x.dtype == torch.float64 or adapter_dtype != x.dtype:
+def fused_backend(x: torch.Tensor) -> str:
+    """The backend :func:`dora_linear` / :func:`delora_linear` run for ``x``: "torch" for float64
+    (tl.dot has none), otherwise :func:`fastadapt.backend.select`'s choice, also for a float32
+    adapter on a half x (PEFT's autocast_adapter_dtype: the triton backend has kernels for its
+    casts, see :class:`DoraLinearFunction` / :class:`DeloraLinearFunction`)."""
+    if x.dtype == torch.float64:
         return "torch"
     return select("dora_norm", x.device, ("torch", "triton"))
 
@@ -89,8 +95,8 @@ def fused_backend(x: torch.Tensor, adapter_dtype: torch.dtype) -> str:
 def seeded_dropout_masks(x: torch.Tensor) -> bool:
     """Whether a fused call on ``x`` draws its dropout mask from the seeded Philox kernels
     (``triton_kernels.dora_norm.seeded_dropout``) instead of nn.Dropout's own draw: wherever the
-    triton backend serves x's device (every CUDA call, including a float32 adapter on a half base,
-    whose GEMMs run torch), never for float64 (the kernels take fp32 / fp16 / bf16) and never on
+    triton backend serves x's device (every CUDA call, including a float32 adapter on a half base),
+    never for float64 (the kernels take fp32 / fp16 / bf16) and never on
     CPU by default (there the torch draw is bit-identical to PEFT's nn.Dropout)."""
     return x.dtype != torch.float64 and select("dora_norm", x.device, ("torch", "triton")) == "triton"
 
@@ -372,9 +378,28 @@ class DoraLinearFunction(torch.autograd.Function):
     to the base dtype for their GEMM with W, where PEFT upcasts W instead), everything else in
     float32 (x cast to float32 for the adapter path, the mask drawn on that float32 copy as
     nn.Dropout draws it there (on CUDA the Philox kernels' mask on that copy, regenerated in
-    backward from the seed: x, u, y_pre saved, no mask), u, v, g, the scaling of the base product, dm, dA, dB), and the
-    output and dx are rounded to the base dtype once at the end.  g is never folded into the half
-    W (that would round g o W).  y_pre is saved in the base dtype.
+    backward from the seed: x, u, y_pre saved, no mask), u, v, g, the scaling of the base product,
+    dm, dA, dB), and the output and dx are rounded to the base dtype once at the end.  g is never
+    folded into the half W (that would round g o W).  y_pre is saved in the base dtype.  With fl_h
+    the rounding to the base dtype, fl32 the exact conversion to float32 and everything else
+    float32, both backends compute (x_d = mask o fl32(x), mask = 1 without dropout):
+        u     = x_d A^T
+        y_pre = fl32(fl_h(x W^T)) + s u B^T                    y = fl_h(g o y_pre + b)
+        dropout: y_pre = fl32(fl_h(fl_h(x_d) W^T)) + s u B^T,
+                 y = fl_h((fl32(fl_h(x W^T + b)) - fl32(fl_h(fl_h(x_d) W^T))) + g o y_pre)
+        v = fl32(dY) (s g o B),   P = u^T fl32(dY),   dm = colsum(fl32(dY) o fl32(fl_h(y_pre))) / n
+                 (recompute: colsum(fl32(dY) o fl32(fl_h(fl_h(x_d) W^T))) + s rowsum(B o P^T), then / n)
+        dx    = fl_h(fl32(fl_h(fl_h(fl32(dY) o g) W)) + v A)
+        dropout: dx = fl_h(fl32(fl_h(dY W)) + mask o (fl32(fl_h(fl_h(fl32(dY) o (g - 1)) W)) + v A))
+        dA    = v^T x_d
+    The triton backend (every CUDA call) runs this without float32 copies of x, x_d or dY:
+    ``float32_matmul`` converts half tiles as it loads them (u, dA; recompute's v and u^T dY) and
+    applies the mask in-kernel; the fused GEMM rounds its half base product before the IEEE fp32
+    low-rank dot joins it (``round_base``; dx's k_scale load rounds fl_h(fl32(dY) o g) as the
+    torch cast does), with dropout through the residual epilogue (forward) and a float32 inner term
+    for ``dropout_mask_add_`` (dx); the row pass converts dY tiles for v, P and dm's colsum.  Only
+    float32 summation orders differ between the backends, so each rounded result is equal or, where
+    the float32 values straddle a rounding boundary, one unit in the last place apart.
     """
 
     @staticmethod
@@ -450,7 +475,11 @@ class DoraLinearFunction(torch.autograd.Function):
         compute = lora_A.dtype
         mixed = compute != x.dtype
         g = (magnitude.detach().to(acc) / weight_norm).to(compute)
-        dy_c = dy.to(compute)                                             # no copy unless mixed
+        # Mixed on the triton backend the kernels convert dY and x tile by tile: no float32 copies.
+        kernels_mixed = mixed and plan.backend == "triton"
+        if kernels_mixed:
+            from ..triton_kernels.dora_norm import float32_matmul, seeded_dropout
+        dy_c = None if kernels_mixed else dy.to(compute)                  # no copy unless mixed
         b_scaled = lora_B * (s * g)[:, None]
         need_m = ctx.needs_input_grad[5]
         # One pass over dY for v, u^T dY and dm's colsum: the triton kernel, or on CPU row blocks
@@ -462,6 +491,8 @@ class DoraLinearFunction(torch.autograd.Function):
             v, u_t_dy, dot = dora_dy_row_pass(dy, u, b_scaled, saved_out)
         elif row_pass:
             v, u_t_dy, dot = dy_row_pass(dy, u, b_scaled, saved_out)
+        elif kernels_mixed:
+            v = float32_matmul(dy, b_scaled)
         else:
             v = dy_c @ b_scaled                                           # (N, r)
         seed = ctx.dropout_seed
@@ -485,15 +516,23 @@ class DoraLinearFunction(torch.autograd.Function):
                     inner.addmm_(dy, weight * (g - 1)[:, None])
                     dx = _add_dropped_(dy @ weight, inner, mask, seed, plan.dropout_p)
                 del inner
-        if seed is not None and (ctx.needs_input_grad[3] or (need_m and ctx.recompute)):
+        if kernels_mixed:
+            # dA's float32_matmul converts x and applies the mask per tile; recompute's half GEMM
+            # takes fl_h(mask o x), as PEFT's x_d.to(half)
+            x_d = seeded_dropout(x, seed, plan.dropout_p) if seed is not None and need_m and ctx.recompute else x
+        elif seed is not None and (ctx.needs_input_grad[3] or (need_m and ctx.recompute)):
             from ..triton_kernels.dora_norm import seeded_dropout
             x_d = seeded_dropout(x.to(compute), seed, plan.dropout_p)
         elif seed is None:
             x_d = x.to(compute) if mask is None else x.to(compute) * mask
         if ctx.needs_input_grad[3]:
-            d_a = v.T @ x_d
+            if kernels_mixed:
+                d_a = float32_matmul(v.T, x, dropout=None if seed is None else ("b", seed, plan.dropout_p))
+            else:
+                d_a = v.T @ x_d
         if not row_pass and (ctx.needs_input_grad[4] or (need_m and ctx.recompute)):
-            u_t_dy = u.T @ dy_c  # (r, out): the faster layout for BLAS (r rows)
+            # (r, out): the faster layout for BLAS (r rows)
+            u_t_dy = float32_matmul(u.T, dy) if kernels_mixed else u.T @ dy_c
         if ctx.needs_input_grad[4]:
             d_b = (u_t_dy * (s * g)).T
         if need_m:
@@ -525,20 +564,34 @@ def _add_dropped_(out: torch.Tensor, inner: torch.Tensor, mask: Optional[torch.T
 
 
 def _dora_forward_triton(x, weight, bias, lora_A, lora_B, g, plan: DoraPlan):
-    """(y, y_pre or None, u, seed or None) of DoRA's forward on the triton backend (one dtype):
-    without dropout one fused GEMM gives y and y_pre; with dropout ``seeded_dropout`` gives x_d and
-    x - x_d in one pass, the fused GEMM y_pre, and y = (x - x_d) W^T + b + g o y_pre.  y_pre is
+    """(y, y_pre or None, u, seed or None) of DoRA's forward on the triton backend: without dropout
+    one fused GEMM gives y and y_pre (u = x A^T by ``float32_matmul`` for a float32 adapter on a
+    half base); with dropout, one dtype: ``seeded_dropout`` gives x_d and x - x_d in one pass, the
+    fused GEMM y_pre, and y = (x - x_d) W^T + b + g o y_pre; mixed: u = (mask o x) A^T in float32
+    with the mask applied in-kernel, y = fl_h((fl_h(x W^T + b) - B0) + g o (B0 + s u B^T)) with
+    B0 = fl_h(fl_h(mask o x) W^T) from the fused GEMM's residual epilogue (PEFT's casts).  y_pre is
     None with recompute."""
-    from ..triton_kernels.dora_norm import scaled_lowrank_gemm, seeded_dropout
+    from ..triton_kernels.dora_norm import float32_matmul, scaled_lowrank_gemm, seeded_dropout
     keep_pre = not plan.recompute
+    mixed = lora_A.dtype != x.dtype
     b_scaled_t = (lora_B * plan.scaling).T
+    g32 = g.to(torch.float32)
     if plan.dropout_p == 0:
-        u = x @ lora_A.T
-        out = scaled_lowrank_gemm(x, weight.T, u, b_scaled_t, out_scale=g.to(torch.float32), bias=bias,
-                                  with_pre=keep_pre)
+        u = float32_matmul(x, lora_A.T) if mixed else x @ lora_A.T
+        out = scaled_lowrank_gemm(x, weight.T, u, b_scaled_t, out_scale=g32, bias=bias, with_pre=keep_pre,
+                                  round_base=mixed)
         y, y_pre = out if keep_pre else (out, None)
         return y, y_pre, u, None
     seed = draw_dropout_seed()
+    if mixed:
+        u = float32_matmul(x, lora_A.T, dropout=("a", seed, plan.dropout_p))
+        base = F.linear(x, weight, bias)
+        x_d = seeded_dropout(x, seed, plan.dropout_p)                    # fl_h(mask o x), PEFT's x_d.to(half)
+        out = scaled_lowrank_gemm(x_d, weight.T, u, b_scaled_t, out_scale=g32, with_pre=keep_pre, round_base=True,
+                                  residual=base)
+        del x_d, base
+        y, y_pre = out if keep_pre else (out, None)
+        return y, y_pre, u, seed
     x_d, x_rest = seeded_dropout(x, seed, plan.dropout_p, with_rest=True)
     u = x_d @ lora_A.T
     y_pre = scaled_lowrank_gemm(x_d, weight.T, u, b_scaled_t)
@@ -550,11 +603,16 @@ def _dora_forward_triton(x, weight, bias, lora_A, lora_B, g, plan: DoraPlan):
 
 def _dora_dx_triton(dy, weight, v, lora_A, g, seed, p):
     """dx on the triton backend: v A + dY (g o W) from one fused GEMM (g on the dY tiles) without
-    dropout; with dropout dY W + mask o (v A + dY ((g - 1) o W)), the mask regenerated from ``seed``."""
+    dropout; with dropout dY W + mask o (v A + dY ((g - 1) o W)), the mask regenerated from
+    ``seed`` and added in place by ``dropout_mask_add_``.  A float32 adapter on a half base (PEFT's
+    casts): the base product fl_h(fl_h(dY o g) W) (or fl_h(fl_h(dY o (g - 1)) W)) plus v A in
+    float32, the inner term kept in float32, dx rounded once."""
     from ..triton_kernels.dora_norm import dropout_mask_add_, scaled_lowrank_gemm
+    mixed = lora_A.dtype != dy.dtype
     if seed is None:
-        return scaled_lowrank_gemm(dy, weight, v, lora_A, k_scale=g.to(torch.float32))
-    inner = scaled_lowrank_gemm(dy, weight, v, lora_A, k_scale=(g - 1).to(torch.float32))
+        return scaled_lowrank_gemm(dy, weight, v, lora_A, k_scale=g.to(torch.float32), round_base=mixed)
+    inner = scaled_lowrank_gemm(dy, weight, v, lora_A, k_scale=(g - 1).to(torch.float32), round_base=mixed,
+                                out_dtype=lora_A.dtype)
     return dropout_mask_add_(dy @ weight, inner, seed, p)
 
 
@@ -583,7 +641,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     check_magnitude(magnitude, out_features)
     _validate.tensor("x", x, shape=(*x.shape[:-1], in_features))
     _validate.same("x", x, "weight", weight)
-    adapter_dtype = adapter_compute_dtype("x", x, (("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)))
+    adapter_compute_dtype("x", x, (("lora_A", lora_A), ("lora_B", lora_B), ("magnitude", magnitude)))  # validates
     if bias is not None:
         _validate.tensor("bias", bias, shape=(out_features,))
         _validate.same("x", x, "bias", bias)
@@ -591,7 +649,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1), e.g. dropout_p=0.1")
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
-    plan = DoraPlan(float(scaling), float(dropout_p), bool(recompute), fused_backend(x, adapter_dtype),
+    plan = DoraPlan(float(scaling), float(dropout_p), bool(recompute), fused_backend(x),
                     seeded_mask=dropout_p > 0 and seeded_dropout_masks(x))
     x2d = x.reshape(-1, in_features)
     y = DoraLinearFunction.apply(x2d, weight, bias, lora_A, lora_B, magnitude, norm, plan)
@@ -648,29 +706,45 @@ class DeloraLinearFunction(torch.autograd.Function):
     autocast_adapter_dtype): PEFT does not cast x; the mask is drawn on x's dtype (on CUDA by the
     Philox kernels, regenerated in backward), x_d o w and
     everything after it is float32, x W^T and dY W run in the base dtype, and the float32 low-rank
-    term is added to the base output (and to dY W) with one rounding to the base dtype.
+    term is added to the base output (and to dY W) with one rounding to the base dtype:
+        y  = fl_h(fl32(fl_h(x W^T + b)) + (u o c) B^T),   u = fl32(x_d) A_w^T,   t = fl32(dY) B
+        dx = fl_h(fl32(fl_h(dY W)) + mask o ((t o c) A_w))
+    The triton backend (every CUDA call) computes u, t, (t o c)^T x_d and u^T dY with
+    ``float32_matmul`` (half tiles converted on load: no float32 copy of x or dY) and y and dx
+    (without dropout) with the fused GEMM, its half base product (with the bias, forward) rounded
+    before the IEEE fp32 low-rank dot joins it (``round_base``, ``bias_in_base``); with dropout dx
+    is dY W plus ``dropout_mask_add_`` of the float32 (t o c) A_w.  It agrees with the torch
+    backend up to float32 summation order (a rounded value moves by one unit in the last place
+    where a rounding flips).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, delora_lambda, w_norm, plan: DeloraPlan):
         c, *_ = delora_component_scale(lora_A, lora_B, delora_lambda)
         compute = lora_A.dtype                              # x.dtype unless mixed
+        mixed = compute != x.dtype
         a_w = lora_A * w_norm
         packed = ctx.dropout_seed = None
         if plan.dropout_p == 0:
-            u = x.to(compute) @ a_w.T
+            x_d = x
         elif plan.seeded_mask or plan.backend == "triton":  # on x's dtype, as PEFT's dropout(x)
             from ..triton_kernels.dora_norm import seeded_dropout
             ctx.dropout_seed = draw_dropout_seed()
-            u = seeded_dropout(x, ctx.dropout_seed, plan.dropout_p).to(compute) @ a_w.T
+            x_d = seeded_dropout(x, ctx.dropout_seed, plan.dropout_p)
         else:
             mask, packed = draw_dropout(x, plan.dropout_p)  # on x's dtype, as PEFT's dropout(x)
-            u = (x * mask).to(compute) @ a_w.T
+            x_d = x * mask
             del mask
+        if mixed and plan.backend == "triton":              # half tiles converted on load
+            from ..triton_kernels.dora_norm import float32_matmul
+            u = float32_matmul(x_d, a_w.T)
+        else:
+            u = x_d.to(compute) @ a_w.T
+        del x_d
         b_c = lora_B * c.to(lora_B.dtype)
         if plan.backend == "triton":
             from ..triton_kernels.dora_norm import scaled_lowrank_gemm
-            y = scaled_lowrank_gemm(x, weight.T, u, b_c.T, bias=bias)
+            y = scaled_lowrank_gemm(x, weight.T, u, b_c.T, bias=bias, round_base=mixed, bias_in_base=mixed)
         elif compute != x.dtype:
             y = F.linear(x, weight, bias)
             y.add_(u @ b_c.T)                               # float32 sum, rounded once
@@ -690,8 +764,11 @@ class DeloraLinearFunction(torch.autograd.Function):
         acc = c.dtype
         compute = lora_A.dtype
         mixed = compute != x.dtype
-        dy_c = dy.to(compute)                               # no copy unless mixed
-        t = dy_c @ lora_B
+        kernels_mixed = mixed and ctx.plan.backend == "triton"  # dY and x converted tile by tile
+        if kernels_mixed:
+            from ..triton_kernels.dora_norm import float32_matmul
+        dy_c = None if kernels_mixed else dy.to(compute)    # no copy unless mixed
+        t = float32_matmul(dy, lora_B) if kernels_mixed else dy_c @ lora_B
         tc = t * c.to(t.dtype)
         seed, p = ctx.dropout_seed, ctx.plan.dropout_p
         mask = None if packed is None else unpack_dropout(packed, x.shape, x.dtype, p)
@@ -700,7 +777,7 @@ class DeloraLinearFunction(torch.autograd.Function):
             if ctx.plan.backend == "triton":
                 from ..triton_kernels.dora_norm import dropout_mask_add_, scaled_lowrank_gemm
                 if seed is None:
-                    dx = scaled_lowrank_gemm(dy, weight, tc, a_w)
+                    dx = scaled_lowrank_gemm(dy, weight, tc, a_w, round_base=mixed)
                 else:
                     dx = dropout_mask_add_(dy @ weight, tc @ a_w, seed, p)
             elif mask is None and seed is None and not mixed:
@@ -717,16 +794,18 @@ class DeloraLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             if seed is not None:
                 from ..triton_kernels.dora_norm import seeded_dropout
-                x_d = seeded_dropout(x, seed, p).to(compute)
+                x_d = seeded_dropout(x, seed, p)
             else:
-                x_d = (x if mask is None else x * mask).to(compute)
+                x_d = x if mask is None else x * mask
             d_an = torch.where(a_live, -dc * c / a_norm.clamp_min(DELORA_NORM_CLAMP), 0)
             radial = (d_an / a_norm.clamp_min(DELORA_NORM_CLAMP))[:, None] * lora_A.to(acc)
-            d_a = ((tc.T @ x_d) * w_norm + radial).to(lora_A.dtype)
+            tc_x = float32_matmul(tc.T, x_d) if kernels_mixed else tc.T @ x_d.to(compute)
+            d_a = (tc_x * w_norm + radial).to(lora_A.dtype)
         if ctx.needs_input_grad[4]:
             d_bn = torch.where(b_live, -dc * c / b_norm.clamp_min(DELORA_NORM_CLAMP), 0)
             radial = lora_B.to(acc) * (d_bn / b_norm.clamp_min(DELORA_NORM_CLAMP))
-            d_b = ((u.T @ dy_c).T * c.to(compute) + radial).to(lora_B.dtype)
+            u_t_dy = float32_matmul(u.T, dy) if kernels_mixed else u.T @ dy_c
+            d_b = (u_t_dy.T * c.to(compute) + radial).to(lora_B.dtype)
         if ctx.needs_input_grad[5]:
             inv = 1.0 / (r * a_norm.clamp_min(DELORA_NORM_CLAMP) * b_norm.clamp_min(DELORA_NORM_CLAMP))
             d_lambda = (dc * inv).sum().reshape(1).to(delora_lambda.dtype)
@@ -756,9 +835,8 @@ def delora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     _validate.tensor("delora_lambda", delora_lambda, shape=(1,))
     _validate.tensor("delora_w_norm", delora_w_norm, shape=(in_features,))
     _validate.same("x", x, "weight", weight)
-    adapter_dtype = adapter_compute_dtype("x", x, (("delora_A", delora_A), ("delora_B", delora_B),
-                                                   ("delora_lambda", delora_lambda),
-                                                   ("delora_w_norm", delora_w_norm)))
+    adapter_compute_dtype("x", x, (("delora_A", delora_A), ("delora_B", delora_B),  # validates
+                                   ("delora_lambda", delora_lambda), ("delora_w_norm", delora_w_norm)))
     if bias is not None:
         _validate.tensor("bias", bias, shape=(out_features,))
         _validate.same("x", x, "bias", bias)
@@ -767,6 +845,6 @@ def delora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p={dropout_p} must be in [0, 1), e.g. dropout_p=0.1")
     y = DeloraLinearFunction.apply(x.reshape(-1, in_features), weight, bias, delora_A, delora_B, delora_lambda,
-                                   delora_w_norm, DeloraPlan(float(dropout_p), fused_backend(x, adapter_dtype),
+                                   delora_w_norm, DeloraPlan(float(dropout_p), fused_backend(x),
                                                              seeded_mask=dropout_p > 0 and seeded_dropout_masks(x)))
     return y.reshape(*x.shape[:-1], out_features)
