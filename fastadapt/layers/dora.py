@@ -20,8 +20,8 @@ only the Philox kernels or CPU's nn.Dropout stream give a mask fastadapt can reg
 
 Dropout masks.  On CPU (torch backend) the fused forward draws nn.Dropout's own mask from the
 default generator: bit-identical to PEFT's lora_dropout / module_dropout for the same seed.  On
-CUDA (every dtype but float64, including PEFT's default float32 adapter on a half base, whose GEMMs
-run torch; also on CPU under FASTADAPT_BACKEND=triton, through the interpreter) the mask comes from
+CUDA (every dtype but float64, including PEFT's default float32 adapter on a half base; also on
+CPU under FASTADAPT_BACKEND=triton, through the interpreter) the mask comes from
 fastadapt's Philox stream: one int seed drawn from CPU's default generator per
 call, the mask regenerated in-kernel in forward and backward and never stored.  It has
 nn.Dropout's distribution and 1 / (1 - p) scaling but not PEFT's bits (CUDA's nn.Dropout uses its
