@@ -579,6 +579,37 @@ def philox_mask(seed, shape, p, device):
     return seeded_dropout(torch.ones(shape, device=device), seed, p)
 
 
+def test_launchers_name_the_operand_of_a_wrong_dtype(device):
+    """The fused GEMM and the row pass take half x / dY with the adapter operands in the same dtype
+    or all float32; anything else is a TypeError naming the operand."""
+    from fastadapt.triton_kernels.dora_norm import dora_dy_row_pass, scaled_lowrank_gemm
+    half = lambda *shape: randn(*shape).to(dtype=torch.float16, device=device)  # noqa: E731
+    f32 = lambda *shape: randn(*shape).to(dtype=torch.float32, device=device)  # noqa: E731
+    with pytest.raises(TypeError, match="v is torch.float16"):
+        scaled_lowrank_gemm(half(17, 16), half(16, 18), f32(17, 16), half(16, 18))
+    with pytest.raises(TypeError, match="y is torch.float32"):
+        scaled_lowrank_gemm(half(17, 16), f32(16, 18), half(17, 16), half(16, 18))
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        scaled_lowrank_gemm(*(t.double() for t in (f32(17, 16), f32(16, 18), f32(17, 16), f32(16, 18))))
+    with pytest.raises(TypeError, match="b_scaled is torch.float16"):
+        dora_dy_row_pass(half(17, 18), f32(17, 16), half(18, 16), half(17, 18))
+    with pytest.raises(TypeError, match="y_pre is torch.float32"):
+        dora_dy_row_pass(half(17, 18), half(17, 16), half(18, 16), f32(17, 18))
+
+
+def philox_truth(ref, ref_params, x64, dy, dropout, device):
+    """(mask, [y, dx, d ref_params...]) in float64 for the Philox mask a fused call regenerates
+    when its seed is the first draw after manual_seed(11) (as in :func:`run`); mask 1 without dropout."""
+    mask = torch.ones(())
+    if dropout:
+        torch.manual_seed(11)
+        rows = x64.numel() // x64.shape[-1]
+        mask = philox_mask(ops.draw_dropout_seed(), (rows, x64.shape[-1]), dropout, device).cpu().double()
+        mask = mask.reshape(x64.shape)
+    y64 = ref(x64, dropout_mask=mask) if dropout else ref(x64)
+    return mask, [y64, *torch.autograd.grad(y64, [x64, *ref_params], dy.double())]
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 def test_seeded_dropout_kernels(device, dtype):
     """The mask drops a fraction p (within 4 sigma), scales kept values by 1 / (1 - p), depends on
@@ -704,13 +735,10 @@ def test_autocast_adapter_on_half_base_with_philox_mask(monkeypatch, device, mod
     params = dora_params(layer) if method == "dora" else delora_params(layer)
     assert all(p.dtype == torch.float32 for p in params) and layer.get_base_layer().weight.dtype == dtype
     x, dy = randn(3, 11, D_IN, dtype=dtype), randn(3, 11, D_OUT, dtype=dtype)
-    torch.manual_seed(11)
-    mask = philox_mask(ops.draw_dropout_seed(), (33, D_IN), 0.1, device).cpu().double().reshape(x.shape)
     x64 = x.double().requires_grad_()
-    y64 = ref(x64, dropout_mask=mask)
     ref_params = [ref.lora_A, ref.lora_B, ref.magnitude] if method == "dora" else \
         [ref.delora_A, ref.delora_B, ref.delora_lambda]
-    truth = [y64, *torch.autograd.grad(y64, [x64, *ref_params], dy.double())]
+    mask, truth = philox_truth(ref, ref_params, x64, dy, 0.1, device)
     report = fastadapt.accelerate(model)
     if mode.endswith("recompute"):
         dora_layers.set_recompute(model)
@@ -817,12 +845,7 @@ def test_mixed_triton_path_matches_torch_mixed_path_and_float64(monkeypatch, dev
     ref = DoRA(exact(randn(19, 24), half), None if mode == "no_bias" else exact(randn(19), half),
                exact(randn(4, 24, scale=0.3), f32), exact(randn(19, 4, scale=0.3), f32), exact(randn(19), f32), 1.5)
     x64, dy = exact(randn(21, 24), half).requires_grad_(), randn(21, 19).to(half)
-    mask = torch.ones(())
-    if dropout:
-        torch.manual_seed(11)  # the fused call's seed is the first draw after manual_seed(11)
-        mask = philox_mask(ops.draw_dropout_seed(), (21, 24), dropout, device).cpu().double()
-    y64 = ref(x64, dropout_mask=mask) if dropout else ref(x64)
-    truth = [y64, *torch.autograd.grad(y64, [x64, ref.lora_A, ref.lora_B, ref.magnitude], dy.double())]
+    mask, truth = philox_truth(ref, [ref.lora_A, ref.lora_B, ref.magnitude], x64, dy, dropout, device)
 
     def fused(backend):
         cast = lambda t, dtype: None if t is None else t.detach().to(dtype=dtype, device=device)  # noqa: E731
@@ -969,12 +992,7 @@ def test_mixed_triton_delora_matches_torch_mixed_path_and_float64(monkeypatch, d
     ref = DeLoRA(exact(demo.weight, half), None if mode == "no_bias" else exact(demo.bias, half),
                  *(exact(t, f32) for t in (demo.delora_A, demo.delora_B, demo.delora_lambda, demo.delora_w_norm)))
     x64, dy = exact(randn(21, 24), half).requires_grad_(), randn(21, 19).to(half)
-    mask = torch.ones(())
-    if dropout:
-        torch.manual_seed(11)  # the fused call's seed is the first draw after manual_seed(11)
-        mask = philox_mask(ops.draw_dropout_seed(), (21, 24), dropout, device).cpu().double()
-    y64 = ref(x64, dropout_mask=mask) if dropout else ref(x64)
-    truth = [y64, *torch.autograd.grad(y64, [x64, ref.delora_A, ref.delora_B, ref.delora_lambda], dy.double())]
+    mask, truth = philox_truth(ref, [ref.delora_A, ref.delora_B, ref.delora_lambda], x64, dy, dropout, device)
 
     def fused(backend):
         cast = lambda t, dtype: None if t is None else t.detach().to(dtype=dtype, device=device)  # noqa: E731

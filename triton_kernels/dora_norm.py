@@ -122,6 +122,26 @@ def _dora_norm_fwd_kernel(W, A, B, G, WSQ, OUT, M, K, R,
     tl.store(OUT + rows, norm, mask=row_ok)
 
 
+def _check_operands(what: str, base, partner, adapter) -> torch.dtype:
+    """Dtype/device contract of the mixed-capable launchers: ``base`` = (name, tensor) in float32,
+    float16 or bfloat16; ``partner`` of the same dtype and device; the ``adapter`` pairs in base's
+    dtype or all float32 (PEFT's float32 adapter on a half base), on base's device.  Returns the
+    adapter operands' dtype."""
+    (name, t0), (pname, pt) = base, partner
+    if t0.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} has dtype {t0.dtype}; {what} takes float32, float16 or bfloat16")
+    if pt.dtype != t0.dtype or pt.device != t0.device:
+        raise TypeError(f"{pname} is {pt.dtype} on {pt.device} but {name} is {t0.dtype} on {t0.device}; "
+                        f"{what} takes {name} and {pname} of one dtype and device")
+    adapter_dtype = adapter[0][1].dtype if adapter[0][1].dtype == torch.float32 else t0.dtype
+    for aname, t in adapter:
+        if t.dtype != adapter_dtype or t.device != t0.device:
+            raise TypeError(f"{aname} is {t.dtype} on {t.device} but {name} is {t0.dtype} on {t0.device}; "
+                            f"{' and '.join(a for a, _ in adapter)} take {name}'s dtype, or float32 on a "
+                            f"float16 / bfloat16 {name}, on {name}'s device")
+    return adapter_dtype
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -262,16 +282,7 @@ def scaled_lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: to
     bias joins B0 before its rounding, C = fl(out_scale o (fl_h(x y + bias) + u v)) (DeLoRA's mixed
     forward: PEFT's F.linear(x, W, b) rounded, then the float32 low-rank term).
     """
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"x has dtype {x.dtype}; the fused GEMM takes float32, float16 or bfloat16")
-    if y.dtype != x.dtype or y.device != x.device:
-        raise TypeError(f"y is {y.dtype} on {y.device} but x is {x.dtype} on {x.device}; "
-                        "the fused GEMM takes x and y of one dtype and device")
-    lowrank_dtype = u.dtype if u.dtype == torch.float32 else x.dtype  # float32, or x's dtype
-    for name, t in (("u", u), ("v", v)):
-        if t.dtype != lowrank_dtype or t.device != x.device:
-            raise TypeError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; u and v take "
-                            "x's dtype, or float32 on a float16 / bfloat16 x, on x's device")
+    lowrank_dtype = _check_operands("the fused GEMM", ("x", x), ("y", y), (("u", u), ("v", v)))
     if round_base and x.dtype == torch.float32:
         raise ValueError("round_base=True rounds to a half x's dtype but x is float32; pass round_base=False")
     m, k = x.shape
@@ -537,16 +548,7 @@ def dora_dy_row_pass(dy: torch.Tensor, u: torch.Tensor, b_scaled: torch.Tensor, 
     float16 or bfloat16); u and b_scaled share dY's dtype, or are float32 on a half dY (PEFT's
     float32 adapter on a half base: dY converted to float32 in-kernel, IEEE fp32 dots).
     v (N, r) and P (r, out) in u's dtype, c (out,) float32; all accumulated in float32."""
-    if dy.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"dy has dtype {dy.dtype}; the row pass takes float32, float16 or bfloat16")
-    if y_pre.dtype != dy.dtype or y_pre.device != dy.device:
-        raise TypeError(f"y_pre is {y_pre.dtype} on {y_pre.device} but dy is {dy.dtype} on {dy.device}; "
-                        "the row pass takes them of one dtype and device")
-    compute = u.dtype if u.dtype == torch.float32 else dy.dtype   # float32, or dY's dtype
-    for name, t in (("u", u), ("b_scaled", b_scaled)):
-        if t.dtype != compute or t.device != dy.device:
-            raise TypeError(f"{name} is {t.dtype} on {t.device} but dy is {dy.dtype} on {dy.device}; u and "
-                            "b_scaled take dy's dtype, or float32 on a float16 / bfloat16 dy, on dy's device")
+    compute = _check_operands("the row pass", ("dy", dy), ("y_pre", y_pre), (("u", u), ("b_scaled", b_scaled)))
     n, out_features = dy.shape
     r = u.shape[1]
     if u.shape[0] != n or b_scaled.shape != (out_features, r) or y_pre.shape != dy.shape:
