@@ -2,14 +2,16 @@
 
 For W (M, K) = (out, in), A (R, K), B (M, R), scaling s::
 
-    n_j^2 = ||W_j||^2 + 2 s rowsum((W A^T) o B)_j + s^2 rowsum((B G) o B)_j,   G = A A^T (R, R)
+    n_j^2 = ||W_j||^2 + 2 s rowsum((W A^T) o B)_j + s^2 q_j,   q = rowsum((B G) o B),  G = A A^T (R, R)
     n_j   = max(sqrt(max(n_j^2, 0)), eps)
 
 One program owns BLOCK_M rows of W: it streams W's row block in BLOCK_K chunks and
 accumulates P = W_blk A^T (BLOCK_M, R) in float32 with tl.dot (IEEE fp32 for fp32 inputs, so no
-tf32 rounding); optionally ||W_j||^2 from the same tiles.  The epilogue reads B's rows and the
-tiny G (computed in torch, float32) and writes n.  W is read once; the only temporaries are
-(BLOCK_M, R) tiles.  R is padded to a power of two >= 16 (tl.dot's minimum).
+tf32 rounding); optionally ||W_j||^2 from the same tiles.  The epilogue reads B's rows and q and
+writes n.  W is read once; the only temporaries are (BLOCK_M, R) tiles.  R is padded to a power
+of two >= 16 (tl.dot's minimum).  q (out,) costs O(out R^2 + in R^2) and is computed in float32
+by the launcher (torch): in-kernel, the (BLOCK_M, R) x (R, R) IEEE product spilled 8-17 KB per
+thread at R = 128 in the sm_90 compile (benchmarks/results/compile/).
 
 Fused scaled low-rank GEMM (DoRA's forward and its dx), one kernel for both::
 
@@ -83,7 +85,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _dora_norm_fwd_kernel(W, A, B, G, WSQ, OUT, M, K, R,
+def _dora_norm_fwd_kernel(W, A, B, QUAD, WSQ, OUT, M, K, R,
                           stride_wm, stride_wk, stride_ar, stride_ak, stride_bm, stride_br,
                           scaling, eps,
                           HAS_WSQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -114,9 +116,8 @@ def _dora_norm_fwd_kernel(W, A, B, G, WSQ, OUT, M, K, R,
         tl.store(WSQ + rows, w_sq, mask=row_ok)
     b = tl.load(B + rows64[:, None] * stride_bm + rr[None, :] * stride_br,
                 mask=row_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
-    g = tl.load(G + rr[:, None] * BLOCK_R + rr[None, :])
     cross = tl.sum(acc * b, axis=1)
-    quad = tl.sum(tl.dot(b, g, input_precision="ieee") * b, axis=1)
+    quad = tl.load(QUAD + rows, mask=row_ok, other=0.0)
     sq = w_sq + 2.0 * scaling * cross + scaling * scaling * quad
     norm = tl.maximum(tl.sqrt(tl.maximum(sq, 0.0)), eps)
     tl.store(OUT + rows, norm, mask=row_ok)
@@ -171,8 +172,8 @@ def dora_norm_forward(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     r = lora_A.shape[0]
     br = _block_r(r)
     a32 = lora_A.detach().to(torch.float32)
-    gram = torch.zeros(br, br, dtype=torch.float32, device=weight.device)
-    gram[:r, :r] = a32 @ a32.T
+    b32 = lora_B.detach().to(torch.float32)
+    quad = ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)                   # rowsum((B G) o B), (out,)
     norm = torch.empty(out_features, dtype=torch.float32, device=weight.device)
     has_wsq = w_sq is not None
     wsq_buf = w_sq.to(torch.float32).contiguous() if has_wsq else torch.empty_like(norm)
@@ -181,7 +182,7 @@ def dora_norm_forward(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.
     _check_tiles(block_m=block_m, block_k=block_k)
     grid = (triton.cdiv(out_features, block_m),)
     _dora_norm_fwd_kernel[grid](
-        weight, lora_A, lora_B, gram, wsq_buf, norm, out_features, in_features, r,
+        weight, lora_A, lora_B, quad, wsq_buf, norm, out_features, in_features, r,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
         float(scaling), float(eps),
         HAS_WSQ=has_wsq, DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
