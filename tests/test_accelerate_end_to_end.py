@@ -1,7 +1,9 @@
 """The drop-in promise end to end, on a tiny Llama built from a config (nothing downloaded):
 training with ``fastadapt.accelerate`` follows PEFT's own training step for step (losses and every
 adapter parameter), every adapted layer runs fused, and the checkpoint it writes loads in plain PEFT
-and gives PEFT's outputs."""
+and gives PEFT's outputs.  Twice: on the CPU torch path, and with FASTADAPT_BACKEND=triton, which
+runs the CUDA path's Triton kernels (through the interpreter here) inside a whole model: attention
+reshapes, several layers, an optimizer between steps."""
 import copy
 
 import pytest
@@ -28,6 +30,21 @@ def _batches(count=3, batch=2, seq=9, vocab=64):
     return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(count)]
 
 
+def _count_kernel_launches(monkeypatch) -> list:
+    """Wrap every public launcher of the Triton kernel modules; returns the list of launched names."""
+    from fastadapt.triton_kernels import cayley, dora_norm
+    launched = []
+    for module in (cayley, dora_norm):
+        for name, fn in list(vars(module).items()):
+            if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == module.__name__ \
+                    and not isinstance(fn, type) and not hasattr(fn, "run"):
+                def counted(*args, _fn=fn, _name=name, **kwargs):
+                    launched.append(_name)
+                    return _fn(*args, **kwargs)
+                monkeypatch.setattr(module, name, counted)
+    return launched
+
+
 def _train(model, batches):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     losses = []
@@ -40,8 +57,9 @@ def _train(model, batches):
     return torch.stack(losses)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_training_follows_peft_and_checkpoint_loads_in_plain_peft(method, tmp_path):
+def test_training_follows_peft_and_checkpoint_loads_in_plain_peft(method, backend, tmp_path, monkeypatch):
     base = tiny_llama(3, dtype=torch.float32)
     peft_model = get_peft_model(copy.deepcopy(base), CONFIGS[method]())
     randomize_(peft_model, names=ADAPTER_PARAMS, scale=0.05)
@@ -51,7 +69,11 @@ def test_training_follows_peft_and_checkpoint_loads_in_plain_peft(method, tmp_pa
     assert report.num_patched >= 4, str(report)
 
     batches = _batches()
-    expected, got = _train(peft_model, batches), _train(fused_model, batches)
+    expected = _train(peft_model, batches)
+    monkeypatch.setenv("FASTADAPT_BACKEND", backend)
+    launched = _count_kernel_launches(monkeypatch)
+    got = _train(fused_model, batches)
+    assert bool(launched) == (backend == "triton"), sorted(set(launched))
     assert report.fused_calls == report.num_patched * len(batches) and not report.fallbacks, str(report)
     assert_rel_close(got, expected, name="losses")
     trained = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
