@@ -597,6 +597,16 @@ def test_launchers_name_the_operand_of_a_wrong_dtype(device):
         dora_dy_row_pass(half(17, 18), half(17, 16), half(18, 16), f32(17, 18))
 
 
+def mixed_leaves(ref, adapter_names, x64, device):
+    """PEFT's default dtypes for a half model: the reference's adapter tensors ``adapter_names`` as
+    float32 leaves, x a float16 leaf, weight and bias float16, on ``device``; and the cast used."""
+    def cast(t, dtype):
+        return None if t is None else t.detach().to(dtype=dtype, device=device)
+    params = [cast(getattr(ref, name), torch.float32).requires_grad_() for name in adapter_names]
+    return (params, cast(x64, torch.float16).requires_grad_(), cast(ref.weight, torch.float16),
+            cast(ref.bias, torch.float16), cast)
+
+
 def philox_truth(ref, ref_params, x64, dy, dropout, device):
     """(mask, [y, dx, d ref_params...]) in float64 for the Philox mask a fused call regenerates
     when its seed is the first draw after manual_seed(11) (as in :func:`run`); mask 1 without dropout."""
@@ -848,9 +858,7 @@ def test_mixed_triton_path_matches_torch_mixed_path_and_float64(monkeypatch, dev
     mask, truth = philox_truth(ref, [ref.lora_A, ref.lora_B, ref.magnitude], x64, dy, dropout, device)
 
     def fused(backend):
-        cast = lambda t, dtype: None if t is None else t.detach().to(dtype=dtype, device=device)  # noqa: E731
-        params = [cast(t, f32).requires_grad_() for t in (ref.lora_A, ref.lora_B, ref.magnitude)]
-        x, weight, bias = cast(x64, half).requires_grad_(), cast(ref.weight, half), cast(ref.bias, half)
+        params, x, weight, bias, cast = mixed_leaves(ref, ("lora_A", "lora_B", "magnitude"), x64, device)
         torch.manual_seed(11)
         if backend == "triton":
             y = ops.dora_linear(x, weight, bias, *params, ref.scaling, dropout_p=dropout, recompute=recompute)
@@ -995,10 +1003,8 @@ def test_mixed_triton_delora_matches_torch_mixed_path_and_float64(monkeypatch, d
     mask, truth = philox_truth(ref, [ref.delora_A, ref.delora_B, ref.delora_lambda], x64, dy, dropout, device)
 
     def fused(backend):
-        cast = lambda t, dtype: None if t is None else t.detach().to(dtype=dtype, device=device)  # noqa: E731
-        params = [cast(t, f32).requires_grad_() for t in (ref.delora_A, ref.delora_B, ref.delora_lambda)]
-        x, weight, bias = cast(x64, half).requires_grad_(), cast(ref.weight, half), cast(ref.bias, half)
-        w_norm = cast(ref.delora_w_norm, f32)
+        params, x, weight, bias, cast = mixed_leaves(ref, ("delora_A", "delora_B", "delora_lambda"), x64, device)
+        w_norm = cast(ref.delora_w_norm, torch.float32)
         torch.manual_seed(11)
         if backend == "triton":
             y = ops.delora_linear(x, weight, bias, *params, w_norm, dropout_p=dropout)
