@@ -119,13 +119,9 @@ def _cayley_variants():
         return build
 
     def svd_core(r):
-        import triton
-        BLOCK_R = max(16, triton.next_power_of_2(r))
-
         def build(dtype):
             args = (*(_tensor(dtype) for _ in range(5)), ROWS, FEATURES, r, FEATURES, 1, FEATURES, 1, r, 1, r)
-            return args, dict(BLOCK_M=32 if BLOCK_R >= 128 else 64, BLOCK_K=32, BLOCK_R=BLOCK_R,
-                              IEEE=dtype == "float32")
+            return args, dict(IEEE=dtype == "float32", **C.svd_core_tiles(r))
         return build
 
     # The tile kernels compute in fp32 whatever the parameter dtype (it only changes the load and

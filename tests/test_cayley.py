@@ -712,9 +712,10 @@ def test_triton_backend_oft_layer_output_and_gradients(neumann, dtype, monkeypat
 
 @triton_missing
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_triton_svd_core_kernel_strided(dtype, device):
+@pytest.mark.parametrize("r", [5, 100])  # one column chunk of C^T, and four (BLOCK_R = 128, 16 rows per program)
+def test_triton_svd_core_kernel_strided(dtype, device, r):
     from fastadapt.triton_kernels import cayley as kernels
-    x, A, C = randn(37, 40), randn(5, 40, scale=0.2), randn(5, 5)
+    x, A, C = randn(37, 40), randn(r, 40, scale=0.2), randn(r, r, scale=r ** -0.5)
     z, u = kernels.svd_core_forward(noncontig(x.to(device, dtype)), A.to(device, dtype), C.to(device, dtype))
     scale = 1.0 if dtype == F32 else 2.0
     assert_rel_close(z, x @ A.T, dtype, scale=scale, name="z")

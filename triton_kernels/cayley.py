@@ -235,8 +235,11 @@ def _block_rotate_bwd_weight_kernel(x_ptr, g_ptr, part_ptr, M, b, rows_per_split
 @triton.jit
 def _svd_core_fwd_kernel(x_ptr, a_ptr, c_ptr, z_ptr, u_ptr, M, K, r,
                          stride_xm, stride_xk, stride_ar, stride_ak, stride_ci, stride_cj, stride_zm,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr):
-    """z = x A^T (fp32 over K) and u = z C^T for BLOCK_M rows."""
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+                         CORE_CHUNK: tl.constexpr):
+    """z = x A^T (fp32 over K) and u = z C^T for BLOCK_M rows; u by CORE_CHUNK columns at a time
+    (C^T loaded per column chunk: a whole (BLOCK_R, BLOCK_R) fp32 IEEE product at BLOCK_R = 128
+    spilled ~14-18 KB per thread in the sm_90 compile)."""
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
@@ -251,14 +254,16 @@ def _svd_core_fwd_kernel(x_ptr, a_ptr, c_ptr, z_ptr, u_ptr, M, K, r,
             z += tl.dot(x, at.to(x.dtype), input_precision="ieee")
         else:
             z += tl.dot(x, at.to(x.dtype))
-    # C^T[j, i] = C[i, j]
-    ct = tl.load(c_ptr + offs_r[:, None] * stride_cj + offs_r[None, :] * stride_ci,
-                 mask=(offs_r[:, None] < r) & (offs_r[None, :] < r), other=0.0).to(tl.float32)
-    u = tl.dot(z, ct, input_precision="ieee")
     mask = (offs_m[:, None] < M) & (offs_r[None, :] < r)
-    out = offs_m[:, None] * stride_zm + offs_r[None, :]
-    tl.store(z_ptr + out, z.to(z_ptr.dtype.element_ty), mask=mask)
-    tl.store(u_ptr + out, u.to(u_ptr.dtype.element_ty), mask=mask)
+    tl.store(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :], z.to(z_ptr.dtype.element_ty), mask=mask)
+    for j0 in tl.static_range(0, BLOCK_R, CORE_CHUNK):
+        offs_j = j0 + tl.arange(0, CORE_CHUNK)
+        # C^T[i, j] = C[j, i]
+        ct = tl.load(c_ptr + offs_r[:, None] * stride_cj + offs_j[None, :] * stride_ci,
+                     mask=(offs_r[:, None] < r) & (offs_j[None, :] < r), other=0.0).to(tl.float32)
+        u = tl.dot(z, ct, input_precision="ieee")
+        tl.store(u_ptr + offs_m[:, None] * stride_zm + offs_j[None, :], u.to(u_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < M) & (offs_j[None, :] < r))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,10 +396,16 @@ def svd_core_forward(x2d: torch.Tensor, A: torch.Tensor, C: torch.Tensor):
         raise ValueError(f"A {tuple(A.shape)} and C {tuple(C.shape)} do not chain with x {tuple(x2d.shape)}")
     z = torch.empty(M, r, dtype=x2d.dtype, device=x2d.device)
     u = torch.empty_like(z)
-    BLOCK_R = max(16, triton.next_power_of_2(r))
-    BLOCK_M = 32 if BLOCK_R >= 128 else 64
-    _svd_core_fwd_kernel[(triton.cdiv(M, BLOCK_M),)](
+    tiles = svd_core_tiles(r)
+    _svd_core_fwd_kernel[(triton.cdiv(M, tiles["BLOCK_M"]),)](
         x2d, A, C, z, u, M, K, r, x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1),
-        C.stride(0), C.stride(1), z.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_K=32, BLOCK_R=BLOCK_R, IEEE=x2d.dtype == torch.float32)
+        C.stride(0), C.stride(1), z.stride(0), IEEE=x2d.dtype == torch.float32, **tiles)
     return z, u
+
+
+def svd_core_tiles(r: int) -> dict:
+    """The svd_core kernel's tile sizes for rank r (also read by benchmarks/compile_report.py).
+    At r > 64, 16 rows per program: the sm_90 compile spills 0.2-0.3 KB per thread there against
+    3-7 KB with 32 rows (A is then read from L2 twice as often: 1 MiB per program at d = 4096)."""
+    block_r = max(16, triton.next_power_of_2(r))
+    return dict(BLOCK_M=16 if block_r >= 128 else 64, BLOCK_K=32, BLOCK_R=block_r, CORE_CHUNK=min(block_r, 32))
