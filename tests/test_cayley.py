@@ -450,9 +450,7 @@ def test_psoft_layer_against_reference_and_merge():
     with torch.no_grad():
         layer.psoft_R.vector_a.add_(1)
         layer.psoft_R.vector_b.add_(1)
-    reference = ref.PSOFTReference(base.weight, base.bias, layer.psoft_A, layer.psoft_B, layer.psoft_R.weight,
-                                   scaling=layer.scaling, vector_a=layer.psoft_R.vector_a,
-                                   vector_b=layer.psoft_R.vector_b)
+    reference = psoft_reference(layer)
     x = randn(3, 7, 21)
     assert_rel_close(layer(x), reference(x), name="psoft layer vs reference")
     assert torch.autograd.gradcheck(lambda p: ops.psoft_core(p, scaling=2.0, size=5),
@@ -465,14 +463,20 @@ def test_psoft_layer_against_reference_and_merge():
         assert_rel_close(layer(x), unmerged, name="unmerged")
 
 
+def psoft_reference(layer):
+    """The float64 PSOFT reference of a fastadapt PSOFTLinear (its frozen base, A, B and parameters)."""
+    base = layer.base_layer
+    return ref.PSOFTReference(base.weight, base.bias, layer.psoft_A, layer.psoft_B, layer.psoft_R.weight,
+                              scaling=layer.scaling, vector_a=layer.psoft_R.vector_a,
+                              vector_b=layer.psoft_R.vector_b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_psoft_layer_every_dtype_odd_shape(dtype):
     base = linear_model(41, 19, dtype=F64)[0]
     layer = layers.PSOFTLinear(base, r=7, psoft_alpha=14)
     randomize_(layer, scale=0.3, names=["psoft_R.weight"])
-    reference = ref.PSOFTReference(base.weight, base.bias, layer.psoft_A, layer.psoft_B, layer.psoft_R.weight,
-                                   scaling=layer.scaling, vector_a=layer.psoft_R.vector_a,
-                                   vector_b=layer.psoft_R.vector_b)
+    reference = psoft_reference(layer)
     x = randn(9, 13, 41)
     with torch.no_grad():
         expected = reference(x)
@@ -733,9 +737,7 @@ def test_triton_backend_psoft_layer_output_and_gradients(dtype, monkeypatch, dev
     base = linear_model(40, 24, dtype=F64)[0]
     layer = layers.PSOFTLinear(base, r=6, psoft_alpha=12)
     randomize_(layer, scale=0.3, names=["psoft_R.weight"])
-    reference = ref.PSOFTReference(base.weight, base.bias, layer.psoft_A, layer.psoft_B, layer.psoft_R.weight,
-                                   scaling=layer.scaling, vector_a=layer.psoft_R.vector_a,
-                                   vector_b=layer.psoft_R.vector_b)
+    reference = psoft_reference(layer)
     x = randn(3, 11, 40)
     y_ref, (dx_ref, dR_ref) = _grads(reference, x, [reference.packed])
     layer = layer.to(device, dtype)

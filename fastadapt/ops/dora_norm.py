@@ -94,11 +94,10 @@ def fused_backend(x: torch.Tensor) -> str:
 
 def seeded_dropout_masks(x: torch.Tensor) -> bool:
     """Whether a fused call on ``x`` draws its dropout mask from the seeded Philox kernels
-    (``triton_kernels.dora_norm.seeded_dropout``) instead of nn.Dropout's own draw: wherever the
-    triton backend serves x's device (every CUDA call, including a float32 adapter on a half base),
-    never for float64 (the kernels take fp32 / fp16 / bf16) and never on
-    CPU by default (there the torch draw is bit-identical to PEFT's nn.Dropout)."""
-    return x.dtype != torch.float64 and select("dora_norm", x.device, ("torch", "triton")) == "triton"
+    (``triton_kernels.dora_norm.seeded_dropout``) instead of nn.Dropout's own draw: exactly when the
+    call runs the triton backend (every CUDA call but float64, including a float32 adapter on a half
+    base); never on CPU by default, where the torch draw is bit-identical to PEFT's nn.Dropout."""
+    return fused_backend(x) == "triton"
 
 
 def draw_dropout_seed() -> int:
