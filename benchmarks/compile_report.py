@@ -146,7 +146,9 @@ def _cayley_variants():
 
 
 def _dora_variants():
-    from fastadapt.triton_kernels import dora_norm as D
+    from fastadapt.triton_kernels import _tiles as T
+    from fastadapt.triton_kernels import dropout as P
+    from fastadapt.triton_kernels import lowrank_gemm as L
     out = {"_dora_norm_fwd_kernel": [], "_scaled_lowrank_gemm_kernel": [], "_float32_matmul_kernel": [],
            "_seeded_dropout_kernel": [],
            "_dropout_mask_add_kernel": [], "_dora_dy_row_pass_kernel": []}
@@ -158,7 +160,7 @@ def _dora_variants():
             args = (f(dtype), f(dtype), f(dtype), f("float32"), f("float32"), f("float32"), FEATURES, FEATURES, r,
                     FEATURES, 1, FEATURES, 1, r, 1, 2.0, 1e-12)
             return args, dict(HAS_WSQ=has_wsq, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                              BLOCK_M=64, BLOCK_K=64, BLOCK_R=D._block_r(r))
+                              BLOCK_M=64, BLOCK_K=64, BLOCK_R=T.block_r(r))
         return build
 
     def gemm(config, mode, r=16):
@@ -177,7 +179,7 @@ def _dora_variants():
             args = (f(dtype), f(dtype), f(lowrank), f(lowrank), *scales, f(dtype), f(dtype), f(dtype),
                     ROWS, FEATURES, FEATURES, r, *strides)
             return args, dict(**flags, ROUND_BASE=mixed, BIAS_IN_BASE=False, IEEE=dtype == "float32",
-                              LOWRANK_IEEE=lowrank == "float32", BLOCK_R=D._block_r(r), **config.kwargs,
+                              LOWRANK_IEEE=lowrank == "float32", BLOCK_R=T.block_r(r), **config.kwargs,
                               num_warps=config.num_warps, num_stages=config.num_stages)
         return build
 
@@ -190,7 +192,7 @@ def _dora_variants():
                 m, n, k, strides, a, b = ROWS, 16, FEATURES, (FEATURES, 1, 1, FEATURES), f(dtype), f("float32")
             else:                 # dA = v^T x: a = v^T (r, N) a view of the float32 v, b = x (N, in)
                 m, n, k, strides, a, b = 16, FEATURES, ROWS, (1, 16, FEATURES, 1), f("float32"), f(dtype)
-            block_m, block_n, block_k = (D._block_r(m) if m <= 64 else 64), (D._block_r(n) if n <= 64 else 64), 16
+            block_m, block_n, block_k = (T.block_r(m) if m <= 64 else 64), (T.block_r(n) if n <= 64 else 64), 16
             tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
             split_k = max(1, min(triton.cdiv(k, 512), triton.cdiv(256, tiles)))
             k_per_split = max(1, triton.cdiv(triton.cdiv(k, split_k), block_k)) * block_k
@@ -201,7 +203,7 @@ def _dora_variants():
         return build
 
     def dropout(d, with_rest):
-        grid, block_m, block_d = D._elementwise_grid(ROWS, d)
+        grid, block_m, block_d = P._elementwise_grid(ROWS, d)
 
         def build(dtype):
             args = (_tensor(dtype), _tensor(dtype), _tensor(dtype), ROWS, d, d, 1, seed, 0.1, 1 / 0.9)
@@ -209,7 +211,7 @@ def _dora_variants():
         return build
 
     def mask_add(d):
-        grid, block_m, block_d = D._elementwise_grid(ROWS, d)
+        grid, block_m, block_d = P._elementwise_grid(ROWS, d)
 
         def build(dtype):
             args = (_tensor(dtype), _tensor(dtype), ROWS, d, d, 1, d, 1, seed, 0.1, 1 / 0.9)
@@ -223,14 +225,14 @@ def _dora_variants():
             args = (f(dtype), f(compute), f(compute), f(dtype), f(compute), f("float32"), f("float32"),
                     ROWS, FEATURES, r, FEATURES, 1, r, 1, r, 1, FEATURES, 1)
             return args, dict(IEEE=compute == "float32", UPCAST=compute != dtype, BLOCK_N=128, BLOCK_O=32,
-                              BLOCK_R=D._block_r(r), num_warps=8)
+                              BLOCK_R=T.block_r(r), num_warps=8)
         return build
 
     for r in (16, 128):
         for has_wsq in (False, True):
             out["_dora_norm_fwd_kernel"].append(Variant(f"r={r} {'cached' if has_wsq else 'computed'} W row norms",
                                                         norm(r, has_wsq)))
-    for config in D._GEMM_CONFIGS:
+    for config in L._GEMM_CONFIGS:
         tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
         shape = f"{tile} w{config.num_warps} s{config.num_stages}"
         for mode in ("forward", "dx"):
@@ -252,7 +254,16 @@ def _dora_variants():
     return out
 
 
-VARIANT_TABLES = {f"{KERNEL_PACKAGE}.cayley": _cayley_variants, f"{KERNEL_PACKAGE}.dora_norm": _dora_variants}
+def _subset(table, *kernels):
+    return lambda: {k: v for k, v in table().items() if k in kernels}
+
+
+VARIANT_TABLES = {
+    f"{KERNEL_PACKAGE}.cayley": _cayley_variants,
+    f"{KERNEL_PACKAGE}.dora_norm": _subset(_dora_variants, "_dora_norm_fwd_kernel", "_dora_dy_row_pass_kernel"),
+    f"{KERNEL_PACKAGE}.dropout": _subset(_dora_variants, "_seeded_dropout_kernel", "_dropout_mask_add_kernel"),
+    f"{KERNEL_PACKAGE}.lowrank_gemm": _subset(_dora_variants, "_scaled_lowrank_gemm_kernel", "_float32_matmul_kernel"),
+}
 
 
 def discover_kernels() -> dict[str, list[str]]:

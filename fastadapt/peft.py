@@ -1,7 +1,8 @@
 """The PEFT bridge: ``accelerate(model)`` patches PEFT tuner layers in place, ``revert`` undoes it.
 
 One registry maps a PEFT tuner layer class to fused forwards.  Each kernel family lists its
-entries in ``PEFT_BRIDGE`` inside its layers module (named in :data:`BRIDGE_MODULES`).  A patched
+entries in ``PEFT_BRIDGE`` inside its layers module ``fastadapt/layers/<family>.py``, found by
+walking the ``fastadapt.layers`` package (adding a family adds a file; no list to edit).  A patched
 layer keeps PEFT's own parameters and class, so save_pretrained, loading, merge_and_unload,
 set_adapter and disable_adapter behave exactly as before; only the instance's ``forward`` is
 shadowed.  Every call checks whether the fused path serves it exactly; if not, PEFT's own
@@ -19,9 +20,6 @@ import torch
 from torch import nn
 
 from ._catalog import entry as _catalog_entry
-
-# Layers modules that define ``PEFT_BRIDGE: list[BridgeEntry]``; a family issue adds its own.
-BRIDGE_MODULES = ("fastadapt.layers.cayley", "fastadapt.layers.dora")
 
 _ATTR_REPORT = "_fastadapt_report"
 
@@ -88,16 +86,19 @@ def _dotted(cls) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def bridge_modules() -> list[str]:
+    """Every ``fastadapt.layers.<name>`` module (private ones excluded), in name order."""
+    import pkgutil
+
+    from . import layers
+    return [f"{layers.__name__}.{m.name}" for m in pkgutil.iter_modules(layers.__path__) if not m.name.startswith("_")]
+
+
 def registry() -> dict[str, list[BridgeEntry]]:
-    """PEFT class path -> its fused entries, from every importable bridge module."""
+    """PEFT class path -> its fused entries, from every layers module that defines ``PEFT_BRIDGE``."""
     table: dict[str, list[BridgeEntry]] = {}
-    for name in BRIDGE_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:  # the family has not landed yet
-                continue
-            raise
+    for name in bridge_modules():
+        module = importlib.import_module(name)
         for e in getattr(module, "PEFT_BRIDGE", ()):
             table.setdefault(e.peft_class, []).append(e)
     return table
