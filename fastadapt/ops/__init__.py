@@ -3,7 +3,9 @@
 Each family module ``fastadapt/ops/<family>.py`` declares
 ``METHODS``        catalog names with a fast CPU path (torch or csrc/) in this family, and
 ``TRITON_METHODS`` catalog names whose hot path has a Triton kernel,
-and picks its backend per call with :func:`fastadapt.backend.select`.
+and its ops as torch custom ops through :func:`fastadapt.ops._registry.fused_op` (the backend
+choice, autocast, torch.compile and opcheck come from that registration; see its docstring).
+Shared by every family: ``_policy`` (PEFT's adapter dtype policy) and ``dropout`` (Philox masks).
 """
 from __future__ import annotations
 

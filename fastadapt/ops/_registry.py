@@ -1,0 +1,176 @@
+"""The custom-op convention every kernel family follows.
+
+Each fused op is one ``torch.library`` custom op ``fastadapt::<name>`` declared with
+:func:`fused_op`.  The decorated function is the op's schema (its type annotations) and its
+``torch`` implementation; other backends register beside it::
+
+    @fused_op("block_rotate")                         # fastadapt::block_rotate
+    def block_rotate_op(x: Tensor, R: Tensor) -> Tensor:
+        return ...                                    # torch (CPU) implementation
+
+    @block_rotate_op.impl("triton")                   # CUDA, or CPU under FASTADAPT_BACKEND=triton
+    def _(x, R): return kernels.block_rotate_forward(x, R)
+
+    @block_rotate_op.fake                             # shapes for torch.compile / meta tensors
+    def _(x, R): return x.new_empty(x.shape)
+
+    block_rotate_op.autograd(backward, setup_context)  # gradients, usually through a backward op
+
+    @block_rotate_op.example                          # inputs for torch.library.opcheck
+    def _(): yield (randn(5, 8), randn(2, 4, 4)), {}
+
+What the registration gives every op, with nothing else to write:
+
+- Backend choice in one place.  The op's kernel (below autograd, for every device) picks an
+  implementation with :func:`fastadapt.backend.select` among the backends registered for it (CUDA
+  -> "triton", CPU -> "torch", or the backend FASTADAPT_BACKEND forces).  Autograd code never
+  branches on a backend: a backward is itself an op with its own implementations.
+- torch.compile.  A custom op is one opaque node with a fake kernel, so dynamo traces an
+  accelerated model without graph breaks; host-side work inside an implementation (a divergence
+  monitor, reading a seed) runs at run time, never in the traced graph.
+- Autocast.  Under ``torch.autocast`` (cpu or cuda) the op runs with its floating-point tensor
+  arguments cast to the *current* autocast dtype (torch.library.register_autocast would fix one
+  dtype per device) and autocast switched off inside, as a matmul does; ``autocast_keep`` names
+  arguments left as they are (e.g. a float32 norm cache).
+- opcheck.  ``tests/test_op_registry.py`` runs ``torch.library.opcheck`` (schema, fake kernel,
+  autograd registration, aliasing) on the examples of every op of every ops module; an op
+  without examples fails that test.
+
+Implementations run on real tensors: they may read Python scalars from CPU tensors (a dropout
+seed), but must not synchronise with a device or read device tensors on the host.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+
+from ..backend import select
+
+NAMESPACE = "fastadapt"
+_LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+_AUTOCAST_KEYS = {"cpu": torch._C.DispatchKey.AutocastCPU, "cuda": torch._C.DispatchKey.AutocastCUDA}
+_OPS: dict[str, "FusedOp"] = {}
+
+
+def _first_device(args) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)):
+            for t in a:
+                if isinstance(t, torch.Tensor):
+                    return t.device
+    return torch.device("cpu")
+
+
+class FusedOp:
+    """One fastadapt custom op: its implementations per backend and its registrations.
+
+    Call it like the function it was declared from; ``.default`` is the raw OpOverload
+    (``torch.ops.fastadapt.<name>.default``), the cheapest way to call it.
+    """
+
+    def __init__(self, name: str, schema_fn: Callable, mutates_args: Iterable[str], autocast: bool,
+                 autocast_keep: Iterable[str]):
+        if name in _OPS:
+            raise ValueError(f"fastadapt::{name} is declared twice")
+        self.name = name
+        self.implementations: dict[str, Callable] = {"torch": schema_fn}
+        self._examples: Optional[Callable[[], Iterator]] = None
+        params = list(inspect.signature(schema_fn).parameters)
+
+        @functools.wraps(schema_fn)
+        def dispatch(*args, **kwargs):
+            backend = select(name, _first_device(args), tuple(self.implementations))
+            return self.implementations[backend](*args, **kwargs)
+
+        schema = torch.library.infer_schema(schema_fn, mutates_args=tuple(mutates_args))
+        self.custom_op = torch.library.custom_op(f"{NAMESPACE}::{name}", dispatch,
+                                                 mutates_args=tuple(mutates_args), schema=schema)
+        self.default = getattr(getattr(torch.ops, NAMESPACE), name).default
+        if autocast:
+            keep = {params.index(k) for k in autocast_keep}
+            for device_type in _AUTOCAST_KEYS:
+                _LIBRARY.impl(name, self._autocast_kernel(device_type, keep),
+                              _AUTOCAST_KEYS[device_type].name, with_keyset=True)
+        _OPS[name] = self
+
+    def __call__(self, *args, **kwargs):
+        return self.default(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"FusedOp({NAMESPACE}::{self.name}, backends={sorted(self.implementations)})"
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return tuple(self.implementations)
+
+    def impl(self, backend: str) -> Callable:
+        """Decorator registering the implementation for ``backend`` ("triton", "cpp", "reference")."""
+        def register(fn):
+            self.implementations[backend] = fn
+            return fn
+        return register
+
+    def fake(self, fn: Callable) -> Callable:
+        """Decorator registering the fake (meta) kernel: output shapes, dtypes and devices only."""
+        self.custom_op.register_fake(fn)
+        return fn
+
+    def autograd(self, backward: Callable, setup_context: Callable) -> None:
+        """Register gradients (``torch.library.register_autograd``).  ``setup_context`` may call
+        ``ctx.mark_non_differentiable`` on auxiliary outputs (tensors kept for backward) and
+        ``ctx.set_materialize_grads(False)`` so that no zeros are made for them."""
+        self.custom_op.register_autograd(backward, setup_context=setup_context)
+
+    def example(self, fn: Callable[[], Iterator]) -> Callable:
+        """Decorator: ``fn()`` yields (args, kwargs) for opcheck, small CPU tensors."""
+        self._examples = fn
+        return fn
+
+    def examples(self) -> list:
+        return [] if self._examples is None else list(self._examples())
+
+    def _autocast_kernel(self, device_type: str, keep: set[int]):
+        excluded = torch._C.DispatchKeySet(_AUTOCAST_KEYS[device_type])
+
+        def kernel(_keyset, *args):
+            dtype = torch.get_autocast_dtype(device_type)
+            cast = [a.to(dtype) if (i not in keep and isinstance(a, torch.Tensor) and a.is_floating_point()
+                                    and a.device.type == device_type) else a
+                    for i, a in enumerate(args)]
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return self.default(*cast)
+        return kernel
+
+
+def fused_op(name: str, *, mutates_args: Iterable[str] = (), autocast: bool = True,
+             autocast_keep: Iterable[str] = ()) -> Callable[[Callable], FusedOp]:
+    """Declare ``fastadapt::<name>`` from its torch implementation (see the module docstring).
+
+    mutates_args: names of arguments written in place (torch.library's contract).
+    autocast: register the cast-to-the-autocast-dtype rule (False for ops autocast must not
+        touch, e.g. ones that take integer data only).  autocast_keep: arguments it leaves alone.
+    """
+    def declare(fn: Callable) -> FusedOp:
+        return FusedOp(name, fn, mutates_args, autocast, autocast_keep)
+    return declare
+
+
+def registered_ops() -> dict[str, FusedOp]:
+    """Every op declared so far (import the ops modules first: :func:`import_all`)."""
+    return dict(_OPS)
+
+
+def import_all() -> dict[str, FusedOp]:
+    """Import every module of fastadapt.ops (each declares its ops on import); returns all ops."""
+    import importlib
+    import pkgutil
+
+    from .. import ops
+    for info in pkgutil.iter_modules(ops.__path__):
+        importlib.import_module(f"{ops.__name__}.{info.name}")
+    return registered_ops()
