@@ -159,12 +159,29 @@ def _patched_forward(layer, x, *args, **kwargs):
     return chosen.forward(layer, adapter, x)
 
 
-def accelerate(model: nn.Module, methods=None) -> AccelerationReport:
+DROPOUT_STREAMS = ("philox", "torch")
+_ATTR_DROPOUT = "_fastadapt_dropout_stream"
+
+
+def dropout_stream(layer) -> str:
+    """The dropout mask stream ``accelerate`` chose for a patched layer ("philox" if unpatched)."""
+    return layer.__dict__.get(_ATTR_DROPOUT, "philox")
+
+
+def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox") -> AccelerationReport:
     """Patch every supported PEFT tuner layer of ``model`` in place; returns the live report.
 
     methods: optional iterable of catalog names to restrict patching to (e.g. ["oft"]).
+    dropout: where fused dropout masks come from.  "philox" (default): fastadapt's Philox stream,
+        regenerated from one seed in backward and never stored, the same bits on CPU (csrc/) and
+        CUDA (Triton) for a seed; nn.Dropout's distribution and scaling, not its bits (the report
+        notes such calls).  "torch": nn.Dropout's own draw from the default generator,
+        bit-identical to PEFT on CPU (the mask is kept as 1 bit per element for backward); on
+        other devices such calls run PEFT's forward.
     Calling it again first reverts, then patches afresh.
     """
+    if dropout not in DROPOUT_STREAMS:
+        raise ValueError(f"dropout={dropout!r} is not a mask stream; valid choices: {list(DROPOUT_STREAMS)}")
     base_tuner_layer = _peft_base_tuner_layer()
     wanted = None if methods is None else {_catalog_entry(m).name for m in methods}
     revert(model)
@@ -180,6 +197,7 @@ def accelerate(model: nn.Module, methods=None) -> AccelerationReport:
                                    else "no fused path registered for this layer class")
             continue
         module._fastadapt_entries = entries
+        module.__dict__[_ATTR_DROPOUT] = dropout
         setattr(module, _ATTR_REPORT, report)
         module.forward = types.MethodType(_patched_forward, module)
         report.patched[cls] += 1
@@ -194,6 +212,7 @@ def revert(model: nn.Module) -> int:
         if hasattr(module, "_fastadapt_entries"):
             del module.forward
             del module._fastadapt_entries
+            module.__dict__.pop(_ATTR_DROPOUT, None)
             delattr(module, _ATTR_REPORT)
             restored += 1
     if _ATTR_REPORT in vars(model):
