@@ -60,6 +60,9 @@ class AccelerationReport:
     fused_calls / fallbacks: forward calls served by the fused path / by PEFT, with the reason.
     notes:     fused calls that differ from PEFT in a documented way (not in value: e.g. the
                random stream of a dropout mask), with the difference.
+    Calls run eagerly are counted; calls inside a ``torch.compile``'d graph are not (the graph makes
+    the same per-call decisions, traced and guarded; counting there would recompile every call):
+    run one step eagerly to see what a compiled model does.
     """
 
     patched: Counter = field(default_factory=Counter)
@@ -148,12 +151,16 @@ def _patched_forward(layer, x, *args, **kwargs):
             reason = f"base layer {base} has no fused path (quantized or conv)"
         elif chosen.check is not None:
             reason = chosen.check(layer, adapter, x)
+    # Inside torch.compile the counters stay untouched: dynamo would guard on their values and
+    # recompile on every call.  The decision itself is traced (and guarded) like any Python branch.
+    counting = not torch.compiler.is_compiling()
     if reason is not None:
-        report.fallbacks[reason] += 1
+        if counting:
+            report.fallbacks[reason] += 1
         return type(layer).forward(layer, x, *args, **kwargs)
-    report.fused_calls += 1
-    if chosen.note is not None:
-        note = chosen.note(layer, adapter, x)
+    if counting:
+        report.fused_calls += 1
+        note = None if chosen.note is None else chosen.note(layer, adapter, x)
         if note is not None:
             report.notes[note] += 1
     return chosen.forward(layer, adapter, x)

@@ -1,11 +1,34 @@
-"""Helpers shared by tests and benchmarks: fresh random data, odd shapes, strided views.
+"""Helpers shared by tests and benchmarks: fresh random data, odd shapes, strided views, and the
+PEFT configurations each kernel family gives the model-level tests.
 
 Never zeros: every helper draws fresh random values from its own generator so a test that
 forgets to initialise something cannot pass by accident.
+
+Seeds.  A call without ``seed=`` takes the next seed of the current stream.  tests/conftest.py
+restarts the stream at the start of every test from :func:`seed_for` of the test's node id (and
+seeds torch's default generator, which PEFT's initialisers and nn.Dropout draw from, the same
+way), so a test's data is a function of the test alone, never of which tests ran before it in
+the same process or xdist worker.  Outside pytest the stream starts at 0.
+
+PEFT configurations by file name.  Each kernel family with PEFT_BRIDGE entries adds
+``tests/peft_configs_<family>.py`` defining
+    VARIANTS: list[PeftVariant]      configurations for the tiny Llama (end-to-end training,
+                                     torch.compile, the half-precision accuracy contract)
+    SWEEP:    dict[method, generator]  generator(targets: Targets) -> {name: config or FallsBack}:
+                                     configurations for tiny models of every size (test_peft_sweep),
+                                     in float64 unless SWEEP_DTYPE[method] names another dtype
+                                     (PSOFT's init takes float32 at most)
+found by :func:`peft_configs`; a bridged method missing from either fails those tests.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import itertools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +39,24 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Odd shapes on purpose (Liger-style): (batch, seq, features).
 ODD_SHAPES = ((9, 41, 3), (1, 7, 5), (3, 1, 11))
 
-_counter = itertools.count(1234)
+_seeds = itertools.count(0)
+
+
+def seed_for(name: str) -> int:
+    """A seed in [0, 2**31) that depends on ``name`` only (stable across processes, unlike hash())."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little") >> 1
+
+
+def reset_seeds(base: int) -> None:
+    """Restart the default-seed stream: the n-th call without ``seed=`` from now on uses base + n."""
+    global _seeds
+    _seeds = itertools.count(base)
 
 
 def generator(seed: int | None = None, device="cpu") -> torch.Generator:
-    """A fresh generator; each call without ``seed`` gets a new one."""
+    """A fresh generator seeded with ``seed``, or with the stream's next seed (see the module doc)."""
     g = torch.Generator(device=device)
-    g.manual_seed(next(_counter) if seed is None else seed)
+    g.manual_seed(next(_seeds) if seed is None else seed)
     return g
 
 
@@ -78,6 +112,18 @@ def randomize_(module: torch.nn.Module, *, scale: float = 0.1, seed: int | None 
     return module
 
 
+def perturb_(module: torch.nn.Module, *, scale: float = 0.1, seed: int | None = None) -> torch.nn.Module:
+    """Add fresh random values times ``scale`` to every trainable floating-point parameter: adapters
+    a few optimizer steps away from their init (LoRA's B and OFT's R are zero there, which hides
+    errors), whatever the method calls its parameters."""
+    g = generator(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad and p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+    return module
+
+
 def peft_layer(config, d_in: int, d_out: int, adapter_params=(), *, bias: bool = True, scale: float = 0.3):
     """Layer "0" of ``linear_model(d_in, d_out)`` adapted by PEFT with ``config`` (float64), its
     parameters whose names contain one of ``adapter_params`` overwritten with random values."""
@@ -114,12 +160,116 @@ def assert_forward_is_merged(ref) -> None:
 
 
 def tiny_llama(seed: int | None = None, *, dtype=torch.float64, vocab_size: int = 64,
-               tie_word_embeddings: bool = False, scale: float = 0.3):
-    """A LlamaForCausalLM built from a config (hidden 32, 2 layers, 4 heads, intermediate 48, eager
-    attention, no cache; nothing downloaded) in eval mode, every weight redrawn times ``scale``."""
+               tie_word_embeddings: bool = False, scale: float = 0.3, layers: int = 2):
+    """A LlamaForCausalLM built from a config (hidden 32, ``layers`` decoder layers, 4 heads,
+    intermediate 48, eager attention, no cache; nothing downloaded) in eval mode, every weight
+    redrawn times ``scale``."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=4, vocab_size=vocab_size, max_position_embeddings=64,
                          tie_word_embeddings=tie_word_embeddings, use_cache=False, attn_implementation="eager")
     model = LlamaForCausalLM(config).to(dtype).eval()
     return randomize_(model, scale=scale, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT configurations of the bridged methods, one file per kernel family (see the module doc)
+
+LLAMA_TARGETS = ("q_proj", "v_proj", "down_proj")  # tiny_llama: 32 -> 32, 32 -> 32, 48 -> 32
+
+
+@dataclass(frozen=True)
+class Targets:
+    """The layers a sweep configuration adapts, as its generator sees them.
+
+    names: target_modules; in_features / out_features: of each target (1 and 2 units occur);
+    fan_in_fan_out: the targets are transformers Conv1D layers (weight stored (in, out));
+    modules_to_save: extra modules PEFT trains and saves whole, or None.
+    ``common`` holds the keyword arguments every PEFT config takes for these.
+    """
+
+    names: tuple[str, ...]
+    in_features: tuple[int, ...]
+    out_features: tuple[int, ...]
+    fan_in_fan_out: bool = False
+    modules_to_save: Optional[tuple[str, ...]] = None
+
+    @property
+    def smallest(self) -> int:
+        return min(self.in_features + self.out_features)
+
+    @property
+    def rank_above(self) -> int:
+        """A rank above every target's in_features and out_features (PEFT's LoRA accepts it)."""
+        return max(self.in_features + self.out_features) + 1
+
+    @property
+    def common(self) -> dict:
+        extra = {} if self.modules_to_save is None else {"modules_to_save": list(self.modules_to_save)}
+        return {"target_modules": list(self.names), **extra}
+
+
+class FallsBack(NamedTuple):
+    """A sweep configuration the fused path does not serve: every call runs PEFT's forward, and the
+    report counts it under a reason containing ``reason``."""
+
+    config: object
+    reason: str
+
+
+@dataclass(frozen=True)
+class PeftVariant:
+    """One PEFT configuration of a bridged method for the tiny Llama (targets among LLAMA_TARGETS).
+
+    name: test id ("oft_exact"); method: the bridged method it exercises (``accelerate(methods=
+    [method])``); config: () -> a fresh PEFT config; dropout: the config drops inputs in training
+    (tests then also compare training-mode calls, with the same masks).
+    """
+
+    name: str
+    method: str
+    config: Callable
+    dropout: bool = False
+
+
+@dataclass
+class PeftConfigs:
+    """Every family's configurations: variant name -> PeftVariant, method -> sweep generator (and
+    its dtype where not float64)."""
+
+    variants: dict = field(default_factory=dict)
+    sweeps: dict = field(default_factory=dict)
+    sweep_dtypes: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
+
+    def methods_without_variants(self, methods) -> set:
+        return set(methods) - {v.method for v in self.variants.values()}
+
+
+def _load(path: Path):
+    name = f"fastadapt_test_configs.{path.stem}"
+    module = sys.modules.get(name)
+    if module is None or Path(module.__file__).resolve() != path.resolve():
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return module
+
+
+def peft_configs(folder) -> PeftConfigs:
+    """VARIANTS and SWEEP of every ``folder/peft_configs_*.py``; ValueError on a name defined twice."""
+    found = PeftConfigs()
+    for path in sorted(Path(folder).glob("peft_configs_*.py")):
+        module = _load(path)
+        found.files.append(path.name)
+        for variant in getattr(module, "VARIANTS", ()):
+            if variant.name in found.variants:
+                raise ValueError(f"variant {variant.name!r} defined twice (second in {path.name})")
+            found.variants[variant.name] = variant
+        for method, make in getattr(module, "SWEEP", {}).items():
+            if method in found.sweeps:
+                raise ValueError(f"sweep of {method!r} defined twice (second in {path.name})")
+            found.sweeps[method] = make
+        found.sweep_dtypes.update(getattr(module, "SWEEP_DTYPE", {}))
+    return found

@@ -1,9 +1,11 @@
-"""Test setup: Triton kernels run through the interpreter where no CUDA device exists.
+"""Test setup: Triton kernels run through the interpreter where no CUDA device exists, and every
+test draws its data from seeds of its own.
 
 TRITON_INTERPRET must be set before triton is imported, so this runs first (pytest imports
 conftest.py before any test module).  On a GPU machine the same tests run compiled kernels.
 """
 import os
+import random
 
 import torch
 
@@ -12,9 +14,22 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from fastadapt import testing  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def per_test_seeds(request):
+    """Seeds derived from the test's node id: fastadapt.testing's default-seed stream, torch's default
+    generator (PEFT's initialisers, nn.Dropout, Tensor.normal_) and Python's ``random``.  A test's
+    data then never depends on which tests ran before it in the same process or xdist worker."""
+    seed = testing.seed_for(request.node.nodeid)
+    testing.reset_seeds(seed)
+    torch.manual_seed(seed)
+    random.seed(seed)
