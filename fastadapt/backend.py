@@ -1,7 +1,8 @@
 """Backend choice: the one place that decides which implementation an op runs.
 
     CUDA tensors      -> "triton"  (fastadapt.triton_kernels launchers)
-    CPU tensors       -> "torch"   (or "cpp" where an op has a csrc/ kernel that beats torch)
+    CPU tensors       -> "cpp" for an op that registered a csrc/ kernel (one that beats torch),
+                         when the extension is built or builds now; else "torch"
     MPS / other       -> "torch"
     FASTADAPT_BACKEND=reference|torch|cpp|triton forces one ("triton" on CPU runs the
     Triton interpreter, which needs TRITON_INTERPRET=1 set before triton is imported).
@@ -46,7 +47,8 @@ def forced_backend() -> str | None:
 
 
 def default_backend(device: torch.device) -> str:
-    """The backend used for tensors on ``device`` when nothing is forced."""
+    """The backend used for tensors on ``device`` when nothing is forced, for an op without a
+    csrc/ kernel (:func:`select` prefers "cpp" on CPU for ops that have one)."""
     if device.type == "cuda" and triton_available():
         return "triton"
     return "torch"
@@ -58,11 +60,16 @@ _warned: set[tuple[str, str]] = set()
 def select(op: str, device: torch.device, implemented: tuple[str, ...]) -> str:
     """Pick the backend for ``op`` on ``device`` among the ``implemented`` ones.
 
-    A forced backend that ``op`` does not implement falls back to "torch" with one warning per
-    (op, backend) pair, never silently.  Forcing "triton" on a CPU tensor requires triton and the
-    interpreter; otherwise this raises RuntimeError saying what to set.
+    Unforced, a CPU tensor runs "cpp" where ``op`` implements it and csrc/ builds (the first such
+    call builds it), else the device's default.  A forced backend that ``op`` does not implement
+    falls back to "torch" with one warning per (op, backend) pair, never silently.  Forcing
+    "triton" on a CPU tensor requires triton and the interpreter; otherwise this raises
+    RuntimeError saying what to set.  A missing compiler runs "torch" (csrc/ warned once).
     """
-    want = forced_backend() or default_backend(device)
+    forced = forced_backend()
+    want = forced or default_backend(device)
+    if forced is None and device.type == "cpu" and "cpp" in implemented:
+        want = "cpp"
     if want == "cpp" and "cpp" in implemented:
         from . import _cpp
         if _cpp.extension() is None:  # compiler missing: _cpp already warned once

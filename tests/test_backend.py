@@ -17,6 +17,20 @@ def test_default_backend_per_device(monkeypatch):
     assert backend.default_backend(torch.device("mps")) == "torch"
 
 
+def test_cpu_prefers_cpp_where_an_op_has_it_and_csrc_builds(monkeypatch):
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(_cpp, "extension", lambda: object())   # built
+    assert backend.select("op", CPU, ("torch", "cpp", "triton")) == "cpp"
+    assert backend.select("op", CPU, ("torch", "triton")) == "torch"
+    monkeypatch.setattr(_cpp, "extension", lambda: None)       # cannot be built: torch, no new warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.select("op", CPU, ("torch", "cpp")) == "torch"
+    monkeypatch.setenv(backend.ENV_VAR, "torch")                # forcing still wins
+    monkeypatch.setattr(_cpp, "extension", lambda: object())
+    assert backend.select("op", CPU, ("torch", "cpp")) == "torch"
+
+
 def test_forced_backend_and_unknown_value(monkeypatch):
     monkeypatch.setenv(backend.ENV_VAR, "reference")
     assert backend.select("op", CPU, ("reference", "torch")) == "reference"
