@@ -31,8 +31,10 @@ setup(
     ],
     extras_require={
         "peft": [PEFT_PIN, "transformers"],
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", PEFT_PIN, "transformers", "ninja"],
-        "bench": ["matplotlib", "tqdm"],
+        # matplotlib: `fastadapt plot` and its tests run after the README's install command
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "hypothesis", PEFT_PIN, "transformers", "ninja",
+                 "matplotlib"],
+        "bench": [PEFT_PIN, "transformers", "pytest-benchmark", "matplotlib"],
     },
     entry_points={"console_scripts": ["fastadapt=fastadapt.cli:main"]},
 )

@@ -1,17 +1,28 @@
 """fastadapt.bench: the saved-activation measure on toy layers with known answers, timing and
-peak-memory plumbing (no speed assertions), run_cases rows, and the ``fastadapt bench`` CLI."""
+peak-memory plumbing, trained adapter parameters, run_cases and summary rows, every discovered
+benchmark case at a small shape, the ``fastadapt bench | memory | check | plot`` commands and their
+modes on toy cases, charts, the LyCORIS peer, and the pytest-benchmark microbenchmarks (tiny
+shapes).  No speed assertions."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, OFTConfig, get_peft_model
 from torch import nn
 
 from fastadapt import bench
+from fastadapt.bench import model_step, peers, report, runner
 from fastadapt.cli import main
-from fastadapt.testing import randn
+from fastadapt.testing import linear_model, randn
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class SavesTwoCopies(nn.Module):
@@ -153,8 +164,6 @@ def test_run_cases_rows_keys_and_errors():
 
 
 def test_case_metrics_reach_every_row_and_the_markdown():
-    from fastadapt.bench.runner import markdown_table
-
     def build(d, n, dtype, device):
         setup = _tiny_case().build(d, n, dtype, device)
         setup.metrics["orthogonality error"] = 3.5e-6
@@ -163,7 +172,7 @@ def test_case_metrics_reach_every_row_and_the_markdown():
     rows = bench.run_cases([bench.Case("with_metrics", "cayley", build)], 8, 4, torch.float32, "cpu",
                            iters=1, warmup=0, compile=False, measures=("error",))
     assert all(r["metrics"] == {"orthogonality error": 3.5e-6} for r in rows)
-    assert "- with_metrics: orthogonality error 3.50e-06" in markdown_table(rows)
+    assert "- with_metrics: orthogonality error 3.50e-06" in report.bench_table(bench.summary_rows(rows))
 
 
 def test_run_cases_records_a_failing_case():
@@ -187,44 +196,378 @@ def test_selected_matches_family_or_name_prefix():
     assert len(bench.selected(cases, [])) == 3
 
 
-def test_cli_bench_writes_json_and_markdown(tmp_path, capsys):
-    code = main(["bench", "--device", "cpu", "--d", "64", "--n", "32", "--iters", "2",
-                 "--warmup", "1", "--only", "lora", "--no-compile", "--out", str(tmp_path)])
-    assert code == 0
-    [json_path] = tmp_path.glob("*.json")
-    [md_path] = tmp_path.glob("*.md")
-    result = json.loads(json_path.read_text())
-    assert result["config"]["d"] == 64 and result["config"]["n"] == 32
-    assert {"cpu", "cores", "torch", "triton", "peft"} <= set(result["machine"])
-    assert result["ceilings"]["copy_GBps"] > 0 and result["ceilings"]["matmul_GFLOPps"] > 0
-    cases = {r["case"] for r in result["rows"]}
-    assert cases == {"lora_r16", "lora_r16_dropout0.1"}
-    peft_rows = [r for r in result["rows"] if r["arm"] == "peft"]
-    assert all(r["rel_error"] < 1e-5 for r in peft_rows)
-    assert "| lora_r16 | peft |" in md_path.read_text()
-    assert "| lora_r16 | peft |" in capsys.readouterr().out
+
+# --------------------------------------------------------------------------------------------
+# trained parameters
+
+def _peft_layer(config, d=32, dtype=torch.float32):
+    return get_peft_model(linear_model(d, d, bias=False, dtype=dtype, seed=0), config).base_model.model[0]
 
 
-def test_cli_check_and_memory_commands(capsys):
-    assert main(["check", "--device", "cpu", "--d", "32", "--n", "8", "--only", "lora_r16",
-                 "--no-compile"]) == 0
+def test_train_adapter_moves_only_trainable_parameters_by_about_lr_per_step():
+    layer = _peft_layer(LoraConfig(r=4, target_modules=["0"]))
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    assert torch.count_nonzero(before["lora_B.default.weight"]) == 0  # PEFT's init: B = 0
+    rng = torch.get_rng_state()
+    bench.train_adapter_(layer, randn(16, 32, dtype=torch.float32, seed=3), steps=3, lr=1e-2)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global generator is left as it was
+    for name, p in layer.named_parameters():
+        moved = (p.detach() - before[name]).abs().max().item()
+        if p.requires_grad:
+            assert 0 < moved <= 3 * 1e-2 * 1.01, name  # Adam: at most ~lr per step
+        else:
+            assert moved == 0, name  # the frozen base never moves
+        assert p.grad is None
+    assert layer.training  # PEFT layers are built in training mode; the flag is restored
+
+
+def test_train_adapter_is_deterministic_and_reaches_oft_q():
+    config = OFTConfig(oft_block_size=8, r=0, target_modules=["0"])
+    layers = [_peft_layer(config) for _ in range(2)]
+    for layer in layers:
+        layer.eval()
+        bench.train_adapter_(layer, randn(16, 32, dtype=torch.float32, seed=3))
+        assert not layer.training
+    q0, q1 = (layer.oft_R["default"].weight for layer in layers)
+    assert torch.count_nonzero(q0) == q0.numel() and torch.equal(q0, q1)
+
+
+def test_train_adapter_takes_model_inputs_and_rejects_bad_arguments():
+    model = get_peft_model(model_step.bench_llama(32, layers=1, vocab=16), LoraConfig(r=2, target_modules=["q_proj"]))
+    batch = model_step.token_batch(8, 16, "cpu")
+    bench.train_adapter_(model, {"input_ids": batch["input_ids"]}, steps=1)
+    assert all(torch.count_nonzero(p) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    with pytest.raises(ValueError, match="steps"):
+        bench.train_adapter_(model, batch, steps=-1)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        bench.train_adapter_(nn.Linear(4, 4).requires_grad_(False), torch.zeros(2, 4))
+
+
+def test_peft_layer_case_trains_patches_and_records_config():
+    config = OFTConfig(oft_block_size=8, r=0, target_modules=["0"], use_cayley_neumann=False)
+    setup = bench.peft_layer_case(32, 4, torch.float32, "cpu", config, fused={"fastadapt": lambda layer: layer})
+    assert torch.count_nonzero(setup.arms["peft"].oft_R["default"].weight) > 0
+    assert torch.equal(setup.arms["peft"].oft_R["default"].weight, setup.arms["fastadapt"].oft_R["default"].weight)
+    assert setup.reports["fastadapt"].num_patched == 1
+    assert setup.config == {"peft_config": "OFTConfig", "oft_block_size": 8, "use_cayley_neumann": False,
+                            "method": "oft"}
+
+
+# --------------------------------------------------------------------------------------------
+# rows
+
+def test_case_method_from_its_name_or_given():
+    assert bench.Case("oft_b32_exact", "cayley", None).method == "oft"
+    assert bench.Case("toy", "cayley", None).method is None
+    assert bench.Case("toy", "cayley", None, method="psoft").method == "psoft"
+    with pytest.raises(ValueError, match="valid choices"):
+        bench.Case("toy", "cayley", None, method="nosuch")
+
+
+def _fused_toy_case():
+    """Arms "fastadapt" (exact), "fastadapt_other" (wrong) and "peft" (exact), a peer and a report."""
+    from fastadapt.peft import AccelerationReport
+
+    def build(d, n, dtype, device):
+        setup = _tiny_case().build(d, n, dtype, device)
+        report = AccelerationReport(fused_calls=7)
+        report.fallbacks["merged layer"] += 2
+        return bench.CaseSetup(x=setup.x, base=setup.base, reference=setup.reference,
+                               arms={"fastadapt": setup.arms["peft"], "fastadapt_other": setup.arms["wrong"],
+                                     "peft": setup.arms["peft"]},
+                               peers={"lycoris": nn.Linear(d, d, bias=False)}, reports={"fastadapt": report},
+                               config={"r": 2})
+    return bench.Case("dora_toy", "dora_norm", build)
+
+
+def test_summary_rows_hold_the_json_schema():
+    rows = bench.run_cases([_fused_toy_case()], 16, 8, torch.float32, "cpu", iters=1, warmup=0, compile=False,
+                           on_error="raise")
+    assert [r["arm"] for r in rows] == ["base", "fastadapt", "fastadapt_other", "peft", "lycoris"]
+    assert rows[-1]["peer"] and rows[-1]["rel_error"] is None  # a peer has its own parametrisation
+    [summary] = bench.summary_rows(rows)
+    required = {"method", "config", "device", "dtype", "d", "tokens", "base_ms", "fastadapt_ms", "peft_ms",
+                "peft_compile_ms", "saved_ratio", "peft_saved_ratio", "peak_bytes", "peft_peak_bytes", "max_rel_err",
+                "fallbacks"}
+    assert required <= set(summary)
+    assert summary["method"] == "dora" and summary["config"] == {"r": 2} and summary["tokens"] == 8
+    assert summary["peft_compile_ms"] is None and summary["lycoris_ms"] > 0
+    assert summary["fastadapt_ms"] == pytest.approx(rows[1]["time_s"] * 1e3)
+    assert summary["peak_bytes"] == rows[1]["peak_bytes"] > 0
+    assert summary["max_rel_err"] == rows[2]["rel_error"] > 0.1  # the worst fastadapt arm
+    assert summary["fallbacks"] == 2 and summary["fused_calls"] == 7
+    assert set(summary["arms"]) == {"base", "fastadapt", "fastadapt_other", "peft", "lycoris"}
+    assert "fastadapt_other" in report.bench_table([summary])
+
+
+def test_failing_case_rows_in_summary_and_tables():
+    def broken(d, n, dtype, device):
+        raise ValueError("r=0 must be a positive integer")
+
+    rows = bench.run_cases([bench.Case("lora_broken", "lowrank", broken)], 8, 4, torch.float32, "cpu")
+    [summary] = bench.summary_rows(rows)
+    assert summary["method"] == "lora" and "r=0" in summary["error"] and summary["fastadapt_ms"] is None
+    assert "| lora_broken | ERROR | ValueError: r=0" in report.bench_table([summary])
+
+
+def test_representative_cases_build_and_match_their_reference():
+    """The case of every bridged method that ``--quick`` runs (found by name in benchmarks/, every
+    family) at d=64, N=8: no error, every compared arm within the tolerance table, no fused arm
+    falling back to PEFT."""
+    found = runner.discover(REPO / "benchmarks")
+    assert not found.errors
+    cases = [case for _, case in runner.representatives(found.cases) if case is not None]
+    rows = bench.run_cases(cases, 64, 8, torch.float32, "cpu", compile=False, measures=("error",))
+    assert not [r["error"] for r in rows if r.get("error")]
+    for r in rows:
+        if r["rel_error"] is not None:
+            assert r["rel_error"] <= r["tolerance"], (r["case"], r["arm"], r["rel_error"])
+        assert r.get("fallbacks", 0) == 0, (r["case"], r["arm"], r.get("fallback_reasons"))
+
+
+def test_every_bridged_method_has_a_representative_case():
+    found = runner.discover(REPO / "benchmarks")
+    groups = runner.bridged_groups()
+    assert ("oft", "oftv2") in groups  # one fused forward of PEFT's OFT layer serves both names
+    missing = [group for group, case in runner.representatives(found.cases) if case is None]
+    assert not missing, f"bridged methods without a benchmark case: {missing}"
+    assert dict(runner.representatives(found.cases))[("oft", "oftv2")].name == "oft_b32"
+
+
+# --------------------------------------------------------------------------------------------
+# command line on toy cases
+
+TOY_CASES = '''
+from peft import LoraConfig
+
+from fastadapt.bench import Adapter, Case, peft_layer_case
+
+
+def lora_config(size, targets):
+    return LoraConfig(r=size, lora_alpha=size, target_modules=targets)
+
+
+def build(d, n, dtype, device):
+    return peft_layer_case(d, n, dtype, device, lora_config(2, ["0"]))
+
+
+def broken(d, n, dtype, device):
+    raise ValueError("r=0 must be a positive integer")
+
+
+CASES = [Case("lora_toy", "lowrank", build), Case("oft_toy", "cayley", build, method="oft"),
+         Case("lora_broken", "lowrank", broken)]
+ADAPTERS = [Adapter("lora", lora_config, "r", sizes=(1, 2, 3, 4, 6, 8), default=2)]
+'''
+
+
+@pytest.fixture
+def toy_dir(tmp_path):
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    (folder / "cases_toy.py").write_text(TOY_CASES)
+    return folder
+
+
+def _run(args, toy_dir, tmp_path):
+    """Run the command; returns (exit code, the JSON document written to --json)."""
+    out = tmp_path / "doc.json"
+    code = main([*args, "--cases-dir", str(toy_dir), "--out", str(tmp_path / "results"), "--json", str(out),
+                 "--no-compile"])
+    return code, json.loads(out.read_text())
+
+
+def _plots(doc_path: Path, tmp_path) -> None:
+    assert main(["plot", str(doc_path), "-o", str(tmp_path / "chart.png")]) == 0
+    assert (tmp_path / "chart.png").stat().st_size > 1000
+
+
+def test_cli_bench_rows_a_failing_case_and_writes_everything(toy_dir, tmp_path, capsys):
+    code, doc = _run(["bench", "--device", "cpu", "--d", "16", "--n", "8", "--iters", "1", "--warmup", "0"],
+                     toy_dir, tmp_path)
+    assert code == 1  # the failing case fails the run, after the others ran
+    assert doc["kind"] == "bench" and {"machine", "versions", "date", "ceilings"} <= set(doc)
+    assert {"torch", "peft", "triton", "lycoris"} <= set(doc["versions"])
+    by_case = {r["case"]: r for r in doc["rows"]}
+    assert set(by_case) == {"lora_toy", "oft_toy", "lora_broken"}
+    assert "r=0" in by_case["lora_broken"]["error"]
+    ok = by_case["lora_toy"]
+    assert ok["error"] is None and ok["peft_ms"] > 0 and ok["peft_rel_err"] < 1e-5 and ok["peft_peak_bytes"] > 0
+    assert {r["arm"] for r in doc["arm_rows"] if r["case"] == "lora_toy"} >= {"base", "peft"}
+    [md] = (tmp_path / "results").glob("*.md")
+    assert "| lora_toy |" in md.read_text() and "| lora_broken | ERROR |" in capsys.readouterr().out
+    _plots(tmp_path / "doc.json", tmp_path)
+
+
+def test_cli_quick_one_row_per_bridged_method(toy_dir, tmp_path):
+    code, doc = _run(["bench", "--quick", "--d", "16", "--n", "8", "--iters", "1", "--warmup", "0"], toy_dir, tmp_path)
+    assert doc["config"]["quick"] and doc["config"]["iters"] == 1
+    groups = runner.bridged_groups()
+    assert sorted(tuple(r["serves"]) for r in doc["rows"]) == sorted(groups)
+    [oft] = [r for r in doc["rows"] if r["serves"] == ["oft", "oftv2"]]
+    assert oft["case"] == "oft_toy" and oft["error"] is None
+    missing = [r for r in doc["rows"] if r["case"] != "oft_toy"]
+    assert all("no benchmark case measures" in r["error"] for r in missing)
+    assert code == (1 if missing else 0)
+
+
+def test_cli_host_overhead_table(toy_dir, tmp_path, capsys):
+    _, doc = _run(["bench", "--host-overhead", "--iters", "2", "--warmup", "0", "--method", "oft"], toy_dir, tmp_path)
+    assert doc["kind"] == "host_overhead" and (doc["config"]["d"], doc["config"]["n"]) == runner.HOST_SHAPE
+    [row] = doc["rows"]
+    assert row["case"] == "oft_toy" and row["base_ms"] > 0 and row["peak_bytes"] is None  # time only
+    assert "fastadapt <= PEFT" in capsys.readouterr().out
+    _plots(tmp_path / "doc.json", tmp_path)
+
+
+@pytest.mark.parametrize("axis, sizes", [("tokens", "4,8"), ("rank", "1,2")])
+def test_cli_sweep(toy_dir, tmp_path, axis, sizes):
+    code, doc = _run(["bench", "--sweep", axis, "--sizes", sizes, "--d", "16", "--n", "8", "--iters", "1",
+                      "--warmup", "0"], toy_dir, tmp_path)
+    assert code == 0 and doc["kind"] == "sweep"
+    assert [r["sweep"]["value"] for r in doc["rows"]] == [int(s) for s in sizes.split(",")]
+    assert all(r["peft_ms"] > 0 and r["peft_peak_bytes"] > 0 for r in doc["rows"])
+    knob = "r" if axis == "rank" else "tokens"
+    assert all(r["sweep"]["knob"] == knob for r in doc["rows"])
+    _plots(tmp_path / "doc.json", tmp_path)
+
+
+def test_cli_memory_training_step_parts(toy_dir, tmp_path):
+    code, doc = _run(["memory", "--d", "32", "--n", "16", "--method", "lora"], toy_dir, tmp_path)
+    assert code == 0 and doc["kind"] == "memory"
+    by_arm = {r["arm"]: r for r in doc["rows"]}
+    assert "peft" in by_arm and "peft_compile" not in by_arm
+    peft = by_arm["peft"]
+    trainable_bytes = peft["trainable_params"] * 4
+    assert peft["gradients_bytes"] == trainable_bytes
+    assert peft["optimizer_bytes"] >= 2 * trainable_bytes  # AdamW: exp_avg and exp_avg_sq (+ step)
+    assert peft["saved_bytes"] > 0 and peft["step_ms"] > 0
+    parts = sum(peft[k] for k in report.STEP_PARTS)
+    assert peft["peak_bytes"] >= peft["parameters_bytes"] + peft["optimizer_bytes"]
+    assert parts > peft["parameters_bytes"]
+    _plots(tmp_path / "doc.json", tmp_path)
+
+
+def test_cli_budget_equal_parameters(toy_dir, tmp_path, capsys):
+    code, doc = _run(["bench", "--budget", "3%", "--d", "32", "--n", "16"], toy_dir, tmp_path)
+    assert code == 0 and doc["kind"] == "budget"
+    budget = doc["config"]["budget"]
+    total = sum(p.numel() for p in model_step.bench_llama(32, layers=runner.MODEL_LAYERS, device="meta").parameters())
+    assert budget == round(0.03 * total)
+    [row] = [r for r in doc["rows"] if r["arm"] == "peft"]
+    counts = {s: bench.adapters.count_at(runner.discover(toy_dir).adapters[0], s,
+                                         lambda: model_step.bench_llama(32, layers=runner.MODEL_LAYERS, device="meta"),
+                                         doc["config"]["targets"]) for s in (1, 2, 3, 4, 6, 8)}
+    assert row["trainable_params"] == min(counts.values(), key=lambda c: abs(c - budget))
+    assert "vs budget" in capsys.readouterr().out
+    _plots(tmp_path / "doc.json", tmp_path)
+
+
+def test_cli_bad_input_says_what_is_valid(toy_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"--method 'nosuch'.*valid names: \['lora', 'oft'\]"):
+        main(["bench", "--method", "nosuch", "--cases-dir", str(toy_dir)])
+    with pytest.raises(SystemExit, match="valid choices: cpu, cuda"):
+        runner.resolve_device("tpu:0")
+    with pytest.raises(SystemExit, match="percentage"):
+        runner.parse_budget("lots", 1000)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no CUDA device exists")
+def test_cli_cuda_without_cuda_is_a_clear_error(toy_dir):
+    with pytest.raises(SystemExit, match="no CUDA device is available.*--device cpu"):
+        main(["bench", "--device", "cuda", "--cases-dir", str(toy_dir)])
+
+
+def test_cli_check_command(capsys):
+    assert main(["check", "--device", "cpu", "--d", "32", "--n", "8", "--only", "lora_r16", "--no-compile"]) == 0
     out = capsys.readouterr().out
-    assert out.count(" ok") == 2 and "FAIL" not in out  # peft arm of both lora cases
-    assert main(["memory", "--device", "cpu", "--d", "32", "--n", "8", "--only", "lora_r16_dropout",
-                 "--no-compile"]) == 0
-    table = capsys.readouterr().out
-    assert "| lora_r16_dropout0.1 | peft |" in table and "| lora_r16 |" not in table
+    assert " ok" in out and "FAIL" not in out
 
 
-def test_cli_plot_draws_or_says_how_to_install_matplotlib(tmp_path):
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        with pytest.raises(SystemExit, match="matplotlib"):
-            main(["plot", str(tmp_path / "r.json"), "-o", str(tmp_path / "r.png")])
-        return
-    rows = [{"case": "c", "arm": "peft", "ratio": 1.2, "saved_ratio": 1.0}]
+# --------------------------------------------------------------------------------------------
+# budget search, timelines, old documents, peers
+
+def test_budget_size_bisects_to_the_nearest_valid_size():
+    def config(size, targets):
+        if size % 2:
+            raise ValueError("odd sizes are rejected by this toy config")
+        return LoraConfig(r=size, target_modules=targets)
+
+    def make():
+        return linear_model(16, 16, bias=False, dtype=torch.float32)
+
+    adapter = bench.Adapter("lora", config, "r", sizes=tuple(range(1, 17)), default=2)
+    # LoRA on a 16 x 16 layer trains 32 r parameters; valid r are even
+    assert bench.budget_size(adapter, 100, make, ["0"]) == (4, 128)   # 96 (r=3) is rejected; 64 is further
+    assert bench.budget_size(adapter, 70, make, ["0"]) == (2, 64)
+    assert bench.budget_size(adapter, 10_000, make, ["0"]) == (16, 512)
+    never = bench.Adapter("lora", lambda s, t: config(1, t), "r", sizes=(1, 3), default=1)
+    assert bench.budget_size(never, 100, make, ["0"]) is None
+
+
+def test_timeline_from_snapshot_tracks_allocations_and_keeps_the_peak(monkeypatch):
+    events = [{"action": "alloc", "size": 100, "time_us": 1}, {"action": "alloc", "size": 50, "time_us": 2},
+              {"action": "free_requested", "size": 100, "time_us": 3},
+              {"action": "free_completed", "size": 100, "time_us": 4}, {"action": "segment_alloc", "size": 999}]
+    assert model_step.timeline_from_snapshot({"device_traces": [events]}) == [(1.0, 100), (2.0, 150), (4.0, 50)]
+    monkeypatch.setattr(model_step, "TIMELINE_POINTS", 2)
+    assert model_step.timeline_from_snapshot({"device_traces": [events]}) == [(2.0, 150), (4.0, 50)]
+
+
+def test_plot_reads_documents_written_before_kinds_existed(tmp_path):
+    rows = [{"case": "c", "arm": "base", "ratio": 1.0}, {"case": "c", "arm": "peft", "ratio": 1.2, "saved_ratio": 1.0}]
     (tmp_path / "r.json").write_text(json.dumps(
         {"config": {"device": "cpu", "dtype": "float32", "d": 8, "n": 4}, "rows": rows}))
-    assert main(["plot", str(tmp_path / "r.json"), "-o", str(tmp_path / "r.png")]) == 0
-    assert (tmp_path / "r.png").stat().st_size > 0
+    _plots(tmp_path / "r.json", tmp_path)
+
+
+lycoris_missing = pytest.mark.skipif(not peers.lycoris_available(), reason="lycoris-lora is not installed (optional)")
+
+
+@lycoris_missing
+def test_lycoris_peer_is_the_same_size_of_adapter_on_the_same_base():
+    base = nn.Linear(64, 64, bias=False).requires_grad_(False)
+    lora = peers.lycoris_arm(LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), base)
+    assert {n: tuple(p.shape) for n, p in lora.named_parameters()} == {"lora_down.weight": (4, 64),
+                                                                       "lora_up.weight": (64, 4)}
+    x = randn(5, 64, dtype=torch.float32)
+    torch.testing.assert_close(lora(x), base(x))  # LyCORIS's init: the up projection is zero
+    oft = peers.lycoris_arm(OFTConfig(oft_block_size=8, r=0, target_modules=["0"]), base)
+    assert oft.block_size == 8
+    assert peers.lycoris_arm(OFTConfig(oft_block_size=16, r=0, target_modules=["0"]), base) is None  # b > sqrt(d)
+    assert peers.lycoris_arm(LoraConfig(r=4, use_dora=True, target_modules=["0"]), base) is None  # no bypass DoRA
+
+
+def test_config_method_names_the_catalog_method():
+    assert peers.config_method(LoraConfig(r=2)) == "lora"
+    assert peers.config_method(LoraConfig(r=2, use_dora=True)) == "dora"
+    assert peers.config_method(OFTConfig(oft_block_size=8, r=0)) == "oft"
+
+
+# --------------------------------------------------------------------------------------------
+# pytest-benchmark microbenchmarks (benchmarks/micro), tiny shapes
+
+def test_microbenchmarks_run_and_record_peak_memory(tmp_path):
+    """One benchmark of each module, timed (a round or two) with its JSON written: every family
+    module and the discovered layer / op modules collect and run."""
+    selection = ("(test_rotation and fwd-fastadapt-16-neumann) or (test_weight_norm and fastadapt) "
+                 "or (test_layer and fwd-fastadapt-dora) or (test_op and dora_weight_norm and torch-ex0)")
+    out = tmp_path / "micro.json"
+    env = {**os.environ, "FASTADAPT_MICRO": "tiny"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/micro", "-q", "-p", "no:cacheprovider",
+                           "-k", selection, "--benchmark-only", "--benchmark-min-rounds=1",
+                           "--benchmark-max-time=0.000001", "--benchmark-warmup=off", f"--benchmark-json={out}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    benchmarks = json.loads(out.read_text())["benchmarks"]
+    modules = {b["fullname"].split("::")[0] for b in benchmarks}
+    assert modules == {f"benchmarks/micro/{m}.py" for m in ("test_cayley", "test_dora_norm", "test_layers",
+                                                            "test_registered_ops")}
+    assert all(b["extra_info"]["peak_bytes"] >= 0 and b["group"] for b in benchmarks)
+
+
+def test_microbenchmarks_are_outside_the_default_test_run():
+    import tomllib
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert config["testpaths"] == ["tests"]

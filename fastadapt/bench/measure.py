@@ -14,7 +14,7 @@ Definitions (DESIGN.md section 6):
 - Saved activations = bytes of the unique storages packed by autograd during ``fn(x)`` that are
   still alive right before backward, minus parameters and buffers, as a multiple of bytes(x).
 - Peak memory: CUDA ``max_memory_allocated`` delta; on CPU the running total of the profiler's
-  allocation records (see :func:`peak_memory`).
+  allocation records (see :func:`peak_bytes_during`).
 """
 from __future__ import annotations
 
@@ -188,24 +188,18 @@ def _excluded_owner(fn) -> nn.Module | None:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def saved_activation_bytes(fn: Callable, x: torch.Tensor, *,
-                           exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the unique storages autograd saves for backward during ``fn(x)``.
+def saved_bytes_during(run: Callable[[], object], *, exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``run()`` executes.
 
     Every tensor autograd packs (torch.autograd.graph.saved_tensors_hooks) is traced to its
     storage; a storage counts once however many views of it were saved.  Not counted: storages
-    of ``fn``'s parameters and buffers (when ``fn`` is an nn.Module or a bound method of one),
-    of any packed ``nn.Parameter``, and of ``exclude``; and storages no longer alive right before
-    backward (saved by graph branches that ``fn`` discarded), checked through weak references
-    so the measurement itself keeps nothing alive.  ``x`` is made a leaf requiring grad.
-    Tensors an autograd Function stashes as ``ctx`` attributes bypass the hooks and are not
-    seen: save through ``ctx.save_for_backward``.
+    of any packed ``nn.Parameter`` and of ``exclude``; and storages no longer alive when ``run``
+    has returned (saved by graph branches it discarded), checked through weak references so the
+    measurement itself keeps nothing alive.  ``run``'s result is held until then (it owns the
+    graph) and dropped after.  Tensors an autograd Function stashes as ``ctx`` attributes bypass
+    the hooks and are not seen: save through ``ctx.save_for_backward``.
     """
-    x = _leaf_input(x)
     excluded = {_storage_key(t) for t in exclude}
-    owner = _excluded_owner(fn)
-    if owner is not None:
-        excluded |= {_storage_key(t) for t in (*owner.parameters(), *owner.buffers())}
     packed: list[tuple[weakref.ref, tuple]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -216,10 +210,23 @@ def saved_activation_bytes(fn: Callable, x: torch.Tensor, *,
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(x)
+        out = run()
     alive = {key for ref, key in packed if ref() is not None and key not in excluded}
     del out
     return sum(nbytes for _, _, nbytes in alive)
+
+
+def saved_activation_bytes(fn: Callable, x: torch.Tensor, *,
+                           exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the unique storages autograd saves for backward during ``fn(x)``
+    (:func:`saved_bytes_during`), not counting the storages of ``fn``'s parameters and buffers
+    (when ``fn`` is an nn.Module or a bound method of one), of any packed ``nn.Parameter`` and of
+    ``exclude``.  ``x`` is made a leaf requiring grad.
+    """
+    x = _leaf_input(x)
+    owner = _excluded_owner(fn)
+    owned = [*owner.parameters(), *owner.buffers()] if owner is not None else []
+    return saved_bytes_during(lambda: fn(x), exclude=[*exclude, *owned])
 
 
 def saved_activation_ratio(fn: Callable, x: torch.Tensor, *,
@@ -231,30 +238,27 @@ def saved_activation_ratio(fn: Callable, x: torch.Tensor, *,
 # --------------------------------------------------------------------------------------------
 # peak memory
 
-def peak_memory(fn: Callable, x: torch.Tensor) -> int:
-    """Peak bytes allocated above the starting level during ``fn(x)`` and its backward.
+def peak_bytes_during(run: Callable[[], object], device) -> int:
+    """Peak bytes allocated on ``device`` above the level at the start while ``run()`` executes.
 
     CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
     allocation before the call.  CPU: the CPU allocator records every allocation and free while
     ``torch.profiler.profile(profile_memory=True)`` runs; this sorts those records by time and
     returns the maximum of their running sum (memory allocated before the call is not seen,
-    which is what a delta means).  Backward is ``out.backward(grad_out)`` with a random
-    ``grad_out`` created before the measured region.
+    which is what a delta means).
     """
-    x = _leaf_input(x)
-    with torch.no_grad():
-        grad_out = torch.randn_like(fn(x.detach()))
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-        start = torch.cuda.memory_allocated(x.device)
-        fn(x).backward(grad_out)
-        torch.cuda.synchronize(x.device)
-        return torch.cuda.max_memory_allocated(x.device) - start
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(x).backward(grad_out)
+        run()
     records = [e for e in prof.profiler.kineto_results.events()
                if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
     running = peak = 0
@@ -262,6 +266,16 @@ def peak_memory(fn: Callable, x: torch.Tensor) -> int:
         running += e.nbytes()
         peak = max(peak, running)
     return peak
+
+
+def peak_memory(fn: Callable, x: torch.Tensor) -> int:
+    """Peak bytes allocated above the starting level during ``fn(x)`` and its backward
+    (:func:`peak_bytes_during`).  Backward is ``out.backward(grad_out)`` with a random
+    ``grad_out`` created before the measured region."""
+    x = _leaf_input(x)
+    with torch.no_grad():
+        grad_out = torch.randn_like(fn(x.detach()))
+    return peak_bytes_during(lambda: fn(x).backward(grad_out), x.device)
 
 
 # --------------------------------------------------------------------------------------------
