@@ -20,7 +20,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <torch/python.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with the at::Tensor caster (torch/python.h costs 4x the compile time)
 
 #include <algorithm>
 #include <cstdint>

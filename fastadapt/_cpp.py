@@ -51,9 +51,18 @@ def extension():
         return load(name=EXTENSION_NAME, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags,
                     verbose=False)
     except Exception as exc:  # no compiler, no ninja, build error: degrade, say so once
-        warnings.warn(f"fastadapt: csrc/ could not be built ({type(exc).__name__}: {exc}); "
+        warnings.warn(f"fastadapt: csrc/ could not be built ({type(exc).__name__}: {_summary(exc)}); "
                       "using the torch path", stacklevel=2)
         return None
+
+
+def _summary(exc: Exception, tail: int = 3, width: int = 160) -> str:
+    """The first line of a build error and its last lines, each cut to ``width`` characters
+    (ninja's log repeats every compiler command line in full)."""
+    lines = [line if len(line) <= width else line[:width] + "..." for line in str(exc).splitlines() if line.strip()]
+    if len(lines) <= tail + 1:
+        return " | ".join(lines)
+    return " | ".join([lines[0], "...", *lines[-tail:]])
 
 
 def built() -> bool:
