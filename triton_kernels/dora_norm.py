@@ -32,9 +32,6 @@ import triton
 import triton.language as tl
 
 from ._tiles import block_r, check_operands, check_tiles
-# Shared blocks, re-exported for callers of this family (their home is dropout.py / lowrank_gemm.py).
-from .dropout import dropout_mask_add_, seeded_dropout  # noqa: F401
-from .lowrank_gemm import float32_matmul, scaled_lowrank_gemm  # noqa: F401
 
 
 @triton.jit

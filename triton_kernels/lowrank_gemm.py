@@ -137,17 +137,15 @@ def scaled_lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: to
     x's dtype, or are float32 on a float16 / bfloat16 x (PEFT's float32 adapter on a half base:
     an IEEE fp32 low-rank dot).  C is (M, N), contiguous, in ``out_dtype`` (default x's dtype).
     ``with_pre``: return (C, C_pre) with C_pre = x diag(k_scale) y + u v (before out_scale and
-    bias; x's dtype), stored by the same epilogue.  ``round_base`` (half x only): the base product
+    bias; x's dtype), stored by the same epilogue.  ``round_base``: the base product
     B0 = x diag(k_scale) y is rounded to x's dtype before u v is added (where PEFT rounds its half
-    base GEMM; see the module docstring).  ``residual`` (M, N) contiguous, any float dtype:
+    base GEMM; see the module docstring; a no-op for float32 x).  ``residual`` (M, N) contiguous, any float dtype:
     C = (residual - B0) + out_scale o (B0 + u v) + bias instead, in that order in float32 (DoRA's
     mixed forward with dropout: residual = x W^T + b, B0 = fl_h(x_d W^T)).  ``bias_in_base``: the
     bias joins B0 before its rounding, C = fl(out_scale o (fl_h(x y + bias) + u v)) (DeLoRA's mixed
     forward: PEFT's F.linear(x, W, b) rounded, then the float32 low-rank term).
     """
     lowrank_dtype = check_operands("the fused GEMM", ("x", x), ("y", y), (("u", u), ("v", v)))
-    if round_base and x.dtype == torch.float32:
-        raise ValueError("round_base=True rounds to a half x's dtype but x is float32; pass round_base=False")
     m, k = x.shape
     n = y.shape[1]
     r = u.shape[1]
@@ -167,7 +165,7 @@ def scaled_lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: to
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), u.stride(0), u.stride(1),
             v.stride(0), v.stride(1), out.stride(0), out.stride(1))
     flags = dict(HAS_SK=k_scale is not None, HAS_SO=out_scale is not None, HAS_BIAS=bias is not None,
-                 HAS_PRE=with_pre, HAS_RES=residual is not None, ROUND_BASE=round_base,
+                 HAS_PRE=with_pre, HAS_RES=residual is not None, ROUND_BASE=round_base and x.dtype != torch.float32,
                  BIAS_IN_BASE=bias_in_base, IEEE=x.dtype == torch.float32,
                  LOWRANK_IEEE=lowrank_dtype == torch.float32, BLOCK_R=block_r(r))
     if x.is_cuda and block_m is None and block_n is None and block_k is None:
