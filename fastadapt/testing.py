@@ -22,6 +22,7 @@ found by :func:`peft_configs`; a bridged method missing from either fails those 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import itertools
@@ -170,6 +171,30 @@ def tiny_llama(seed: int | None = None, *, dtype=torch.float64, vocab_size: int 
                          tie_word_embeddings=tie_word_embeddings, use_cache=False, attn_implementation="eager")
     model = LlamaForCausalLM(config).to(dtype).eval()
     return randomize_(model, scale=scale, seed=seed)
+
+
+@contextlib.contextmanager
+def triton_launches():
+    """Within the block, record the name of every Triton kernel launched (compiled or interpreted),
+    whichever module launches it; yields the list of names."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    launched: list[str] = []
+    originals = {cls: cls.run for cls in (InterpretedFunction, JITFunction)}
+
+    def recorder(run):
+        def counted(self, *args, **kwargs):
+            launched.append(self.fn.__name__)
+            return run(self, *args, **kwargs)
+        return counted
+
+    try:
+        for cls, run in originals.items():
+            cls.run = recorder(run)
+        yield launched
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,26 +3,44 @@ training with ``fastadapt.accelerate`` follows PEFT's own training step for step
 adapter parameter), every adapted layer runs fused, and the checkpoint it writes loads in plain PEFT
 and gives PEFT's outputs.  Twice: on the CPU torch path, and with FASTADAPT_BACKEND=triton, which
 runs the CUDA path's Triton kernels (through the interpreter here) inside a whole model: attention
-reshapes, several layers, an optimizer between steps."""
+reshapes, several layers, an optimizer between steps.
+
+Every bridged method takes part through its family's ``tests/peft_configs_<family>.py``
+(``VARIANTS``).  Variants with dropout train with ``accelerate(model, dropout="torch")`` on the
+torch path (nn.Dropout's masks: PEFT's own); on the Triton path their masks come from the Philox
+stream, so that run follows the torch path's Philox run (one seed gives one mask on every backend).
+"""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
-from peft import DeloraConfig, LoraConfig, OFTConfig, PeftModel, PsoftConfig, get_peft_model
+from peft import PeftModel, get_peft_model
 
 import fastadapt
 from fastadapt.numerics import assert_rel_close
-from fastadapt.testing import generator, randomize_, tiny_llama
+from fastadapt.peft import bridged_methods
+from fastadapt.testing import generator, peft_configs, perturb_, tiny_llama, triton_launches
 
-TARGETS = ["q_proj", "v_proj", "down_proj"]
-CONFIGS = {
-    "dora": lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=TARGETS),
-    "oft": lambda: OFTConfig(oft_block_size=8, r=0, target_modules=TARGETS),
-    "oft_exact": lambda: OFTConfig(oft_block_size=8, r=0, use_cayley_neumann=False, target_modules=TARGETS),
-    "psoft": lambda: PsoftConfig(r=4, psoft_alpha=4, target_modules=["q_proj", "v_proj"]),
-    "delora": lambda: DeloraConfig(r=4, delora_lambda=5, init_weights=False, target_modules=TARGETS),
-}
-ADAPTER_PARAMS = ["lora_B", "oft_R", "psoft_R", "delora_B"]
+CONFIGS = peft_configs(Path(__file__).parent)
+VARIANTS = sorted(CONFIGS.variants)
+
+# Known failures whose cause lies outside the bridge: (variant, backend) -> "owner: cause".
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+
+
+def _params(backends):
+    cases = [(v, b) for v in VARIANTS for b in backends]
+    unknown = sorted(set(KNOWN_FAILURES) - set((v, b) for v in VARIANTS for b in ("torch", "triton")))
+    assert not unknown, f"KNOWN_FAILURES names no case: {unknown}"
+    return [pytest.param(v, b, id=f"{v}-{b}", marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(v, b)])]
+                         if (v, b) in KNOWN_FAILURES else []) for v, b in cases]
+
+
+def test_every_bridged_method_has_a_model_variant():
+    missing = sorted(CONFIGS.methods_without_variants(bridged_methods()))
+    assert not missing, (f"bridged methods without a tiny-Llama variant: {missing}; add a PeftVariant to VARIANTS "
+                         f"in tests/peft_configs_<family>.py (found: {CONFIGS.files})")
 
 
 def _batches(count=3, batch=2, seq=9, vocab=64):
@@ -30,25 +48,11 @@ def _batches(count=3, batch=2, seq=9, vocab=64):
     return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(count)]
 
 
-def _count_kernel_launches(monkeypatch) -> list:
-    """Wrap every public launcher of the Triton kernel modules; returns the list of launched names."""
-    from fastadapt.triton_kernels import cayley, dora_norm
-    launched = []
-    for module in (cayley, dora_norm):
-        for name, fn in list(vars(module).items()):
-            if callable(fn) and not name.startswith("_") and getattr(fn, "__module__", "") == module.__name__ \
-                    and not isinstance(fn, type) and not hasattr(fn, "run"):
-                def counted(*args, _fn=fn, _name=name, **kwargs):
-                    launched.append(_name)
-                    return _fn(*args, **kwargs)
-                monkeypatch.setattr(module, name, counted)
-    return launched
-
-
 def _train(model, batches):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     losses = []
-    for ids in batches:
+    for i, ids in enumerate(batches):
+        torch.manual_seed(100 + i)  # the same dropout masks in every run of these batches
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
@@ -57,71 +61,81 @@ def _train(model, batches):
     return torch.stack(losses)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("method", sorted(CONFIGS))
-def test_training_follows_peft_and_checkpoint_loads_in_plain_peft(method, backend, tmp_path, monkeypatch):
-    base = tiny_llama(3, dtype=torch.float32)
-    peft_model = get_peft_model(copy.deepcopy(base), CONFIGS[method]())
-    randomize_(peft_model, names=ADAPTER_PARAMS, scale=0.05, seed=4)
-    peft_model.train()
+def _peft_model(variant, dtype):
+    model = get_peft_model(tiny_llama(3, dtype=dtype), variant.config())
+    perturb_(model, scale=0.05, seed=4)
+    return model.train()
+
+
+@pytest.mark.parametrize("name,backend", _params(("torch", "triton")))
+def test_training_follows_peft_and_checkpoint_loads_in_plain_peft(name, backend, tmp_path, monkeypatch):
+    variant = CONFIGS.variants[name]
+    peft_model = _peft_model(variant, torch.float32)
     fused_model = copy.deepcopy(peft_model)
-    report = fastadapt.accelerate(fused_model)
-    assert report.num_patched >= 4, str(report)
+    torch_masks = variant.dropout and backend == "torch"
+    report = fastadapt.accelerate(fused_model, methods=[variant.method], dropout="torch" if torch_masks else "philox")
+    assert report.num_patched >= 2, str(report)
 
     batches = _batches()
-    expected = _train(peft_model, batches)
+    if variant.dropout and not torch_masks:  # Philox masks: follow the torch path's Philox run
+        reference = copy.deepcopy(peft_model)
+        fastadapt.accelerate(reference, methods=[variant.method])
+        monkeypatch.setenv("FASTADAPT_BACKEND", "torch")
+        expected = _train(reference, batches)
+    else:
+        reference = peft_model
+        expected = _train(peft_model, batches)
     monkeypatch.setenv("FASTADAPT_BACKEND", backend)
-    launched = _count_kernel_launches(monkeypatch)
-    got = _train(fused_model, batches)
+    with triton_launches() as launched:
+        got = _train(fused_model, batches)
     assert bool(launched) == (backend == "triton"), sorted(set(launched))
     assert report.fused_calls == report.num_patched * len(batches) and not report.fallbacks, str(report)
     assert_rel_close(got, expected, name="losses")
-    trained = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
-    for name, param in fused_model.named_parameters():
+    trained = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    for param_name, param in fused_model.named_parameters():
         if param.requires_grad:
-            assert_rel_close(param, trained[name], scale=10, name=name)  # 3 SGD steps of fp32 rounding
+            assert_rel_close(param, trained[param_name], scale=10, name=param_name)  # 3 SGD steps of fp32 rounding
 
     fused_model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()  # plain PEFT, nothing patched
+    loaded = PeftModel.from_pretrained(tiny_llama(3, dtype=torch.float32), tmp_path).eval()  # plain PEFT
     fused_model.eval()
     ids = batches[0]
     assert_rel_close(loaded(input_ids=ids).logits, fused_model(input_ids=ids).logits, name="logits")
 
 
-@pytest.mark.parametrize("method", ["dora", "delora"])
-def test_half_base_with_float32_adapter_on_the_triton_path_follows_peft(method, monkeypatch):
+@pytest.mark.parametrize("name", [v for v in VARIANTS if not CONFIGS.variants[v].dropout])
+def test_half_base_with_float32_adapter_on_the_triton_path_follows_peft(name, monkeypatch):
     """PEFT's default for a half model (autocast_adapter_dtype: float32 adapter on a float16 base)
-    through the Triton kernels' mixed path (FASTADAPT_BACKEND=triton, the CUDA path), three SGD
-    steps on a tiny float16 Llama: losses follow PEFT's own run within the float16 table, and every
-    parameter update follows the CPU torch path's (itself checked against PEFT above and in
-    test_dora_norm) within twice that table: both round at PEFT's points and differ only in float32
-    summation order (DeLoRA's lambda by value: its gradient is an ill-conditioned sum).  (Against
-    PEFT the updates differ by ~1e-3 on both fused paths alike.)"""
-    base = tiny_llama(5, dtype=torch.float16)
-    peft_model = get_peft_model(copy.deepcopy(base), CONFIGS[method]())
-    randomize_(peft_model, names=ADAPTER_PARAMS, scale=0.05, seed=4)
+    through the Triton kernels (FASTADAPT_BACKEND=triton, the CUDA path), three SGD steps on a tiny
+    float16 Llama: every call fused, Triton kernels launched, losses follow PEFT's own run within the
+    float16 table, and every parameter update follows the CPU torch path's (itself checked against
+    PEFT above and in each family's tests) within twice that table: both round at PEFT's points and
+    differ only in float32 summation order.  A parameter whose update is below a hundredth of its
+    value (DeLoRA's lambda: its gradient is an ill-conditioned sum that some layers barely move in
+    three steps) carries no relative precision in its update: its value is compared instead.  (The
+    accuracy of each gradient against float64 is test_half_precision's contract.)"""
+    variant = CONFIGS.variants[name]
+    peft_model = _peft_model(variant, torch.float16)
     assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
-    peft_model.train()
     initial = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     torch_path, triton_path = copy.deepcopy(peft_model), copy.deepcopy(peft_model)
-    fastadapt.accelerate(torch_path)
-    report = fastadapt.accelerate(triton_path)
+    fastadapt.accelerate(torch_path, methods=[variant.method])
+    report = fastadapt.accelerate(triton_path, methods=[variant.method])
     batches = _batches()
     expected = _train(peft_model, batches)
     _train(torch_path, batches)
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
-    launched = _count_kernel_launches(monkeypatch)
-    got = _train(triton_path, batches)
-    assert "scaled_lowrank_gemm" in launched and "float32_matmul" in launched, sorted(set(launched))
+    with triton_launches() as launched:
+        got = _train(triton_path, batches)
+    assert launched, "no Triton kernel ran"
     assert report.fused_calls == report.num_patched * len(batches) and not report.fallbacks, str(report)
     assert_rel_close(got, expected, torch.float16, name="losses")
     reference = dict(torch_path.named_parameters())
-    for name, param in triton_path.named_parameters():
-        if "delora_lambda" in name:
-            # dlambda sums dY_t B_:,i u_ti over tokens and ranks with cancellation (test_dora_norm
-            # scales its tolerance by that sum's condition number); some layers' lambda barely moves
-            # in three steps, so their updates carry no relative precision: compare the values
-            assert_rel_close(param, reference[name], torch.float16, name=name)
-        elif param.requires_grad:
-            assert_rel_close(param - initial[name], reference[name] - initial[name], torch.float16, scale=2,
-                             name=f"update of {name}")
+    for param_name, param in triton_path.named_parameters():
+        if not param.requires_grad:
+            continue
+        update, ref_update = param - initial[param_name], reference[param_name] - initial[param_name]
+        if ref_update.norm() < 0.01 * reference[param_name].norm():
+            assert_rel_close(param, reference[param_name], torch.float16, name=param_name)
+        else:
+            assert_rel_close(update, ref_update, torch.float16, scale=2, name=f"update of {param_name}")

@@ -30,10 +30,7 @@ from fastadapt.testing import peft_configs, perturb_, tiny_llama
 CONFIGS = peft_configs(Path(__file__).parent)
 
 # Known failures whose cause lies outside the bridge: (variant, dropout stream) -> "owner: cause".
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("delora", "philox"): "F (dora_norm): backward under AOTAutograd: the custom op delora_linear_backward returns "
-                          "(or aliases) one of its inputs",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _cases():
