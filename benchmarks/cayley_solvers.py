@@ -14,7 +14,7 @@ Modes:
   CPU (torch, what fastadapt.ops runs there): ``torch inv`` (batched inv_ex, as ops.cayley),
     ``torch solve`` (linalg.solve(I - Q, I + Q, left=False), as the reference / PEFT),
     ``torch newton_schulz`` (the kernel's iteration in bmm, same step count) and ``torch neumann5``
-    (ops._neumann5: two b x b products).
+    (fastadapt.ops.cayley_maps.NeumannSeries: two b x b products).
 On CUDA it also checks that an OFT training step on the triton path never waits for the device
 (sync_check).  Every row: median time per call (all n blocks), the relative error of R against float64 (a solve;
 for Neumann rows the float64 series, so it measures the arithmetic, not the truncation) and the
@@ -35,6 +35,8 @@ import torch
 from fastadapt.bench.runner import machine_info
 from fastadapt.numerics import rel_error
 from fastadapt.ops import cayley as ops
+from fastadapt.ops.cayley_maps import NeumannSeries
+from fastadapt.ops.cayley_monitor import MONITOR
 from fastadapt.reference import cayley as ref
 from fastadapt.testing import randn
 
@@ -103,7 +105,7 @@ def _modes(device: torch.device, packed: torch.Tensor, b: int, steps: int) -> di
         "torch inv": (lambda: 2 * torch.linalg.inv_ex(eye - ops.skew(packed, b))[0] - eye, True),
         "torch solve": (lambda: torch.linalg.solve(eye - (Q := ops.skew(packed, b)), eye + Q, left=False), True),
         "torch newton_schulz": (lambda: torch_newton_schulz(ops.skew(packed, b), steps), True),
-        "torch neumann5": (lambda: ops._neumann5(ops.skew(packed, b))[0], True),
+        "torch neumann5": (lambda: NeumannSeries(ops.skew(packed, b), 5).R, True),
     }
 
 
@@ -139,20 +141,21 @@ def run(device: torch.device, iters: int) -> list[dict]:
 def sync_check(device: torch.device) -> dict:
     """CUDA: OFT layer forward + backward on the triton path under torch.cuda.set_sync_debug_mode
     ("error"): "none" when no call waits for the device, else the error.  Cases: exact and Neumann
-    with small |Q|, and a divergent Neumann Q over the two calls before its warning (call 1
-    queues the bounds, call 2 judges them and queues the exact test; the warning call 3 computes
-    ||Q||_2 with one sync, by design, outside the check)."""
+    with small |Q|, and a divergent Neumann Q over the three calls before its warning (call 1
+    queues ||Q||_F, call 2 judges it and queues the bounds of S = Q^2, call 3 judges those and
+    queues the exact test; the warning call 4 computes ||Q||_2 with one sync, by design, outside
+    the check)."""
     from fastadapt.layers.cayley import OFTLinear
     result = {}
     for name, neumann, entry_scale, calls in (("exact", False, 0.01, 3), ("neumann5", True, 0.01, 3),
-                                              ("neumann5 divergent, before the warning", True, 1.0, 2)):
-        ops._neumann_monitor = ops._NeumannMonitor()
+                                              ("neumann5 divergent, before the warning", True, 1.0, 3)):
+        MONITOR.reset()
         layer = OFTLinear(torch.nn.Linear(512, 256, device=device), oft_block_size=32, use_cayley_neumann=neumann)
         with torch.no_grad():
             layer.oft_R.weight.normal_().mul_(entry_scale)
         x = torch.randn(300, 512, device=device, requires_grad=True)
         layer(x).sum().backward()  # compile / warm up outside the check
-        ops._neumann_monitor = ops._NeumannMonitor()
+        MONITOR.reset()
         try:
             for _ in range(calls):
                 torch.cuda.synchronize(device)  # the previous call's reading is ready: judged in this call
@@ -164,7 +167,7 @@ def sync_check(device: torch.device) -> dict:
             result[name] = "none"
         except RuntimeError as error:
             result[name] = str(error).splitlines()[0]
-    ops._neumann_monitor = ops._NeumannMonitor()
+    MONITOR.reset()
     return result
 
 

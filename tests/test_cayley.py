@@ -3,6 +3,7 @@
 Every comparison is a relative Frobenius error against a float64 reference or PEFT's own layer,
 within fastadapt.numerics' one tolerance table.
 """
+import dataclasses
 import re
 import warnings
 
@@ -14,6 +15,7 @@ import fastadapt
 from fastadapt.layers import cayley as layers
 from fastadapt.numerics import assert_rel_close
 from fastadapt.ops import cayley as ops
+from fastadapt.ops import cayley_maps, cayley_monitor, cayley_oft, cayley_rotate
 from fastadapt.reference import cayley as ref
 from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
 
@@ -189,17 +191,34 @@ def test_oft_linear_gradcheck_float64(rows, shared, terms):
 
 
 @pytest.mark.parametrize("terms", [5, 4])
-def test_oft_linear_near_orthogonal_neumann_backward_gradcheck_float64(terms):
+def test_oft_linear_near_orthogonal_neumann_backward_gradcheck_float64(terms, monkeypatch):
     """Small |Q|: the Neumann R is orthogonal to within float64 rounding after a few terms of
-    (I - E)^{-1}, so the weight-side backward takes G = (x^T dx) R^{-T} instead of rotating g."""
-    packed = randn(3, ops.packed_size(4), scale=1e-3, requires_grad=True)
+    (I - E)^{-1}, so the weight-side backward takes G = (x^T dx) R^{-T} instead of rotating g
+    (18 rows, 5 outputs, b = 4: up to (18 - 5) / 4 - 2 terms pay for themselves)."""
+    packed = randn(3, ops.packed_size(4), scale=1e-3, requires_grad=True, seed=101)
     R = ops.oft_rotation_blocks(packed.detach(), 4, num_cayley_neumann_terms=terms)
-    inverse_t = ops._near_orthogonal_inverse_transpose(R)
+    inverse_t = cayley_oft._near_orthogonal_inverse_transpose(R, cayley_oft.MAX_INVERSE_TERMS)
     assert inverse_t is not None
     assert_rel_close(inverse_t, torch.linalg.inv(R).transpose(-2, -1), name="R^{-T}")
-    x, W = randn(2, 3, 12, requires_grad=True), randn(5, 12, requires_grad=True)  # 6 rows > 5 outputs
+    assert cayley_oft._near_orthogonal_inverse_transpose(R, 0) is None
+    taken = []
+    original = cayley_oft._TORCH.inverse_transpose
+    monkeypatch.setattr(cayley_oft, "_TORCH", dataclasses.replace(
+        cayley_oft._TORCH, inverse_transpose=lambda R, k: taken.append(original(R, k)) or taken[-1]))
+    x, W = randn(2, 9, 12, requires_grad=True, seed=102), randn(5, 12, requires_grad=True, seed=103)
     assert torch.autograd.gradcheck(
         lambda xx, p, w: ops.oft_linear(xx, p, 4, w, None, num_cayley_neumann_terms=terms), (x, packed, W))
+    assert taken and all(t is not None for t in taken), "the weight-side Neumann backward did not run"
+
+
+def test_neumann_inverse_transpose_only_where_it_pays():
+    """k + 2 b x b products against the (M - out) x d x b rotation they save: b = 256 at the CPU
+    benchmark shape (M = 2048, out = 1024) affords one term, b <= 128 the maximum, M <= out none."""
+    def affordable(rows, out, b):
+        return cayley_oft._affordable_inverse_terms(torch.empty(rows, 1), torch.empty(out, 1), b)
+    assert affordable(2048, 1024, 256) == 1
+    assert affordable(2048, 1024, 128) == cayley_oft.MAX_INVERSE_TERMS
+    assert affordable(1024, 1024, 16) < 1
 
 
 @pytest.mark.parametrize("neumann", [True, False])
@@ -221,19 +240,20 @@ def test_oft_layer_saves_only_x():
     assert ratio <= 1.05, f"saved {ratio:.3f} x bytes(x)"
 
 
-def test_oft_backward_over_several_row_chunks_float64():
-    """M > ops._INPLACE_ROWS: dx is rotated in place chunk by chunk (odd last chunk)."""
-    rows = 2 * ops._INPLACE_ROWS + 77
-    base = linear_model(24, 5, dtype=F64)[0]
-    layer = layers.OFTLinear(base, oft_block_size=8, use_cayley_neumann=False)
-    randomize_(layer, scale=0.2, names=["oft_R"])
-    reference = ref.OFTv2Reference(base.weight, base.bias, layer.oft_R.weight, 8, use_cayley_neumann=False)
-    x = randn(rows, 24)
-    y, (dx, dR) = _grads(layer, x, [layer.oft_R.weight])
-    y_ref, (dx_ref, dR_ref) = _grads(reference, x, [reference.packed])
-    assert_rel_close(y, y_ref, name="y")
-    assert_rel_close(dx, dx_ref, name="dx")
-    assert_rel_close(dR, dR_ref, name="doft_R")
+@pytest.mark.parametrize("dtype, adapter_dtype", [(F64, F64), (torch.bfloat16, F32)])
+def test_chunked_rotations_over_several_row_chunks(dtype, adapter_dtype):
+    """M > ROTATE_ROWS (odd last chunk): the in-place rotation of the x-side backward, and the
+    mixed layout's rotation (half rows rotated in float32, rounded once)."""
+    rows = 2 * cayley_rotate.ROTATE_ROWS + 77
+    x = randn(rows, 24, seed=104)
+    R = ref.cayley(ref.skew(randn(3, ops.packed_size(8), scale=0.2, seed=105), 8))
+    expected = torch.einsum("mnk,nck->mnc", x.to(dtype).double().unflatten(1, (3, 8)), R.to(adapter_dtype).double())
+    rotated = cayley_rotate.rotate_(x.to(dtype), R.to(adapter_dtype), transpose=True)
+    assert rotated.dtype == dtype
+    assert_rel_close(rotated, expected.flatten(1), dtype, name="x R_bd^T in place")
+    expected = torch.einsum("mnk,nkc->mnc", x.to(dtype).double().unflatten(1, (3, 8)), R.to(adapter_dtype).double())
+    assert_rel_close(cayley_rotate.rotate(noncontig(x.to(dtype)), R.to(adapter_dtype)), expected.flatten(1), dtype,
+                     name="x R_bd")
 
 
 def _saved_ratio(layer, x):
@@ -307,25 +327,32 @@ def test_oft_nan_in_q_gives_nan_out(neumann):
     assert torch.isnan(y).any()
 
 
-def test_divergent_neumann_warns_once_with_orthogonality_error(monkeypatch):
-    monkeypatch.setattr(ops, "_neumann_monitor", ops._NeumannMonitor())
+@pytest.fixture
+def fresh_monitor():
+    """The process-wide Neumann monitor, reset before and after the test."""
+    cayley_monitor.MONITOR.reset()
+    yield cayley_monitor.MONITOR
+    cayley_monitor.MONITOR.reset()
+
+
+def test_divergent_neumann_warns_once_with_orthogonality_error(fresh_monitor):
     layer = layers.OFTLinear(torch.nn.Linear(16, 4), oft_block_size=8)
     with torch.no_grad():
-        layer.oft_R.weight.normal_().mul_(1.0)  # ||Q||_2 > 1
+        layer.oft_R.weight.copy_(randn(*layer.oft_R.weight.shape, seed=110))  # ||Q||_2 > 1
     R = ref.neumann(ref.skew(layer.oft_R.weight.detach(), 8), 5)
     expected_error = float(ref.orthogonality_error(R))
     with pytest.warns(UserWarning, match=r"diverges.*orthogonality error") as record:
-        layer(randn(2, 16, dtype=F32))
-    measured = float(re.search(r"\|\|R\^T R - I\|\|_F = ([0-9.]+(?:e[+-]\d+)?)\.", str(record[0].message))[1])
-    assert abs(measured - expected_error) <= 1e-2 * expected_error
+        layer(randn(2, 16, dtype=F32, seed=111))
+    assert abs(_warned_error(record) - expected_error) <= 1e-2 * expected_error
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        layer(randn(2, 16, dtype=F32))  # second call: no warning
+        layer(randn(2, 16, dtype=F32, seed=112))  # second call: no warning
 
 
-def _divergence_case(scale, block_size=16):
-    Q = ops.skew(randn(3, ops.packed_size(block_size), scale=scale, dtype=F32), block_size)
-    return Q, ops._neumann_series(Q, 5)
+def _divergence_case(scale, block_size=16, seed=113):
+    """Q (3, b, b) and its 5-term series (R, and S = Q^2 as the series computes it)."""
+    Q = ops.skew(randn(3, ops.packed_size(block_size), scale=scale, dtype=F32, seed=seed), block_size)
+    return Q, cayley_maps.NeumannSeries(Q, 5)
 
 
 def _warned_error(record):
@@ -334,58 +361,83 @@ def _warned_error(record):
 
 def test_deferred_divergence_check_reads_values_on_later_calls():
     """The CUDA branch of the Neumann check, with a CPU stand-in for the pinned copy: a call never
-    reads what it measured; the bounds of call 1 are judged in call 2, which queues the exact test
-    (cholesky_ex of I + Q^2), judged in call 3: one warning carrying call 2's orthogonality error."""
-    monitor = ops._NeumannMonitor(deferred=True)
-    Q, R = _divergence_case(1.0)
-    Q2, R2 = _divergence_case(1.1)
+    reads what it measured.  Call 1 queues ||Q||_F (level 0), call 2 judges it and queues the S
+    bounds (level 1), call 3 judges those and queues the exact test (cholesky_ex of I + S) with the
+    orthogonality error, call 4 warns once with call 3's measurements."""
+    monitor = cayley_monitor.NeumannMonitor(deferred=True)
+    Q, series = _divergence_case(1.0)
+    Q2, series2 = _divergence_case(1.1, seed=114)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        monitor.check(Q, R, 5)
-        assert monitor.pending is not None and len(monitor.pending.values()) == 2  # the two bounds
-        monitor.check(lambda: Q2, R2, 5)
-        assert monitor.exact_next and len(monitor.pending.values()) == 4
+        monitor.check(Q, series.R, 5)
+        assert monitor.level == 0 and len(monitor.pending.values()) == 1
+        monitor.check(lambda: Q, series.R, 5, series.S)
+        assert monitor.level == 1 and len(monitor.pending.values()) == 2
+        monitor.check(lambda: Q2, series2.R, 5)   # no S given: the monitor squares Q itself
+        assert monitor.level == 2 and len(monitor.pending.values()) == 2
     with pytest.warns(UserWarning, match=r"num_cayley_neumann_terms=5 diverges") as record:
-        monitor.check(Q, R, 5)
-    assert abs(_warned_error(record) - float(ref.orthogonality_error(R2.double()))) <= 1e-2 * _warned_error(record)
+        monitor.check(Q, series.R, 5)
+    expected = float(ref.orthogonality_error(series2.R.double()))
+    assert abs(_warned_error(record) - expected) <= 1e-2 * expected
     spectral = float(re.search(r"\|\|Q\|\|_2 = ([0-9.]+)", str(record[0].message))[1])
     assert abs(spectral - float(torch.linalg.matrix_norm(Q2.double(), ord=2).max())) <= 1e-2 * spectral
     built = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        monitor.check(lambda: built.append(1) or Q, R, 5)  # warned: nothing measured, Q not even built
+        monitor.check(lambda: built.append(1) or Q, series.R, 5)  # warned: nothing measured, Q not even built
     assert not built
-    single = ops._NeumannMonitor(deferred=True)  # PSOFT's core: one r x r Q, no batch dim
+    single = cayley_monitor.NeumannMonitor(deferred=True)  # PSOFT's core: one r x r Q, no batch dim
     with pytest.warns(UserWarning, match="diverges"):
-        for _ in range(3):
-            single.check(Q2[0], R2[0], 5)
+        for _ in range(4):
+            single.check(Q2[0], series2.R[0], 5)
 
 
 def test_deferred_divergence_check_waits_for_the_copy(monkeypatch):
     """While the copy's event is not done, calls neither judge the reading nor queue another."""
-    monitor = ops._NeumannMonitor(deferred=True)
-    Q, R = _divergence_case(1.0)
-    monitor.check(Q, R, 5)
+    monitor = cayley_monitor.NeumannMonitor(deferred=True)
+    Q, series = _divergence_case(1.0)
+    monitor.check(Q, series.R, 5)
     first = monitor.pending
-    monkeypatch.setattr(ops._HostReading, "ready", lambda self: False)
+    monkeypatch.setattr(cayley_monitor.HostReading, "ready", lambda self: False)
     for _ in range(3):
-        monitor.check(Q, R, 5)
-    assert monitor.pending is first and not monitor.exact_next and not monitor.warned
+        monitor.check(Q, series.R, 5)
+    assert monitor.pending is first and monitor.level == 0 and not monitor.warned
 
 
-def test_deferred_divergence_check_silent_below_the_spectral_threshold():
-    """b = 64: ||Q||_F and ||Q||_1 above 1 but ||Q||_2 < 1, so the exact test runs and stays quiet;
-    the direct (CPU) check agrees."""
-    Q, R = _divergence_case(0.05, block_size=64)
-    assert float(torch.linalg.matrix_norm(Q, ord=2).max()) < 1 <= float(torch.linalg.matrix_norm(Q, ord=1).min())
+def test_divergence_check_silent_below_the_spectral_threshold():
+    """b = 64: ||Q||_F, ||S||_F and ||S||_1 above 1 but ||Q||_2 < 1, so the exact test runs and
+    stays quiet, deferred (levels 0 -> 1 -> 2 -> 0) and direct (CPU)."""
+    Q, series = _divergence_case(0.05, block_size=64)
+    S = series.S
+    assert float(torch.linalg.matrix_norm(Q, ord=2).max()) < 1
+    assert 1 <= float(torch.linalg.matrix_norm(S).max()) and 1 <= float(torch.linalg.matrix_norm(S, ord=1).max())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for deferred in (True, False):
-            monitor = ops._NeumannMonitor(deferred=deferred)
-            for _ in range(4):
-                monitor.check(Q, R, 5)
-            assert not monitor.warned
-    assert monitor.pending is None  # direct mode keeps nothing
+        monitor = cayley_monitor.NeumannMonitor(deferred=True)
+        levels = []
+        for _ in range(4):
+            monitor.check(Q, series.R, 5, S)
+            levels.append(monitor.level)
+        assert levels == [0, 1, 2, 0] and not monitor.warned
+        direct = cayley_monitor.NeumannMonitor(deferred=False)
+        direct.check(Q, series.R, 5, S)
+        assert not direct.warned and direct.pending is None  # direct mode keeps nothing
+
+
+def test_divergence_check_of_trained_blocks_costs_no_cubic_work(monkeypatch):
+    """A trained adapter at b = 256 (entries ~5e-3): ||Q||_F > 1 leaves the question open, the
+    series' own S settles it (||Q||_2^2 <= ||S||_F < 1): no Cholesky, no SVD, no product."""
+    Q, series = _divergence_case(5e-3, block_size=256)
+    assert float(torch.linalg.matrix_norm(Q).max()) > 1 > float(torch.linalg.matrix_norm(series.S).max())
+
+    def cubic(*args):
+        raise AssertionError("the monitor ran an O(b^3) test the bounds had settled")
+    monkeypatch.setattr(cayley_monitor, "_not_contracting", cubic)
+    for deferred in (False, True):
+        monitor = cayley_monitor.NeumannMonitor(deferred=deferred)
+        for _ in range(4):
+            monitor.check(Q, series.R, 5, series.S)
+        assert not monitor.warned and monitor.level in (0, 1)
 
 
 def test_psoft_neumann_projection_without_host_branch():
@@ -709,8 +761,10 @@ def test_triton_backend_oft_layer_output_and_gradients(neumann, dtype, monkeypat
     assert_rel_close(y, y_ref, dtype, scale=scale, name="y")
     assert_rel_close(dx, dx_ref, dtype, scale=scale, name="dx")
     assert_rel_close(dR, dR_ref, dtype, scale=2.0 * scale, name="doft_R")
-    # packed -> R and dL/dR -> dL/dpacked are one launch each, in both modes
-    assert sorted(n for n in launches if n.startswith("cayley")) == ["cayley_backward", "cayley_forward"]
+    # packed -> R and dL/dR -> dL/dpacked are one launch each; Neumann mode keeps no R and reruns
+    # its series (a few tile products) in the backward, exact mode keeps R (or its symmetric part)
+    expected = ["cayley_backward", "cayley_forward"] + (["cayley_forward"] if neumann else [])
+    assert sorted(n for n in launches if n.startswith("cayley")) == expected
     assert {"block_rotate_forward", "block_rotate_backward_weight"} <= set(launches)
 
 

@@ -187,7 +187,8 @@ def _cayley_bwd_kernel(src_ptr, g_ptr, out_ptr, b, stride_sn, stride_gn, stride_
 def _block_rotate_fwd_kernel(x_ptr, r_ptr, y_ptr, M, b,
                              stride_xm, stride_xk, stride_rn, stride_rk, stride_rc, stride_ym,
                              BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
-    """y[m, i b:(i+1) b] = x[m, i b:(i+1) b] @ R_i for a tile of BLOCK_M rows and block i."""
+    """y[m, i b:(i+1) b] = x[m, i b:(i+1) b] @ R_i for a tile of BLOCK_M rows and block i; IEEE: an
+    IEEE float32 product (float32 R, x converted on load when half), else in x's half dtype."""
     pid_m = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -198,7 +199,7 @@ def _block_rotate_fwd_kernel(x_ptr, r_ptr, y_ptr, M, b,
     R = tl.load(r_ptr + block * stride_rn + offs_k[:, None] * stride_rk + offs_k[None, :] * stride_rc,
                 mask=(offs_k[:, None] < b) & (offs_k[None, :] < b), other=0.0)
     if IEEE:
-        acc = tl.dot(x, R.to(x.dtype), input_precision="ieee")
+        acc = tl.dot(x.to(tl.float32), R.to(tl.float32), input_precision="ieee")
     else:
         acc = tl.dot(x, R.to(x.dtype))
     tl.store(y_ptr + offs_m[:, None] * stride_ym + col[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -239,7 +240,8 @@ def _svd_core_fwd_kernel(x_ptr, a_ptr, c_ptr, z_ptr, u_ptr, M, K, r,
                          CORE_CHUNK: tl.constexpr):
     """z = x A^T (fp32 over K) and u = z C^T for BLOCK_M rows; u by CORE_CHUNK columns at a time
     (C^T loaded per column chunk: a whole (BLOCK_R, BLOCK_R) fp32 IEEE product at BLOCK_R = 128
-    spilled ~14-18 KB per thread in the sm_90 compile)."""
+    spilled ~14-18 KB per thread in the sm_90 compile).  IEEE: float32 A (x converted on load when
+    half: PEFT's float32 adapter), IEEE products; else x A^T in x's half dtype."""
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
@@ -251,7 +253,7 @@ def _svd_core_fwd_kernel(x_ptr, a_ptr, c_ptr, z_ptr, u_ptr, M, K, r,
         at = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                      mask=(offs_k[:, None] < K) & (offs_r[None, :] < r), other=0.0)
         if IEEE:
-            z += tl.dot(x, at.to(x.dtype), input_precision="ieee")
+            z += tl.dot(x.to(tl.float32), at.to(tl.float32), input_precision="ieee")
         else:
             z += tl.dot(x, at.to(x.dtype))
     mask = (offs_m[:, None] < M) & (offs_r[None, :] < r)
@@ -346,27 +348,39 @@ def cayley_backward(R_or_packed: torch.Tensor, grad_R: torch.Tensor, block_size:
     return out
 
 
+def _check_adapter_dtype(what: str, x: torch.Tensor, adapter_name: str, adapter: torch.Tensor) -> bool:
+    """``adapter`` in x's dtype, or float32 on a half x (PEFT's float32 adapter); True when the
+    products then run in float32 (IEEE)."""
+    if adapter.dtype != x.dtype and not (adapter.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        raise TypeError(f"{adapter_name} is {adapter.dtype} but x is {x.dtype}; {what} takes {adapter_name} in x's "
+                        "dtype, or float32 on a float16 / bfloat16 x")
+    return adapter.dtype == torch.float32
+
+
 def block_rotate_forward(x2d: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """y = x R_bd: x (M, n b) any strides, R (n or 1, b, b) any strides (a transposed view gives
-    x R_bd^T).  Returns a contiguous (M, n b) tensor in x's dtype."""
+    x R_bd^T), R in x's dtype or float32 on a half x (then an IEEE float32 product).  Returns a
+    contiguous (M, n b) tensor in x's dtype."""
     M, d = x2d.shape
     b = R.shape[-1]
     n = d // b
     if R.shape[-2] != b or d % b or R.shape[0] not in (1, n):
         raise ValueError(f"R {tuple(R.shape)} does not tile x {tuple(x2d.shape)}")
+    f32 = _check_adapter_dtype("block_rotate_forward", x2d, "R", R)
     y = torch.empty(M, d, dtype=x2d.dtype, device=x2d.device)
     BLOCK = _block_width(b)
     BLOCK_M = 16 if BLOCK >= 128 else 64
     grid = (triton.cdiv(M, BLOCK_M), n)
     _block_rotate_fwd_kernel[grid](x2d, R, y, M, b, x2d.stride(0), x2d.stride(1),
                                    0 if R.shape[0] == 1 else R.stride(0), R.stride(1), R.stride(2), y.stride(0),
-                                   BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=x2d.dtype == torch.float32)
+                                   BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=f32)
     return y
 
 
 def block_rotate_backward_weight(x2d: torch.Tensor, g2d: torch.Tensor, block_size: int,
-                                 splits: int | None = None) -> torch.Tensor:
-    """dR (n, b, b) with dR_i = x_i^T g_i, fp32 accumulation, returned in x's dtype."""
+                                 splits: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dR (n, b, b) with dR_i = x_i^T g_i, fp32 accumulation, returned in ``out_dtype`` (default
+    x's dtype; float32 for PEFT's float32 adapter on a half x)."""
     if x2d.shape != g2d.shape:
         raise ValueError(f"x {tuple(x2d.shape)} and g {tuple(g2d.shape)} must match")
     if x2d.dtype != g2d.dtype:
@@ -384,22 +398,26 @@ def block_rotate_backward_weight(x2d: torch.Tensor, g2d: torch.Tensor, block_siz
         x2d, g2d, partial, M, block_size, rows_per_split, x2d.stride(0), x2d.stride(1),
         g2d.stride(0), g2d.stride(1), partial.stride(0), partial.stride(1),
         BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=x2d.dtype == torch.float32, num_warps=_tile_warps(BLOCK))
-    return partial.sum(0).to(x2d.dtype)
+    return partial.sum(0).to(out_dtype or x2d.dtype)
 
 
 def svd_core_forward(x2d: torch.Tensor, A: torch.Tensor, C: torch.Tensor):
-    """(z, u) = (x A^T, x A^T C^T) for x (M, in) any strides, A (r, in), C (r, r); both (M, r) in
-    x's dtype, z accumulated in fp32 and multiplied by C^T without a round trip to memory."""
+    """(z, u) = (x A^T, x A^T C^T) for x (M, in) any strides, A (r, in), C (r, r) in A's dtype;
+    both (M, r) in A's dtype (x's, or float32 on a half x: PEFT's float32 adapter), z accumulated
+    in fp32 and multiplied by C^T without a round trip to memory."""
     M, K = x2d.shape
     r = A.shape[0]
     if A.shape[1] != K or C.shape != (r, r):
         raise ValueError(f"A {tuple(A.shape)} and C {tuple(C.shape)} do not chain with x {tuple(x2d.shape)}")
-    z = torch.empty(M, r, dtype=x2d.dtype, device=x2d.device)
+    f32 = _check_adapter_dtype("svd_core_forward", x2d, "A", A)
+    if C.dtype != A.dtype:
+        raise TypeError(f"C is {C.dtype} but A is {A.dtype}; svd_core_forward takes A and C of one dtype")
+    z = torch.empty(M, r, dtype=A.dtype, device=x2d.device)
     u = torch.empty_like(z)
     tiles = svd_core_tiles(r)
     _svd_core_fwd_kernel[(triton.cdiv(M, tiles["BLOCK_M"]),)](
         x2d, A, C, z, u, M, K, r, x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1),
-        C.stride(0), C.stride(1), z.stride(0), IEEE=x2d.dtype == torch.float32, **tiles)
+        C.stride(0), C.stride(1), z.stride(0), IEEE=f32, **tiles)
     return z, u
 
 

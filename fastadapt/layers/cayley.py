@@ -10,10 +10,19 @@ Each layer wraps a frozen nn.Linear ``base_layer`` and runs fastadapt.ops.cayley
 ``merge()`` folds the adapter into base_layer.weight and ``unmerge()`` restores it (exact up to
 rounding: OFT unmerges by solving with R_bd, the others subtract the same delta).
 
+Dtypes follow PEFT's defaults: on a float16 / bfloat16 base the adapter parameters are float32
+(``autocast_adapter_dtype=True``) or in the base dtype (False), and the frozen SVD factors of
+PSOFT / SSVD / AntiPaSTO are float32 either way (PEFT keeps PSOFT's A and B in float32).  The
+cores are computed in the factors' dtype, so the adapter path runs in float32 on a half base
+and its sum with the half base output is rounded once (fastadapt.ops.cayley_svd).
+
 PEFT_BRIDGE serves peft.tuners.oft.layer.Linear and peft.tuners.psoft.layer.Linear.  PEFT 0.21's
 OFT Linear.forward never applies its ``oft_dropout`` (multiplicative block dropout), so the fused
 OFT forward equals PEFT's in training too; coft=True (an in-place projection of oft_R every call)
 is not served.  PSOFT's input dropout (nn.Dropout on x) runs PEFT's forward while training.
+Under torch.autocast both run fused with PEFT's semantics: OFT keeps R in oft_R's dtype, rotates
+and runs the base product in the autocast dtype and returns x's dtype; PSOFT runs every product
+in the autocast dtype and returns it (fastadapt.ops.cayley).
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import _validate
+from ..ops import _policy
 from ..ops import cayley as ops
 from ..peft import BridgeEntry
 
@@ -30,6 +40,16 @@ def _frozen_linear(base_layer) -> nn.Linear:
         raise TypeError(f"base_layer must be nn.Linear, got {type(base_layer).__name__}")
     base_layer.requires_grad_(False)
     return base_layer
+
+
+def _adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """PEFT's rule: float32 adapter parameters on a float16 / bfloat16 base unless switched off."""
+    return torch.float32 if autocast_adapter_dtype and base_dtype in _policy.HALF_DTYPES else base_dtype
+
+
+def _factor_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Frozen SVD factors: float32 on a half base (as PEFT keeps PSOFT's A and B)."""
+    return torch.float32 if base_dtype in _policy.HALF_DTYPES else base_dtype
 
 
 class _Packed(nn.Module):
@@ -46,13 +66,14 @@ class OFTLinear(nn.Module):
     """OFT / OFTv2 on an nn.Linear: y = (x R_bd) W^T + bias (input-centric; PEFT's OFT layer).
 
     oft_block_size b (or r = number of blocks; give one, PEFT's rule) must divide in_features;
-    ``oft_R.weight`` is (in/b, b(b-1)/2), or (1, ...) with ``block_share``.
+    ``oft_R.weight`` is (in/b, b(b-1)/2), or (1, ...) with ``block_share``; float32 on a half base
+    unless ``autocast_adapter_dtype=False`` (PEFT's rule).
     use_cayley_neumann=True: R_i = PEFT's series for (I+Q)(I-Q)^{-1};  False: exact (I-Q)(I+Q)^{-1}.
     """
 
     def __init__(self, base_layer: nn.Linear, oft_block_size: int = 0, r: int = 0, *,
                  use_cayley_neumann: bool = True, num_cayley_neumann_terms: int = 5,
-                 block_share: bool = False):
+                 block_share: bool = False, autocast_adapter_dtype: bool = True):
         super().__init__()
         self.base_layer = _frozen_linear(base_layer)
         d = base_layer.in_features
@@ -70,7 +91,7 @@ class OFTLinear(nn.Module):
         self.block_share = block_share
         w = base_layer.weight
         self.oft_R = _Packed(torch.zeros(1 if block_share else self.r, ops.packed_size(oft_block_size),
-                                         dtype=w.dtype, device=w.device))
+                                         dtype=_adapter_dtype(w.dtype, autocast_adapter_dtype), device=w.device))
         self.merged = False
 
     def rotation_blocks(self) -> torch.Tensor:
@@ -104,7 +125,7 @@ class OFTLinear(nn.Module):
         if self.merged:
             W = self.base_layer.weight
             R = self.rotation_blocks().expand(self.r, -1, -1)
-            chunks = W.unflatten(1, (self.r, self.oft_block_size)).transpose(0, 1)  # (n, out, b)
+            chunks = W.unflatten(1, (self.r, self.oft_block_size)).transpose(0, 1).to(R.dtype)  # (n, out, b)
             W.copy_(torch.linalg.solve(R.transpose(-2, -1), chunks, left=False).transpose(0, 1).flatten(1))
             self.merged = False
 
@@ -136,7 +157,8 @@ class PSOFTLinear(_AdditiveMerge):
 
     def __init__(self, base_layer: nn.Linear, r: int, psoft_alpha: float | None = None, *,
                  use_cayley_neumann: bool = False, num_cayley_neumann_terms: int = 5,
-                 cayley_neumann_eps: float | None = None, psoft_mag_a: bool = True, psoft_mag_b: bool = True):
+                 cayley_neumann_eps: float | None = None, psoft_mag_a: bool = True, psoft_mag_b: bool = True,
+                 autocast_adapter_dtype: bool = True):
         super().__init__()
         self.base_layer = _frozen_linear(base_layer)
         _validate.rank(r, base_layer.in_features, base_layer.out_features)
@@ -148,23 +170,25 @@ class PSOFTLinear(_AdditiveMerge):
         self.cayley_neumann_eps = cayley_neumann_eps
         W = base_layer.weight
         U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
-        self.register_buffer("psoft_A", Vh[:r].to(W.dtype).contiguous())
-        self.register_buffer("psoft_B", (U[:, :r] * (S[:r] / self.scaling)).to(W.dtype).contiguous())
-        ones = torch.ones(r, dtype=W.dtype, device=W.device)
-        self.psoft_R = _Packed(torch.zeros(ops.packed_size(r), dtype=W.dtype, device=W.device),
+        factor = _factor_dtype(W.dtype)
+        self.register_buffer("psoft_A", Vh[:r].to(factor).contiguous())
+        self.register_buffer("psoft_B", (U[:, :r] * (S[:r] / self.scaling)).to(factor).contiguous())
+        dtype = _adapter_dtype(W.dtype, autocast_adapter_dtype)
+        ones = torch.ones(r, dtype=dtype, device=W.device)
+        self.psoft_R = _Packed(torch.zeros(ops.packed_size(r), dtype=dtype, device=W.device),
                                vector_a=ones.clone() if psoft_mag_a else None,
                                vector_b=ones.clone() if psoft_mag_b else None)
         self.merged = False
 
     def core(self) -> torch.Tensor:
-        """C = scaling (R - I), read at call time."""
-        return ops.psoft_core(self.psoft_R.weight, scaling=self.scaling, vector_a=self.psoft_R.vector_a,
-                              vector_b=self.psoft_R.vector_b, use_cayley_neumann=self.use_cayley_neumann,
-                              num_cayley_neumann_terms=self.num_cayley_neumann_terms,
-                              cayley_neumann_eps=self.cayley_neumann_eps, size=self.r)
+        """C = scaling (R - I) in the factors' dtype, read at call time."""
+        return _psoft_core(self.psoft_R, self.psoft_A.dtype, scaling=self.scaling,
+                           use_cayley_neumann=self.use_cayley_neumann,
+                           num_cayley_neumann_terms=self.num_cayley_neumann_terms,
+                           cayley_neumann_eps=self.cayley_neumann_eps, size=self.r)
 
     def delta_weight(self):
-        return self.psoft_B @ self.core() @ self.psoft_A
+        return (self.psoft_B @ self.core() @ self.psoft_A).to(self.base_layer.weight.dtype)
 
     def forward(self, x):
         if self.merged:
@@ -179,10 +203,11 @@ class SSVDLinear(_AdditiveMerge):
 
         y = x W^T + bias + ((x V) R^T (S + alpha delta_s) - (x V) S) U^T,   R = cayley(alpha Q).
 
-    ``alpha`` (1 for SSVD) is read at every call.
+    ``alpha`` (1 for SSVD) is read at every call.  On a half base the factors are float32 and so
+    are the parameters unless ``autocast_adapter_dtype=False``.
     """
 
-    def __init__(self, base_layer: nn.Linear, r: int, *, alpha: float = 1.0):
+    def __init__(self, base_layer: nn.Linear, r: int, *, alpha: float = 1.0, autocast_adapter_dtype: bool = True):
         super().__init__()
         self.base_layer = _frozen_linear(base_layer)
         _validate.rank(r, base_layer.in_features, base_layer.out_features)
@@ -190,28 +215,31 @@ class SSVDLinear(_AdditiveMerge):
         self.alpha = alpha
         W = base_layer.weight
         U, S, Vh = torch.linalg.svd(W.detach().double(), full_matrices=False)
-        self.register_buffer("ssvd_U", U[:, :r].to(W.dtype).contiguous())
-        self.register_buffer("ssvd_S", S[:r].to(W.dtype).contiguous())
-        self.register_buffer("ssvd_Vh", Vh[:r].to(W.dtype).contiguous())  # V^T (r, in)
-        self.ssvd_R = _Packed(torch.zeros(ops.packed_size(r), dtype=W.dtype, device=W.device),
-                              delta_s=torch.zeros(r, dtype=W.dtype, device=W.device))
+        factor = _factor_dtype(W.dtype)
+        self.register_buffer("ssvd_U", U[:, :r].to(factor).contiguous())
+        self.register_buffer("ssvd_S", S[:r].to(factor).contiguous())
+        self.register_buffer("ssvd_Vh", Vh[:r].to(factor).contiguous())  # V^T (r, in)
+        dtype = _adapter_dtype(W.dtype, autocast_adapter_dtype)
+        self.ssvd_R = _Packed(torch.zeros(ops.packed_size(r), dtype=dtype, device=W.device),
+                              delta_s=torch.zeros(r, dtype=dtype, device=W.device))
         self.merged = False
 
     def core(self, alpha=None) -> torch.Tensor:
+        """C in the factors' dtype (the parameters cast to it), alpha read at call time."""
         alpha = self.alpha if alpha is None else alpha
-        return ops.ssvd_core(self.ssvd_R.weight, self.ssvd_R.delta_s, self.ssvd_S, alpha)
+        dtype = self.ssvd_Vh.dtype
+        return ops.ssvd_core(self.ssvd_R.weight.to(dtype), self.ssvd_R.delta_s.to(dtype), self.ssvd_S, alpha)
 
     def delta_weight(self, alpha=None):
-        return self.ssvd_U @ self.core(alpha) @ self.ssvd_Vh
+        return (self.ssvd_U @ self.core(alpha) @ self.ssvd_Vh).to(self.base_layer.weight.dtype)
 
     def forward(self, x, alpha=None):
         if self.merged:
             if alpha is not None:
                 raise ValueError("alpha cannot change on a merged layer; unmerge() first")
             return self.base_layer(x)
-        C = self.core(alpha)
         return ops.svd_rotation_linear(x, self.base_layer.weight, self.base_layer.bias, self.ssvd_Vh,
-                                       self.ssvd_U, C.to(x.dtype))
+                                       self.ssvd_U, self.core(alpha))
 
 
 class AntiPaSTOLinear(SSVDLinear):
@@ -230,42 +258,49 @@ def _oft_applies(layer, adapter):
     return adapter in layer.oft_R and not layer.oft_R[adapter].coft
 
 
+def _autocast(x) -> bool:
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def _oft_check(layer, adapter, x):
     module = layer.oft_R[adapter]
-    if x.dtype != module.weight.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
-        return "input dtype casting disabled with x dtype != oft_R dtype"
     if x.ndim < 1 or x.shape[-1] != module.in_features:
         return "input feature size does not match the layer"
-    return None
+    if _autocast(x):  # the op casts x, W and bias to the autocast dtype and keeps oft_R's
+        return None
+    base = layer.get_base_layer()
+    return _policy.fallback_reason(layer, x, [base.weight, base.bias], [module.weight], casts_x=True)
 
 
 def _oft_forward(layer, adapter, x):
-    """PEFT OFT Linear: x -> cast to oft_R dtype -> x R_bd -> cast back -> base_layer."""
+    """PEFT OFT Linear: x -> cast to oft_R dtype -> x R_bd -> cast back -> base_layer -> x's dtype,
+    as one op (same dtype, float32 oft_R on a half base, or under autocast)."""
     module = layer.oft_R[adapter]
     base = layer.get_base_layer()
-    if x.dtype == module.weight.dtype == base.weight.dtype:
-        return ops.oft_linear(x, module.weight, module.block_size, base.weight, base.bias,
-                              use_cayley_neumann=module.use_cayley_neumann,
-                              num_cayley_neumann_terms=module.num_cayley_neumann_terms)
-    R = ops.oft_rotation_blocks(module.weight, module.block_size, use_cayley_neumann=module.use_cayley_neumann,
-                                num_cayley_neumann_terms=module.num_cayley_neumann_terms)
-    previous = x.dtype
-    rotated = ops.block_rotate(x.to(module.weight.dtype), R).to(previous)
-    return base(rotated).to(previous)
+    y = ops.oft_linear(x, module.weight, module.block_size, base.weight, base.bias,
+                       use_cayley_neumann=module.use_cayley_neumann,
+                       num_cayley_neumann_terms=module.num_cayley_neumann_terms)
+    return y.to(x.dtype)
 
 
 def _psoft_check(layer, adapter, x):
     dropout = layer.psoft_dropout[adapter]
     if layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
         return "psoft_dropout > 0 in training"
-    A, _ = layer._get_psoft_ab_cache_buffers(adapter)
-    weight = layer.psoft_R[adapter].weight
+    if _autocast(x):  # every product in the autocast dtype, as PEFT's
+        return None
+    A, B = layer._get_psoft_ab_cache_buffers(adapter)
     base = layer.get_base_layer()
-    if not (x.dtype == A.dtype == weight.dtype == base.weight.dtype):
-        return "mixed dtypes (x, psoft A/B, psoft_R, base weight)"
-    if x.dtype in (torch.float16, torch.bfloat16) and x.device.type == "cpu":
-        return "half precision on CPU (PEFT upcasts the rotation to fp32)"
-    return None
+    return _policy.fallback_reason(layer, x, [base.weight, base.bias], [A, B], casts_x=True)
+
+
+def _psoft_core(module, dtype, **kwargs) -> torch.Tensor:
+    """PSOFT's core from an OrthLayer-like module's parameters, computed in ``dtype`` (the A / B
+    factors' dtype: PEFT runs the adapter path there, e.g. float32 with bfloat16 psoft_R)."""
+    def cast(t):
+        return None if t is None else t.to(dtype)
+    return ops.psoft_core(cast(module.weight), vector_a=cast(module.vector_a), vector_b=cast(module.vector_b),
+                          **kwargs)
 
 
 def _psoft_forward(layer, adapter, x):
@@ -273,10 +308,9 @@ def _psoft_forward(layer, adapter, x):
     module = layer.psoft_R[adapter]
     A, B = layer._get_psoft_ab_cache_buffers(adapter)
     base = layer.get_base_layer()
-    C = ops.psoft_core(module.weight, scaling=layer.scaling[adapter], vector_a=module.vector_a,
-                       vector_b=module.vector_b, use_cayley_neumann=module.use_cayley_neumann,
-                       num_cayley_neumann_terms=int(module.num_cayley_neumann_terms),
-                       cayley_neumann_eps=module.cayley_neumann_eps, orth=module.orth, size=module.size)
+    C = _psoft_core(module, A.dtype, scaling=layer.scaling[adapter], use_cayley_neumann=module.use_cayley_neumann,
+                    num_cayley_neumann_terms=int(module.num_cayley_neumann_terms),
+                    cayley_neumann_eps=module.cayley_neumann_eps, orth=module.orth, size=module.size)
     return ops.svd_rotation_linear(x, base.weight, base.bias, A.to(x.device), B.to(x.device), C)
 
 
