@@ -1,270 +1,121 @@
 """Ahead-of-time compile report: every @triton.jit kernel of fastadapt.triton_kernels, compiled for an
-NVIDIA target without a GPU (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas).
+NVIDIA target without a GPU (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the bundled ptxas), and what
+the machine code says about speed: instruction mix, occupancy, waves.
 
-    python -m benchmarks.compile_report [--arch 90] [--out DIR] [--workers 2] [--smoke | --exhaustive]
-                                        [--only TEXT] [--ptx-only]
+    python -m benchmarks.compile_report [--arch 90] [--out DIR] [--workers 2]
+                                        [--smoke | --standard | --exhaustive] [--only TEXT] [--ptx-only]
 
 The interpreter (TRITON_INTERPRET=1, how the tests run on CPU) never lowers a kernel, so it misses
 what only the compiler sees: illegal constructs, tl.dot shape/dtype rules, shared-memory overflow,
-register pressure.  This script lowers each kernel exactly as the JIT would for a launch on the
-target: the launcher's arguments at the standard shape (N = 8192 rows, d = 4096 features) go
-through Triton's own binder (``create_function_from_signature``: int 1 -> constexpr, multiples of
-16 -> tt.divisibility, pointers 16-byte aligned), then
+register pressure, and whether a dot runs on tensor cores.  This script lowers each kernel exactly
+as the JIT would for a launch on the target: the launcher's arguments at the standard shape
+(N = 8192 rows, d = 4096 features) go through Triton's own binder (``create_function_from_signature``:
+int 1 -> constexpr, multiples of 16 -> tt.divisibility, pointers 16-byte aligned), then
 
     triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                    options=backend.parse_options({"num_warps": ..., "num_stages": ...}).__dict__)
 
-with ``knobs.nvidia.dump_ptxas_log`` on, so registers and spill bytes are read from ptxas -v.
+with ``knobs.nvidia.dump_ptxas_log`` on.  Per variant it records:
+  - registers, spill bytes, stack frame (ptxas -v) and shared memory (Triton's metadata);
+  - the dots of the TTIR by operand precision (half = fp16 / bf16 operands, tf32, ieee = IEEE fp32);
+  - the SASS instruction mix (triton's bundled ``cuobjdump -sass``; static counts, a loop body once):
+    tensor-core MMAs (HGMMA = Hopper wgmma, HMMA = mma.sync), FFMA, global loads / stores (LDG /
+    STG), cp.async (LDGSTS) and TMA (UTMALDG ...), shared loads / stores (LDS, LDSM / STS, STSM),
+    barriers (BAR, SYNCS = mbarrier), local memory (LDL / STL: spills), warp shuffles;
+  - occupancy on the H200 (``benchmarks.roofline.H200``: registers, shared memory, warps, blocks
+    per SM) and the programs the launcher starts at the standard shape against the 132 SMs
+    (waves; tail = fraction of the last wave's slots in use).
+Checks (each a finding; exit status 1 if any, or if a row fails): a variant with half or tf32 dots
+and no tensor-core instruction; spill stores above ``SPILL_BUDGET`` for the variant's scope (unless
+the variant states ``accepted_spill``, which must then still be needed); IEEE fp32 dots in a half
+dtype without ``ieee_reason`` (fp32 inputs default to torch's IEEE fp32 matmul semantics).
 
-Kernels are discovered from the modules (every JITFunction named ``*_kernel``); each needs an
-entry in ``VARIANT_TABLES`` that mirrors what its launcher passes (tiles, warps, flags, dtypes),
-built from the launchers' own helpers where they exist so the table follows their heuristics.  A
-kernel without an entry, an entry whose kernel is gone, or an entry whose arguments no longer bind
-to the kernel's parameters is a ``stale-table`` row; a lowering or ptxas failure a
-``compile-error`` row.  Writes ``sm<arch>_<date>.json`` (header + rows) and ``.md``; exit status 1
-if any row is not ok.  CPU cost: ~7 CPU-minutes by default (4 minutes wall with 2 workers on a
-busy 2-core machine), dominated by the b = 64 / 128 Cayley tiles; ``--smoke`` takes ~15 s.
+Variant tables by convention: for every kernel module ``fastadapt/triton_kernels/<module>.py`` there is
+``benchmarks/compile_<module>.py`` defining ``variants() -> dict[kernel_name, list[Variant]]``, built from
+the launcher's own helpers (tiles, warps, autotune configs, grid), with ``Variant`` and ``mock_tensor``
+imported from here (it may also define ``roofline(shape)``: benchmarks/roofline.py).  A kernel without
+an entry, an entry whose kernel is gone, a variants file that fails to import, or arguments that no
+longer bind to the kernel's parameters make a ``stale-table`` row; a lowering or ptxas failure a
+``compile-error`` row, a cuobjdump failure a ``disasm-error`` row: each says why and the others go on.
+Writes ``sm<arch>_<date>.json`` (header + rows) and ``.md``, and the roofline beside them.  CPU cost:
+~7 CPU-minutes by default, dominated by the b = 64 / 128 Cayley tiles; ``--smoke`` ~15 s; ``--standard``
+(what tests/test_compile_sm90.py runs) ~0.7 CPU-s per variant.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import datetime
 import importlib
 import io
 import json
+import math
 import os
 import pkgutil
 import platform
 import re
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Callable
+
+from benchmarks.roofline import H200, GPU
 
 ROWS, FEATURES = 8192, 4096          # the GPU standard shape (benchmarks/gpu_suite.sh)
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 HALF_DTYPES = ("float16", "bfloat16")
 KERNEL_PACKAGE = "fastadapt.triton_kernels"
+BENCH_DIR = Path(__file__).resolve().parent
 # Shared memory one block may use (opt-in maximum, bytes): Triton raises OutOfResources at load time
 # above it, which ptxas does not check (the kernel's shared memory is dynamic).
-MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: H200.smem_per_block_max,
+                    100: 232448, 120: 101376}
+# Spill stores per thread (bytes) a variant may have, by what it runs over.  "activations": the
+# program streams N-row tensors, so local-memory traffic multiplies with the tokens: none allowed.
+# "parameters": the work is parameter-sized (e.g. one program per b x b rotation block, independent
+# of N), where a few hundred bytes per thread stay in L1 and cost little next to the GEMMs.
+SPILL_BUDGET = {"activations": 0, "parameters": 512}
+FP32_IEEE_DEFAULT_REASON = "fp32 inputs: IEEE fp32 like torch's default fp32 matmul (no TF32 rounding)"
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One specialisation of a kernel: ``build(dtype)`` returns the launcher's (args, kwargs) with
-    MockTensor stand-ins for tensors; kwargs hold the constexprs and num_warps / num_stages."""
+    """One specialisation of a kernel, as its launcher calls it at the standard shape.
+
+    ``build(dtype)`` returns the launcher's (args, kwargs) with ``mock_tensor`` stand-ins for
+    tensors; kwargs hold the constexprs and num_warps / num_stages.  ``grid``: the programs the
+    launcher starts at that shape (its own grid helper where it has one).  ``scope``: "activations"
+    or "parameters" (picks the spill budget).  ``standard``: a benchmark case launches it at the
+    GPU standard shape (tests/test_compile_sm90.py compiles these in bfloat16).  ``ieee_reason``:
+    why IEEE fp32 dots are used on purpose in a half-dtype variant.  ``accepted_spill``: {dtype:
+    reason} for spills above the budget that are known, with the reason and what would remove them
+    (a statement that is no longer needed is itself a finding)."""
     name: str
     build: Callable
     dtypes: tuple = FLOAT_DTYPES
     exhaustive_dtypes: tuple = ()    # compiled only with --exhaustive (slow, and the same code as a default dtype)
+    grid: tuple = ()
+    scope: str = "activations"
+    standard: bool = False
+    ieee_reason: str = ""
+    accepted_spill: dict | None = None
 
 
-def _tensor(dtype):
+def mock_tensor(dtype: str):
+    """A stand-in tensor of ``dtype`` ("float32", "bfloat16", ...) for Triton's binder."""
     import torch
     from triton.runtime.jit import MockTensor
     return MockTensor(getattr(torch, dtype))
 
 
-def _cayley_variants():
-    from fastadapt.triton_kernels import cayley as C
-    out = {"_cayley_fwd_kernel": [], "_cayley_bwd_kernel": [], "_block_rotate_fwd_kernel": [],
-           "_block_rotate_bwd_weight_kernel": [], "_svd_core_fwd_kernel": []}
-
-    def fwd(b, terms, solver):
-        BLOCK = C._block_width(b)
-
-        def build(dtype):
-            args = (_tensor(dtype), _tensor(dtype), b, b * (b - 1) // 2, b * b)
-            return args, dict(BLOCK=BLOCK, NEUMANN_TERMS=terms, NEUMANN_TOP=max(3, terms - 1),
-                              SOLVER=C.EXACT_SOLVERS[solver], NS_MAX_ITERS=C.NS_MAX_ITERS, NS_TOL=C.NS_TOL,
-                              num_warps=C._tile_warps(BLOCK))
-        return build
-
-    def bwd(b, terms):
-        BLOCK = C._block_width(b)
-
-        def build(dtype):
-            src_stride = b * b if terms == 0 else b * (b - 1) // 2     # R (exact) or packed (Neumann)
-            args = (_tensor(dtype), _tensor(dtype), _tensor(dtype), b, src_stride, b * b, b, 1, b * (b - 1) // 2)
-            return args, dict(BLOCK=BLOCK, NEUMANN_TERMS=terms, NEUMANN_TOP=max(3, terms - 1),
-                              num_warps=C._tile_warps(BLOCK))
-        return build
-
-    def rotate(b, transposed):
-        BLOCK = C._block_width(b)
-
-        def build(dtype):
-            r_strides = (b * b, 1, b) if transposed else (b * b, b, 1)   # dx runs on R^T (a view)
-            args = (_tensor(dtype), _tensor(dtype), _tensor(dtype), ROWS, b, FEATURES, 1, *r_strides, FEATURES)
-            return args, dict(BLOCK_M=16 if BLOCK >= 128 else 64, BLOCK=BLOCK, IEEE=dtype == "float32")
-        return build
-
-    def rotate_weight(b):
-        BLOCK = C._block_width(b)
-        BLOCK_M = 16 if BLOCK >= 128 else 32
-        n = FEATURES // b
-
-        def build(dtype):
-            import triton
-            splits = max(1, min(triton.cdiv(ROWS, 4 * BLOCK_M), triton.cdiv(256, n)))
-            rows_per_split = triton.cdiv(triton.cdiv(ROWS, splits), BLOCK_M) * BLOCK_M
-            args = (_tensor(dtype), _tensor(dtype), _tensor("float32"), ROWS, b, rows_per_split,
-                    FEATURES, 1, FEATURES, 1, n * b * b, b * b)
-            return args, dict(BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=dtype == "float32", num_warps=C._tile_warps(BLOCK))
-        return build
-
-    def svd_core(r):
-        def build(dtype):
-            args = (*(_tensor(dtype) for _ in range(5)), ROWS, FEATURES, r, FEATURES, 1, FEATURES, 1, r, 1, r)
-            return args, dict(IEEE=dtype == "float32", **C.svd_core_tiles(r))
-        return build
-
-    # The tile kernels compute in fp32 whatever the parameter dtype (it only changes the load and
-    # store conversions), and the (B, B) fp32 IEEE tl.dot at B = 64 / 128 unrolls into ~16k FMA per
-    # thread per dot: 10-60 s of ptxas each.  So half dtypes at b <= 32 by default, all with --exhaustive.
-    for b in (16, 32, 64, 128):
-        dtypes, extra = (FLOAT_DTYPES, ()) if b <= 32 else (("float32",), HALF_DTYPES)
-        for solver in C.EXACT_SOLVERS:
-            out["_cayley_fwd_kernel"].append(Variant(f"b={b} exact {solver}", fwd(b, 0, solver), dtypes, extra))
-        out["_cayley_fwd_kernel"].append(Variant(f"b={b} neumann 5", fwd(b, 5, C.DEFAULT_EXACT_SOLVER), dtypes, extra))
-        out["_cayley_bwd_kernel"].append(Variant(f"b={b} exact", bwd(b, 0), dtypes, extra))
-        out["_cayley_bwd_kernel"].append(Variant(f"b={b} neumann 5 (closed form)", bwd(b, 5), dtypes, extra))
-        horner = (dtypes, extra) if b <= 64 else ((), FLOAT_DTYPES)   # PEFT's default is 5 terms
-        out["_cayley_bwd_kernel"].append(Variant(f"b={b} neumann 7 (Horner)", bwd(b, 7), *horner))
-    for b in (32, 128):
-        out["_block_rotate_fwd_kernel"].append(Variant(f"b={b} y = x R", rotate(b, False)))
-        out["_block_rotate_fwd_kernel"].append(Variant(f"b={b} dx = dy R^T", rotate(b, True)))
-        out["_block_rotate_bwd_weight_kernel"].append(Variant(f"b={b} dR", rotate_weight(b)))
-    for r in (32, 128):
-        out["_svd_core_fwd_kernel"].append(Variant(f"r={r}", svd_core(r)))
-    return out
-
-
-def _dora_variants():
-    from fastadapt.triton_kernels import _tiles as T
-    from fastadapt.triton_kernels import dropout as P
-    from fastadapt.triton_kernels import lowrank_gemm as L
-    out = {"_dora_norm_fwd_kernel": [], "_scaled_lowrank_gemm_kernel": [], "_float32_matmul_kernel": [],
-           "_seeded_dropout_kernel": [],
-           "_dropout_mask_add_kernel": [], "_dora_dy_row_pass_kernel": []}
-    seed = seed_value = 0x5DEECE66D * 4099          # an int64 seed, as draw_dropout_seed gives
-
-    def norm(r, has_wsq):
-        def build(dtype):
-            f = _tensor
-            args = (f(dtype), f(dtype), f(dtype), f("float32"), f("float32"), f("float32"), FEATURES, FEATURES, r,
-                    FEATURES, 1, FEATURES, 1, r, 1, 2.0, 1e-12)
-            return args, dict(HAS_WSQ=has_wsq, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                              BLOCK_M=64, BLOCK_K=64, BLOCK_R=T.block_r(r))
-        return build
-
-    def gemm(config, mode, r=16):
-        def build(dtype):
-            f = _tensor
-            mixed = mode == "forward mixed"    # PEFT's float32 adapter on a half base, with dropout
-            lowrank = "float32" if mixed else dtype
-            if mode == "dx":   # dx = dY (g o W) + v A: X = dY (N, out), Y = W (out, in), U = v (N, r), V = A (r, in)
-                strides = (FEATURES, 1, FEATURES, 1, r, 1, FEATURES, 1, FEATURES, 1)
-                scales = (f("float32"), f(dtype), f(dtype))
-                flags = dict(HAS_SK=True, HAS_SO=False, HAS_BIAS=False, HAS_PRE=False, HAS_RES=False)
-            else:    # y = g o (x W^T + u (sB)^T) + b and y_pre: Y = W^T and V = (sB)^T are views
-                strides = (FEATURES, 1, 1, FEATURES, r, 1, 1, r, FEATURES, 1)
-                scales = (f(dtype), f("float32"), f(dtype))
-                flags = dict(HAS_SK=False, HAS_SO=True, HAS_BIAS=not mixed, HAS_PRE=True, HAS_RES=mixed)
-            args = (f(dtype), f(dtype), f(lowrank), f(lowrank), *scales, f(dtype), f(dtype), f(dtype),
-                    ROWS, FEATURES, FEATURES, r, *strides)
-            return args, dict(**flags, ROUND_BASE=mixed, BIAS_IN_BASE=False, IEEE=dtype == "float32",
-                              LOWRANK_IEEE=lowrank == "float32", BLOCK_R=T.block_r(r), **config.kwargs,
-                              num_warps=config.num_warps, num_stages=config.num_stages)
-        return build
-
-    def float32_matmul(product, masked):
-        # float32_matmul's CUDA tiles: the skinny side padded (_block_r), 64 elsewhere, BLOCK_K 16
-        def build(dtype):
-            import triton
-            f = _tensor
-            if product == "u":    # u = x A^T: a = x (N, in), b = A^T (in, r) a view of the float32 A
-                m, n, k, strides, a, b = ROWS, 16, FEATURES, (FEATURES, 1, 1, FEATURES), f(dtype), f("float32")
-            else:                 # dA = v^T x: a = v^T (r, N) a view of the float32 v, b = x (N, in)
-                m, n, k, strides, a, b = 16, FEATURES, ROWS, (1, 16, FEATURES, 1), f("float32"), f(dtype)
-            block_m, block_n, block_k = (T.block_r(m) if m <= 64 else 64), (T.block_r(n) if n <= 64 else 64), 16
-            tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-            split_k = max(1, min(triton.cdiv(k, 512), triton.cdiv(256, tiles)))
-            k_per_split = max(1, triton.cdiv(triton.cdiv(k, split_k), block_k)) * block_k
-            seed, p = (seed_value, 0.1) if masked else (0, 0.5)
-            args = (a, b, f("float32"), m, n, k, k_per_split, *strides, seed, p, 1 / (1 - p))
-            return args, dict(DROPOUT_A=masked == "a", DROPOUT_B=masked == "b",
-                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-        return build
-
-    def dropout(d, with_rest):
-        grid, block_m, block_d = P._elementwise_grid(ROWS, d)
-
-        def build(dtype):
-            args = (_tensor(dtype), _tensor(dtype), _tensor(dtype), ROWS, d, d, 1, seed, 0.1, 1 / 0.9)
-            return args, dict(HAS_REST=with_rest, BLOCK_M=block_m, BLOCK_D=block_d)
-        return build
-
-    def mask_add(d):
-        grid, block_m, block_d = P._elementwise_grid(ROWS, d)
-
-        def build(dtype):
-            args = (_tensor(dtype), _tensor(dtype), ROWS, d, d, 1, d, 1, seed, 0.1, 1 / 0.9)
-            return args, dict(BLOCK_M=block_m, BLOCK_D=block_d)
-        return build
-
-    def row_pass(r, mixed):
-        def build(dtype):
-            f = _tensor
-            compute = "float32" if mixed else dtype     # u, b_scaled, v: float32 adapter on a half dY
-            args = (f(dtype), f(compute), f(compute), f(dtype), f(compute), f("float32"), f("float32"),
-                    ROWS, FEATURES, r, FEATURES, 1, r, 1, r, 1, FEATURES, 1)
-            return args, dict(IEEE=compute == "float32", UPCAST=compute != dtype, BLOCK_N=128, BLOCK_O=32,
-                              BLOCK_R=T.block_r(r), num_warps=8)
-        return build
-
-    for r in (16, 128):
-        for has_wsq in (False, True):
-            out["_dora_norm_fwd_kernel"].append(Variant(f"r={r} {'cached' if has_wsq else 'computed'} W row norms",
-                                                        norm(r, has_wsq)))
-    for config in L._GEMM_CONFIGS:
-        tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-        shape = f"{tile} w{config.num_warps} s{config.num_stages}"
-        for mode in ("forward", "dx"):
-            out["_scaled_lowrank_gemm_kernel"].append(Variant(f"{mode} {shape} r=16", gemm(config, mode)))
-        out["_scaled_lowrank_gemm_kernel"].append(Variant(f"forward mixed {shape} r=16 (fp32 u, v; residual, round_base)",
-                                                          gemm(config, "forward mixed"), HALF_DTYPES))
-    out["_float32_matmul_kernel"].append(Variant("u = x A^T (r=16, A float32)", float32_matmul("u", None)))
-    out["_float32_matmul_kernel"].append(Variant("u = (mask o x) A^T (r=16)", float32_matmul("u", "a")))
-    out["_float32_matmul_kernel"].append(Variant("dA = v^T (mask o x) (r=16, v float32)", float32_matmul("dA", "b")))
-    for d in (FEATURES, 100):
-        for with_rest in (True, False):
-            out["_seeded_dropout_kernel"].append(Variant(f"d={d}{' with rest' if with_rest else ''}",
-                                                         dropout(d, with_rest)))
-        out["_dropout_mask_add_kernel"].append(Variant(f"d={d}", mask_add(d)))
-    for r in (16, 64):
-        out["_dora_dy_row_pass_kernel"].append(Variant(f"r={r} 128x32 w8", row_pass(r, False)))
-    out["_dora_dy_row_pass_kernel"].append(Variant("r=16 128x32 w8 mixed (fp32 u, b_s)", row_pass(16, True),
-                                                   HALF_DTYPES))
-    return out
-
-
-def _subset(table, *kernels):
-    return lambda: {k: v for k, v in table().items() if k in kernels}
-
-
-VARIANT_TABLES = {
-    f"{KERNEL_PACKAGE}.cayley": _cayley_variants,
-    f"{KERNEL_PACKAGE}.dora_norm": _subset(_dora_variants, "_dora_norm_fwd_kernel", "_dora_dy_row_pass_kernel"),
-    f"{KERNEL_PACKAGE}.dropout": _subset(_dora_variants, "_seeded_dropout_kernel", "_dropout_mask_add_kernel"),
-    f"{KERNEL_PACKAGE}.lowrank_gemm": _subset(_dora_variants, "_scaled_lowrank_gemm_kernel", "_float32_matmul_kernel"),
-}
-
+# --------------------------------------------------------------------------------------------
+# discovery
 
 def discover_kernels() -> dict[str, list[str]]:
     """{module: [kernel names]} for every JIT function named ``*_kernel`` defined in a module of the
@@ -281,33 +132,225 @@ def discover_kernels() -> dict[str, list[str]]:
     return found
 
 
+def variants_file(kernel_module: str) -> Path:
+    return BENCH_DIR / f"compile_{kernel_module.rsplit('.', 1)[-1]}.py"
+
+
+def variant_modules() -> dict[str, str | None]:
+    """{kernel module: its variants module ``benchmarks.compile_<module>``, or None if the file is missing}."""
+    return {module: f"benchmarks.{variants_file(module).stem}" if variants_file(module).exists() else None
+            for module in discover_kernels()}
+
+
+def orphan_variant_files() -> list[str]:
+    """benchmarks/compile_<x>.py files whose kernel module fastadapt/triton_kernels/<x>.py is gone."""
+    known = {variants_file(m).name for m in discover_kernels()}
+    package = Path(importlib.import_module(KERNEL_PACKAGE).__path__[0])
+    return sorted(p.name for p in BENCH_DIR.glob("compile_*.py")
+                  if p.name not in known and p.name != Path(__file__).name
+                  and not (package / f"{p.stem.removeprefix('compile_')}.py").exists())
+
+
 def variants_for(module: str) -> dict[str, list[Variant]]:
-    table = VARIANT_TABLES.get(module)
-    return table() if table else {}
+    """The variants table of a kernel module ({} when it has no variants file); raises what the file raises."""
+    name = variant_modules().get(module)
+    return importlib.import_module(name).variants() if name else {}
 
 
-def plan(smoke: bool, exhaustive: bool = False) -> list[tuple[str, str, str, str]]:
-    """(module, kernel, variant, dtype) jobs; a kernel without a table entry gets one job with variant ''.
-    ``smoke``: the first variant of each kernel in float32 and bfloat16 only; ``exhaustive``: every
-    variant in every dtype it takes (adds the slow half-precision b = 64 / 128 Cayley tiles)."""
+def plan(smoke: bool = False, exhaustive: bool = False, standard: bool = False) -> list[tuple]:
+    """(module, kernel, variant, dtype, problem) jobs; a stale table gives one job per kernel with
+    variant '' and ``problem`` saying why.  ``smoke``: the first variant of each kernel in float32 and
+    bfloat16; ``standard``: the first variant of each kernel in float32 and every ``standard``
+    variant in bfloat16 (or its first half dtype; fp32-only variants are left to the full report:
+    the b >= 64 Cayley tiles take 40-110 s each); ``exhaustive``: every variant in every dtype it
+    takes (adds the slow half-precision b = 64 / 128 Cayley tiles)."""
     jobs = []
+    modules = variant_modules()
     for module, kernels in discover_kernels().items():
-        table = variants_for(module)
+        short = module.rsplit(".", 1)[-1]
+        if modules[module] is None:
+            problem = (f"no benchmarks/compile_{short}.py: add one defining variants() -> "
+                       "{kernel name: [Variant, ...]} (see benchmarks/compile_report.py)")
+            jobs.extend((module, kernel, "", "", problem) for kernel in kernels)
+            continue
+        try:
+            table = variants_for(module)
+        except Exception as error:  # noqa: BLE001 -- a broken table is a row, not a crash
+            problem = f"benchmarks/compile_{short}.py variants() failed: {type(error).__name__}: {error}"
+            jobs.extend((module, kernel, "", "", problem) for kernel in kernels)
+            continue
         for kernel in kernels:
             variants = table.get(kernel, [])
             if not variants:
-                jobs.append((module, kernel, "", ""))
-            for variant in variants[:1] if smoke else variants:
+                jobs.append((module, kernel, "", "", f"no specialisation: add the launcher's arguments for "
+                                                     f"{kernel} to variants() in benchmarks/compile_{short}.py"))
+            chosen = []
+            for index, variant in enumerate(variants):
                 dtypes = variant.dtypes + (variant.exhaustive_dtypes if exhaustive else ())
-                if smoke:
-                    dtypes = [t for t in dtypes if t in ("float32", "bfloat16")]
-                jobs.extend((module, kernel, variant.name, dtype) for dtype in dtypes)
-        jobs.extend((module, gone, "", "") for gone in table if gone not in kernels)
+                picked = []
+                if (smoke or standard) and index == 0:
+                    picked += [t for t in dtypes if t in (("float32",) if standard else ("float32", "bfloat16"))]
+                if standard and variant.standard:
+                    halves = [t for t in dtypes if t in HALF_DTYPES]
+                    picked += ["bfloat16" if "bfloat16" in halves else halves[0]] if halves else []
+                if not (smoke or standard):
+                    picked = list(dtypes)
+                chosen += [(variant.name, t) for t in dict.fromkeys(picked)]
+            jobs.extend((module, kernel, name, dtype, "") for name, dtype in chosen)
+        jobs.extend((module, gone, "", "", f"benchmarks/compile_{short}.py names {gone}, which {module} no "
+                                           "longer defines") for gone in table if gone not in kernels)
+    for orphan in orphan_variant_files():
+        jobs.append((f"{KERNEL_PACKAGE}.{orphan[len('compile_'):-3]}", "", "", "",
+                     f"benchmarks/{orphan} has no kernel module: delete it or restore the module"))
     return jobs
 
 
+# --------------------------------------------------------------------------------------------
+# what the compiled code says
+
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_TTIR_DOT = re.compile(r"= tt\.dot (.*?) : tensor<([0-9x]+)x(\w+)>")
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)")
+TENSOR_OPS = ("HGMMA", "HMMA", "IGMMA", "IMMA", "QGMMA", "DMMA", "BGMMA")
+# Columns of the report: name -> opcodes counted (static counts in the SASS).
+SASS_COLUMNS = {
+    "mma": TENSOR_OPS,
+    "ffma": ("FFMA",),
+    "ldg": ("LDG",), "stg": ("STG",),
+    "cp_async": ("LDGSTS",),
+    "tma": ("UTMALDG", "UTMASTG", "UTMAPF", "UTMAREDG", "UBLKCP", "UBLKRED", "UBLKPF"),
+    "lds": ("LDS", "LDSM"), "sts": ("STS", "STSM"),
+    "bar": ("BAR", "SYNCS"),
+    "ldl": ("LDL",), "stl": ("STL",),
+    "shfl": ("SHFL",),
+    "atom": ("ATOM", "ATOMG", "ATOMS", "RED", "REDG"),
+}
+
+
+def ttir_dots(ttir: str) -> dict[str, int]:
+    """tt.dot ops of the TTIR by operand precision: half (fp16 / bf16 / fp8 operands), tf32,
+    tf32x3 and ieee (fp32 operands with inputPrecision ieee, Triton's default when not printed)."""
+    counts = {"half": 0, "tf32": 0, "tf32x3": 0, "ieee": 0}
+    for attributes, _, element in _TTIR_DOT.findall(ttir):
+        if element != "f32":
+            counts["half"] += 1
+            continue
+        precision = re.search(r"inputPrecision = (\w+)", attributes)
+        counts[precision.group(1) if precision and precision.group(1) in counts else "ieee"] += 1
+    return counts
+
+
+def sass_opcodes(sass: str) -> dict[str, int]:
+    """Opcode -> static count (predicates and modifiers stripped: "@!P0 LDG.E.128" -> LDG)."""
+    found = collections.Counter()
+    for line in sass.splitlines():
+        match = _SASS_LINE.match(line)
+        if match:
+            found[match.group(1)] += 1
+    return dict(found)
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin by triton's bundled cuobjdump; raises RuntimeError saying why it could not."""
+    from triton import knobs
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            tool = knobs.nvidia.cuobjdump.path
+            done = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, timeout=120)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as error:
+            raise RuntimeError(f"cuobjdump did not run: {type(error).__name__}: {error}") from error
+    if done.returncode != 0 or "Function" not in done.stdout:
+        raise RuntimeError(f"cuobjdump -sass exit {done.returncode}: {(done.stderr or done.stdout).strip()[:300]}")
+    return done.stdout
+
+
+def math_unit(dots: dict[str, int], opcodes: dict[str, int]) -> str:
+    """Where the variant's dots run, from its SASS."""
+    tensor = [op for op in TENSOR_OPS if opcodes.get(op)]
+    if tensor:
+        return f"tensor cores ({'+'.join(tensor)})" + (" + FFMA (IEEE fp32 dots)" if dots["ieee"] else "")
+    if dots["half"] or dots["tf32"] or dots["tf32x3"]:
+        return "FFMA: half/tf32 dots left the tensor cores"
+    if dots["ieee"]:
+        return "FFMA (IEEE fp32 dots)"
+    return "no dot"
+
+
+def occupancy(registers: int, shared: int, warps: int, gpu: GPU = H200) -> dict:
+    """Resident blocks per SM and what limits them (CUDA occupancy-calculator arithmetic)."""
+    regs_per_warp = math.ceil(registers * 32 / gpu.reg_alloc_unit) * gpu.reg_alloc_unit
+    limits = {
+        "registers": gpu.regs_per_sm // (regs_per_warp * warps),
+        "shared": (0 if shared > gpu.smem_per_block_max else
+                   gpu.smem_per_sm // (shared + gpu.smem_reserved_per_block)),
+        "warps": gpu.max_warps_per_sm // warps,
+        "blocks": gpu.max_blocks_per_sm,
+    }
+    limiter = min(limits, key=limits.get)
+    blocks = limits[limiter]
+    return dict(blocks_per_sm=blocks, warps_per_sm=blocks * warps,
+                occupancy=round(blocks * warps / gpu.max_warps_per_sm, 3), limiter=limiter)
+
+
+def waves(grid: tuple, blocks_per_sm: int, gpu: GPU = H200) -> dict:
+    """Programs at the standard shape against the resident slots of all SMs."""
+    programs = math.prod(grid)
+    slots = blocks_per_sm * gpu.sms
+    if not slots:
+        return dict(programs=programs, waves=None, tail=None)
+    full, rest = divmod(programs, slots)
+    return dict(programs=programs, waves=round(programs / slots, 2), tail=round(rest / slots, 2) if rest else 0.0,
+                sms_busy=min(programs, gpu.sms))
+
+
+def _analyse(row: dict, compiled, variant: Variant, to_cubin: bool) -> None:
+    """Dots, SASS mix, occupancy, waves and findings of a compiled row (in place)."""
+    dots = ttir_dots(compiled.asm["ttir"])
+    row["dots"] = dots
+    if variant.ieee_reason:
+        row["ieee_reason"] = variant.ieee_reason if dots["ieee"] else ""
+    elif dots["ieee"] and row["dtype"] == "float32":
+        row["ieee_reason"] = FP32_IEEE_DEFAULT_REASON
+    if row["grid"]:
+        row["programs"] = math.prod(row["grid"])
+    findings = row["findings"]
+    if dots["ieee"] and row["dtype"] in HALF_DTYPES and not row.get("ieee_reason"):
+        findings.append(f"{dots['ieee']} IEEE fp32 dots in a {row['dtype']} variant without a stated reason "
+                        "(Variant.ieee_reason), i.e. CUDA-core FFMA where tensor cores could run")
+    if not to_cubin:
+        return
+    try:
+        opcodes = sass_opcodes(disassemble(compiled.asm["cubin"]))
+    except RuntimeError as error:
+        row.update(status="disasm-error", error=str(error))
+        return
+    row["sass_ops"] = opcodes
+    row["sass"] = {name: sum(opcodes.get(op, 0) for op in ops) for name, ops in SASS_COLUMNS.items()}
+    row["sass"]["instructions"] = sum(opcodes.values())
+    row["math"] = math_unit(dots, opcodes)
+    if (dots["half"] or dots["tf32"] or dots["tf32x3"]) and not row["sass"]["mma"]:
+        findings.append(f"left the tensor cores: {dots['half']} half / {dots['tf32']} tf32 dots in the TTIR but no "
+                        f"HGMMA/HMMA in the SASS ({row['sass']['ffma']} FFMA)")
+    row.update(occupancy(row["registers"], row["shared_bytes"], row["num_warps"]))
+    if row["grid"]:
+        row.update(waves(row["grid"], row["blocks_per_sm"]))
+        if row["programs"] < H200.sms:
+            row["notes"].append(f"{row['programs']} programs for {H200.sms} SMs: {H200.sms - row['programs']} "
+                                "SMs idle at the standard shape")
+    budget = SPILL_BUDGET[variant.scope]
+    row["spill_budget"] = budget
+    accepted = (variant.accepted_spill or {}).get(row["dtype"], "")
+    if row["spill_store_bytes"] > budget and accepted:
+        row["accepted_spill"] = accepted
+    elif row["spill_store_bytes"] > budget:
+        findings.append(f"spills {row['spill_store_bytes']} B per thread > the {budget} B budget for "
+                        f"{variant.scope}-scope variants ({row['registers']} registers)")
+    elif accepted:
+        findings.append(f"accepted_spill[{row['dtype']!r}] is stated but it spills {row['spill_store_bytes']} B "
+                        f"<= {budget} B: remove the statement")
 
 
 def _configure_worker(cache_dir: str) -> None:
@@ -332,30 +375,28 @@ def _error_text(error: BaseException) -> tuple[str, str]:
     return f"{type(error).__name__}: {headline}", "\n".join(detail)
 
 
-def compile_one(job: tuple[str, str, str, str], arch: int, to_cubin: bool = True) -> dict:
-    """Lower one (module, kernel, variant, dtype) for sm_<arch>; a dict row, never raises."""
+def compile_one(job: tuple, arch: int, to_cubin: bool = True) -> dict:
+    """Lower one (module, kernel, variant, dtype, problem) for sm_<arch>; a dict row, never raises."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    module_name, kernel_name, variant_name, dtype = job
+    module_name, kernel_name, variant_name, dtype, problem = job
     row = dict(kernel=kernel_name, module=module_name.rsplit(".", 1)[-1], variant=variant_name, dtype=dtype,
                status="compile-error", error="", error_detail="", registers=None, spill_store_bytes=None,
                spill_load_bytes=None, stack_frame_bytes=None, shared_bytes=None, num_warps=None,
-               num_stages=None, compile_s=None, stage="cubin" if to_cubin else "ptx")
-    module = importlib.import_module(module_name)
-    if not variant_name:
-        row["status"] = "stale-table"
-        row["error"] = ("no specialisation: add the launcher's arguments to VARIANT_TABLES in "
-                        "benchmarks/compile_report.py" if hasattr(module, kernel_name) else
-                        "VARIANT_TABLES names a kernel the module no longer defines")
+               num_stages=None, compile_s=None, stage="cubin" if to_cubin else "ptx", grid=[], findings=[], notes=[])
+    if problem:
+        row.update(status="stale-table", error=problem)
         return row
+    module = importlib.import_module(module_name)
     kernel = getattr(module, kernel_name)
     if type(kernel).__name__ != "JITFunction":
         row["error"] = f"{kernel_name} is a {type(kernel).__name__}: unset TRITON_INTERPRET before importing triton"
         return row
     variant = next(v for v in variants_for(module_name)[kernel_name] if v.name == variant_name)
+    row.update(grid=list(variant.grid), scope=variant.scope, standard=variant.standard)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     log = io.StringIO()
@@ -368,7 +409,7 @@ def compile_one(job: tuple[str, str, str, str], arch: int, to_cubin: bool = True
     except (TypeError, KeyError) as error:   # the table no longer matches the kernel's parameters
         row["status"] = "stale-table"
         row["error"], row["error_detail"] = _error_text(error)
-        row["error"] += " (update VARIANT_TABLES in benchmarks/compile_report.py to the launcher's call)"
+        row["error"] += f" (update variants() in benchmarks/compile_{row['module']}.py to the launcher's call)"
         return row
     source = ASTSource(kernel, signature, constexprs, attrs)
     try:
@@ -388,6 +429,7 @@ def compile_one(job: tuple[str, str, str, str], arch: int, to_cubin: bool = True
     if max_shared is not None and compiled.metadata.shared > max_shared:
         row.update(status="compile-error", error=f"OutOfResources: shared memory {compiled.metadata.shared} B "
                                                  f"> {max_shared} B per block on sm_{arch} (fails at launch)")
+        return row
     if to_cubin:
         text = log.getvalue()
         regs, spill = _PTXAS_REGS.search(text), _PTXAS_SPILL.search(text)
@@ -398,6 +440,8 @@ def compile_one(job: tuple[str, str, str, str], arch: int, to_cubin: bool = True
                    spill_store_bytes=int(spill.group(2)), spill_load_bytes=int(spill.group(3)))
     elif f".entry {compiled.metadata.name}" not in compiled.asm["ptx"]:
         row.update(status="compile-error", error=f"PTX has no .entry {compiled.metadata.name}")
+        return row
+    _analyse(row, compiled, variant, to_cubin)
     return row
 
 
@@ -424,12 +468,17 @@ def _compile_to_ptx(source, target, options) -> _PTXKernel:
     asm = {}
     for stage in ("ttir", "ttgir", "llir", "ptx"):
         module = stages[stage](module, metadata)
-        asm[stage] = module
+        asm[stage] = module if isinstance(module, str) else str(module)
+    metadata.setdefault("shared", 0)
     return _PTXKernel(SimpleNamespace(**metadata), asm)
 
 
 def _progress(done: int, total: int, row: dict) -> None:
-    detail = f"{row['registers']} regs" if row["status"] == "ok" else row["status"]
+    if row["status"] != "ok":
+        detail = row["status"]
+    else:
+        detail = (f"{row['registers']} regs" if row["registers"] is not None else "ptx") + \
+                 (f", {row['math']}" if row.get("math") else "")
     print(f"[{done}/{total}] {row['kernel']} [{row['variant']}, {row['dtype']}]: {detail}, {row['compile_s']} s",
           file=sys.stderr, flush=True)
 
@@ -453,42 +502,104 @@ def _run(jobs, arch: int, workers: int, to_cubin: bool) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# output
+
 def _header(arch: int, argv: list[str], wall_s: float, to_cubin: bool) -> dict:
     import triton
     from triton.backends.nvidia.compiler import get_ptxas
     ptxas = get_ptxas(arch)
     return dict(triton_version=triton.__version__, target=f"cuda sm_{arch} (GPUTarget('cuda', {arch}, 32))",
                 ptxas=f"{os.path.basename(ptxas.path)} {ptxas.version}" if to_cubin else "not run (PTX only)",
+                disassembler="triton's bundled cuobjdump -sass" if to_cubin else "not run",
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 command="python -m benchmarks.compile_report " + " ".join(argv),
                 fp_fusion=os.environ["TRITON_DEFAULT_FP_FUSION"],
                 host=f"{platform.machine()} {os.cpu_count()} CPUs, no GPU needed", wall_s=round(wall_s, 1),
-                standard_shape=f"N={ROWS} rows, d={FEATURES} features")
+                standard_shape=f"N={ROWS} rows, d={FEATURES} features",
+                occupancy_model=f"{H200.name}: {H200.sms} SMs; see benchmarks/roofline.py H200 for the limits "
+                                "and their sources",
+                spill_budget_bytes_per_thread=SPILL_BUDGET)
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value).replace("|", "/")
 
 
 def _markdown(header: dict, rows: list[dict]) -> str:
     failed = [r for r in rows if r["status"] != "ok"]
     spilling = [r for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    findings = [r for r in rows if r["findings"]]
     lines = [f"# Triton ahead-of-time compile report ({header['target']})", ""]
     lines += [f"- {key}: {value}" for key, value in header.items()]
     lines += [f"- rows: {len(rows)}, compiled: {len(rows) - len(failed)}, failed: {len(failed)}, "
-              f"spilling: {len(spilling)}", "",
-              "Registers per thread, spill store / load bytes and stack frame (local memory per thread) from "
-              "ptxas -v; shared = Triton's shared memory per program (bytes); s = compile seconds (whole "
-              "pipeline, one process on a shared CPU core).", "",
-              "| kernel | variant | dtype | status | regs | spill st/ld B | stack B | shared B | warps | stages | s |",
-              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-
-    def cell(value):
-        return "" if value is None else str(value).replace("|", "/")
+              f"spilling: {len(spilling)}, with findings: {len(findings)}", ""]
+    if findings or failed:
+        lines += ["## Findings and failures", ""]
+        lines += [f"- {r['kernel']} [{_cell(r['variant'])}, {r['dtype']}]: **{r['status']}** {_cell(r['error'])[:300]}"
+                  for r in failed]
+        lines += [f"- {r['kernel']} [{_cell(r['variant'])}, {r['dtype']}]: {f}"
+                  for r in findings for f in r["findings"]]
+        lines.append("")
+    accepted = [r for r in rows if r.get("accepted_spill")]
+    if accepted:
+        lines += ["## Spills over the budget, accepted with a reason", ""]
+        lines += [f"- {r['kernel']} [{_cell(r['variant'])}, {r['dtype']}]: {r['spill_store_bytes']} B per thread "
+                  f"(budget {r['spill_budget']}): {r['accepted_spill']}" for r in accepted]
+        lines.append("")
+    under = [r for r in rows if r["notes"]]
+    if under:
+        lines += ["## Launches smaller than the GPU (fewer programs than the H200's SMs)", ""]
+        lines += [f"- {r['kernel']} [{_cell(r['variant'])}, {r['dtype']}]: {'; '.join(r['notes'])}" for r in under]
+        lines.append("")
+    reasons = collections.defaultdict(list)
     for r in rows:
-        status = "ok" if r["status"] == "ok" else f"**{r['status']}**: {cell(r['error'])[:200]}"
-        spill = "" if r["spill_store_bytes"] is None else f"{r['spill_store_bytes']}/{r['spill_load_bytes']}"
-        if r["spill_store_bytes"] or r["spill_load_bytes"]:
+        if r.get("ieee_reason"):
+            reasons[r["ieee_reason"]].append(f"{r['kernel']} [{r['variant']}, {r['dtype']}]")
+    if reasons:
+        lines += ["## IEEE fp32 dots by design (CUDA-core FFMA, not tensor cores)", ""]
+        for reason, where in reasons.items():
+            lines.append(f"- {reason}: {len(where)} rows, e.g. {'; '.join(where[:4])}")
+        lines.append("")
+    lines += ["## Every variant", "",
+              "math: where the dots run, from the SASS.  dots h/t/i: tt.dot ops in the TTIR with half, tf32 or "
+              "IEEE fp32 operands.  Instruction columns are static SASS counts (a loop body once): mma = "
+              "HGMMA/HMMA, ldg/stg = global, cp.a/tma = LDGSTS / UTMA*, lds/sts = shared (incl. LDSM/STSM), "
+              "bar = BAR + SYNCS, ldl/stl = local memory (spills).  regs and spill stores per thread (ptxas -v), "
+              "shared per program (KB).  blk/SM = resident programs per SM on the H200 and the limit that sets "
+              "it (r = registers, s = shared, w = warps, b = blocks); occ = resident warps / 64.  programs at "
+              "the standard shape; waves = programs / (blk/SM x 132); tail = filled fraction of the last wave.",
+              "",
+              "| kernel | variant | dtype | status | math | dots h/t/i | mma | ffma | ldg/stg | cp.a/tma | lds/sts "
+              "| bar | ldl/stl | instr | regs | spill st | shared KB | warps | st | blk/SM | occ | programs | waves "
+              "(tail) | s |",
+              "|---|---|---|---|---|---|---:|---:|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"
+              "---:|"]
+    short = {"registers": "r", "shared": "s", "warps": "w", "blocks": "b"}
+    for r in rows:
+        status = "ok" if r["status"] == "ok" else f"**{r['status']}**: {_cell(r['error'])[:200]}"
+        if r["findings"]:
+            status += " **finding**"
+        sass = r.get("sass") or {}
+        dots = r.get("dots")
+        dots_cell = f"{dots['half']}/{dots['tf32'] + dots['tf32x3']}/{dots['ieee']}" if dots else ""
+
+        def pair(a, b):
+            return f"{sass[a]}/{sass[b]}" if sass else ""
+        spill = _cell(r["spill_store_bytes"])
+        if r["spill_store_bytes"]:
             spill = f"**{spill}**"
-        lines.append(f"| {r['kernel']} | {cell(r['variant'])} | {r['dtype']} | {status} | {cell(r['registers'])} | {spill} "
-                     f"| {cell(r['stack_frame_bytes'])} | {cell(r['shared_bytes'])} | {cell(r['num_warps'])} | {cell(r['num_stages'])} "
-                     f"| {cell(r['compile_s'])} |")
+        shared = "" if r["shared_bytes"] is None else f"{r['shared_bytes'] / 1024:.0f}"
+        blocks = f"{r['blocks_per_sm']} {short[r['limiter']]}" if "blocks_per_sm" in r else ""
+        wave = "" if r.get("waves") is None else f"{r['waves']} ({r['tail']})"
+        lines.append(
+            f"| {r['kernel']} | {_cell(r['variant'])} | {r['dtype']} | {status} | {r.get('math', '')} | {dots_cell} "
+            f"| {_cell(sass.get('mma'))} | {_cell(sass.get('ffma'))} | {pair('ldg', 'stg')} "
+            f"| {pair('cp_async', 'tma')} | {pair('lds', 'sts')} | {_cell(sass.get('bar'))} | {pair('ldl', 'stl')} "
+            f"| {_cell(sass.get('instructions'))} "
+            f"| {_cell(r['registers'])} | {spill} | {shared} | {_cell(r['num_warps'])} | {_cell(r['num_stages'])} "
+            f"| {blocks} | {_cell(r.get('occupancy'))} | {_cell(r.get('programs'))} | {wave} "
+            f"| {_cell(r['compile_s'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -498,35 +609,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200), 80 (A100)")
     parser.add_argument("--out", default="benchmarks/results/compile", help="folder for the .json and .md")
     parser.add_argument("--workers", type=int, default=2, help="compile processes (spawned)")
-    parser.add_argument("--smoke", action="store_true", help="first variant per kernel, float32 and bfloat16 only")
-    parser.add_argument("--exhaustive", action="store_true",
-                        help="also half dtypes of the b = 64 / 128 Cayley tiles (~15 CPU-minutes more)")
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument("--smoke", action="store_true", help="first variant per kernel, float32 and bfloat16 only")
+    selection.add_argument("--standard", action="store_true",
+                           help="the first variant per kernel in float32 and every variant a benchmark case "
+                                "launches, in bfloat16 (the tests' set)")
+    selection.add_argument("--exhaustive", action="store_true",
+                           help="also half dtypes of the b = 64 / 128 Cayley tiles (~15 CPU-minutes more)")
     parser.add_argument("--only", default="", help="compile only variants whose 'kernel variant dtype' contains this")
-    parser.add_argument("--ptx-only", action="store_true", help="stop at PTX (no ptxas: no registers or spills)")
+    parser.add_argument("--ptx-only", action="store_true", help="stop at PTX (no ptxas: no registers, spills or SASS)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("TRITON_INTERPRET is set: the interpreter replaces @triton.jit kernels; unset it")
     # Triton 3.9 fuses a * b + c into FMA unless told otherwise (and warns that 3.10 will not); state it
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     start = time.perf_counter()
-    jobs = [job for job in plan(args.smoke, args.exhaustive) if args.only in " ".join(job[1:])]
+    jobs = [job for job in plan(args.smoke, args.exhaustive, args.standard) if args.only in " ".join(job[1:4])]
     rows = _run(jobs, args.arch, args.workers, not args.ptx_only)
     header = _header(args.arch, argv, time.perf_counter() - start, not args.ptx_only)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"sm{args.arch}_{datetime.date.today():%Y%m%d}{'_smoke' if args.smoke else ''}")
+    suffix = "_smoke" if args.smoke else "_standard" if args.standard else ""
+    stem = os.path.join(args.out, f"sm{args.arch}_{datetime.date.today():%Y%m%d}{suffix}")
     with open(stem + ".json", "w") as f:
         json.dump(dict(header=header, rows=rows), f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(_markdown(header, rows))
+    from benchmarks import roofline
+    roofline_stem, _, roofline_errors = roofline.write(args.out)
     failed = [r for r in rows if r["status"] != "ok"]
     spilling = [r for r in rows if r["spill_store_bytes"] or r["spill_load_bytes"]]
-    print(f"{len(rows)} compiles in {header['wall_s']} s: {len(failed)} failed, {len(spilling)} spill -> {stem}.md")
+    findings = [(r, f) for r in rows for f in r["findings"]]
+    print(f"{len(rows)} compiles in {header['wall_s']} s: {len(failed)} failed, {len(spilling)} spill, "
+          f"{len(findings)} findings -> {stem}.md, {roofline_stem}.md")
     for r in failed:
         print(f"  {r['status'].upper()} {r['kernel']} [{r['variant']}, {r['dtype']}]: {r['error']}")
-    for r in spilling:
-        print(f"  SPILLS {r['kernel']} [{r['variant']}, {r['dtype']}]: {r['spill_store_bytes']} B stores, "
-              f"{r['spill_load_bytes']} B loads ({r['registers']} registers)")
-    return 1 if failed else 0
+    for r, finding in findings:
+        print(f"  FINDING {r['kernel']} [{r['variant']}, {r['dtype']}]: {finding}")
+    for module, error in roofline_errors.items():
+        print(f"  ROOFLINE ERROR {module}: {error}")
+    return 1 if failed or findings or roofline_errors else 0
 
 
 if __name__ == "__main__":
