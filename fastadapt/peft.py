@@ -134,6 +134,9 @@ def _common_reason(layer, x, args, kwargs) -> Optional[str]:
     active = [a for a in layer.active_adapters]
     if len(active) != 1:
         return f"{len(active)} active adapters"
+    held = layer.adapter_layer_names  # PEFT's names of the per-adapter containers ("lora_A", "oft_R", ...)
+    if held and active[0] not in getattr(layer, held[0]):
+        return "the active adapter is not on this layer (PEFT runs the base layer)"
     return None
 
 

@@ -43,7 +43,7 @@ def psoft(t):
         "r1": PsoftConfig(r=1, psoft_alpha=3, **t.common),
         "r_min_neumann": PsoftConfig(r=t.smallest, psoft_alpha=2, use_cayley_neumann=True, **t.common),
         "plain_lowrank_svd": PsoftConfig(r=t.smallest, psoft_orth=False, psoft_mag_a=False, psoft_mag_b=False,
-                                         psoft_svd="lowrank", **t.common),
+                                         psoft_svd="lowrank", psoft_svd_lowrank_niter=2, **t.common),
         "dropout": PsoftConfig(r=t.smallest, psoft_dropout=0.3, **t.common),
     }
 

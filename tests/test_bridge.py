@@ -150,3 +150,21 @@ def test_notes_count_documented_differences_of_fused_calls(monkeypatch):
     model(x)
     assert report.notes == {"toy note in training": 2} and report.fused_calls == 4
     assert "fused x2, note: toy note in training" in str(report)
+
+
+def test_an_active_adapter_the_layer_does_not_hold_runs_peft(monkeypatch):
+    """An adapter added to some target layers only: the others run PEFT's forward (their base layer),
+    whatever the entry's ``applies`` says (here the default, True for every adapter)."""
+    entry = bridge.BridgeEntry(LORA_CLASS, "lora", _toy_lora_forward)
+    monkeypatch.setattr(bridge, "registry", lambda: {LORA_CLASS: [entry]})
+    model = _lora_model()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["0"]))
+    randomize_(model, names=["lora_B"], scale=0.5)
+    report = fastadapt.accelerate(model)
+    x = randn(3, 12)
+    model.set_adapter("other")
+    expected = model(x)
+    fastadapt.revert(model)
+    assert_rel_close(expected, model(x))
+    assert report.fused_calls == 1
+    assert report.fallbacks == {"the active adapter is not on this layer (PEFT runs the base layer)": 1}

@@ -238,14 +238,22 @@ def test_calls(case):
 
 @pytest.mark.parametrize("case", _params("adapters"))
 def test_second_adapter_and_set_adapter(case):
-    """A second adapter added after ``accelerate``, set_adapter to it and back, both active at once
+    """A second adapter on the first target layer only, added after ``accelerate``; set_adapter to it
+    (the other layers hold no such adapter: PEFT runs their base layer) and back, both active at once
     (where PEFT allows it), and delete_adapter: each step equals PEFT's."""
     peft_model, fused, report, falls_back = _build(case)
+    first = MODELS[case.model].targets.names[0]
+
+    def other_config():
+        config = case.config()[0]
+        config.target_modules = [first]
+        return config
+
     try:
-        peft_model.add_adapter("other", case.config()[0])
+        peft_model.add_adapter("other", other_config())
     except ValueError as exc:
         pytest.skip(f"PEFT rejects a second adapter of this configuration: {exc}")
-    fused.add_adapter("other", case.config()[0])
+    fused.add_adapter("other", other_config())
     perturb_(peft_model, scale=0.2)
     fused.load_state_dict(peft_model.state_dict())
     peft_model.eval(), fused.eval()
