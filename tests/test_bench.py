@@ -409,6 +409,9 @@ def test_cli_quick_one_row_per_bridged_method(toy_dir, tmp_path):
     missing = [r for r in doc["rows"] if r["case"] != "oft_toy"]
     assert all("no benchmark case measures" in r["error"] for r in missing)
     assert code == (1 if missing else 0)
+    code, doc = _run(["bench", "--quick", "--only", "oft", "--d", "16", "--n", "8", "--iters", "1", "--warmup", "0"],
+                     toy_dir, tmp_path)
+    assert code == 0 and [r["case"] for r in doc["rows"]] == ["oft_toy"]  # --only narrows, no missing rows
 
 
 def test_cli_host_overhead_table(toy_dir, tmp_path, capsys):

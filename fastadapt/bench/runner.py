@@ -307,9 +307,10 @@ def bench_command(args) -> int:
     quick = args.quick or host
     iters = args.iters or (HOST_ITERS if host else QUICK_ITERS if quick else 20)
     warmup = args.warmup if args.warmup is not None else (HOST_WARMUP if host else QUICK_WARMUP if quick else 3)
-    if quick:
+    if quick:  # --only narrows the candidates; a group left without a case is reported only without --only
         _check_methods(args, found)
-        chosen = [(g, c) for g, c in representatives(found.cases) if not args.method or set(g) & set(args.method)]
+        chosen = [(g, c) for g, c in representatives(selected(found.cases, args.only))
+                  if (not args.method or set(g) & set(args.method)) and (c is not None or not args.only)]
     else:
         chosen = [((c.method,), c) for c in _chosen_cases(args, found)]
     kind = "host_overhead" if host else "bench"
