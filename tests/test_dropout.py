@@ -18,7 +18,8 @@ SEEDS = (0, 1, 2 ** 31 - 2, 0x5DEECE66D_1234567)   # the last above 2^62: both k
 PS = (0.1, 0.5, 0.9)
 SHAPES = [(n, d) for n in (1, 9, 64) for d in (1, 3, 5, 41, 341)]
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INTERPRETER_DTYPES = (torch.float32, torch.float16)  # the Triton interpreter has no bf16 arithmetic
+# The Triton interpreter (CPU) has no bf16 arithmetic; compiled kernels on a GPU test it too.
+TRITON_DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if torch.cuda.is_available() else ())
 
 
 def ext():
@@ -89,54 +90,59 @@ def test_cpp_and_torch_give_the_same_bits(dtype, seed):
             assert torch.equal(outs[0], outs[1]), (n, d, p)
 
 
-@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("seed, p", list(zip(SEEDS, PS + PS[:1])))
-def test_triton_gives_the_same_bits_as_cpp_and_torch(dtype, seed, p):
-    """The Triton kernels (interpreter) against the torch Philox (and so the C++ op, tested equal to
-    it above): x_d, x - x_d and the in-place mask add, every shape."""
+def test_triton_gives_the_same_bits_as_cpp_and_torch(device, dtype, seed, p):
+    """The Triton kernels (compiled on a GPU, the interpreter on CPU) against the torch Philox on
+    CPU (and so the C++ op, tested equal to it above): x_d, x - x_d and the in-place mask add,
+    every shape."""
     s = seed_tensor(seed)
     for i, (n, d) in enumerate(SHAPES):
         x = randn(n, d, dtype=dtype, seed=400 + i)
         pair = run(D.philox_dropout_with_rest, "torch", x, s, p)
-        for a, b in zip(run(D.philox_dropout_with_rest, "triton", x, s, p), pair):
-            assert torch.equal(a, b), (n, d)
+        for a, b in zip(run(D.philox_dropout_with_rest, "triton", x.to(device), s, p), pair):
+            assert torch.equal(a.cpu(), b), (n, d)
         if d in (5, 341):  # the mask-add kernel on a partial and a multi-tile row
             inner = randn(n, d, dtype=dtype, seed=500 + i)
-            outs = [randn(n, d, dtype=dtype, seed=600 + i) for _ in range(2)]
-            run(D.philox_mask_add_, "torch", outs[0], inner, s, p)
-            run(D.philox_mask_add_, "triton", outs[1], inner, s, p)
-            assert torch.equal(outs[0], outs[1]), (n, d)
+            out = randn(n, d, dtype=dtype, seed=600 + i)
+            out_dev = out.to(device)
+            run(D.philox_mask_add_, "torch", out, inner, s, p)
+            run(D.philox_mask_add_, "triton", out_dev, inner.to(device), s, p)
+            assert torch.equal(out_dev.cpu(), out), (n, d)
     x = randn(9, 41, dtype=dtype, seed=700)
-    assert torch.equal(run(D.philox_dropout, "triton", x, s, p), run(D.philox_dropout, "torch", x, s, p))
+    assert torch.equal(run(D.philox_dropout, "triton", x.to(device), s, p).cpu(),
+                       run(D.philox_dropout, "torch", x, s, p))
 
 
-def strided_views(dtype):
-    """(view, its contiguous copy): transposed, column-sliced, and a 3-D view whose leading dims
-    do not flatten to one stride (its rows need a divmod per row)."""
-    base = randn(12, 2, 41, dtype=dtype, seed=800)
-    views = [randn(41, 9, dtype=dtype, seed=801).T, randn(9, 83, dtype=dtype, seed=802)[:, 1::2],
-             base.permute(1, 0, 2)[:, ::3], randn(7, dtype=dtype, seed=803)]
+def strided_views(dtype, device="cpu"):
+    """(view, its contiguous copy): transposed, column-sliced, a 3-D view whose leading dims do not
+    flatten to one stride (its rows need a divmod per row), and a 1-D tensor (one row)."""
+    base = randn(12, 2, 41, dtype=dtype, seed=800).to(device)
+    views = [randn(41, 9, dtype=dtype, seed=801).to(device).T, randn(9, 83, dtype=dtype, seed=802).to(device)[:, 1::2],
+             base.permute(1, 0, 2)[:, ::3], randn(7, dtype=dtype, seed=803).to(device)]
     return [(v, v.contiguous()) for v in views]
 
 
 @pytest.mark.parametrize("backend_name", ["torch", "cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_mask_depends_on_the_logical_index_only(backend_name, dtype):
+def test_mask_depends_on_the_logical_index_only(device, backend_name, dtype):
     """Strided, transposed and non-flattenable views give the mask of their contiguous copy (also
     for the in-place add into a strided out); leading dims flatten to rows."""
     if backend_name == "cpp":
         ext()
+    dev = device if backend_name == "triton" else "cpu"
     s = seed_tensor(2 ** 40 + 3)
-    for view, copy in strided_views(dtype):
-        assert torch.equal(run(D.philox_dropout, backend_name, view, s, 0.3),
-                           run(D.philox_dropout, "torch", copy, s, 0.3)), tuple(view.shape)
-        out = randn(*reversed(view.shape), dtype=dtype, seed=804).transpose(0, -1) if view.dim() > 1 else view.clone()
-        out_copy = out.contiguous()
+    for view, copy in strided_views(dtype, dev):
+        assert torch.equal(run(D.philox_dropout, backend_name, view, s, 0.3).cpu(),
+                           run(D.philox_dropout, "torch", copy.cpu(), s, 0.3)), tuple(view.shape)
+        out = randn(*reversed(view.shape), dtype=dtype, seed=804).to(dev).transpose(0, -1) if view.dim() > 1 \
+            else randn(*view.shape, dtype=dtype, seed=804).to(dev)
+        out_copy = out.cpu().contiguous()
         run(D.philox_mask_add_, backend_name, out, view, s, 0.3)
-        run(D.philox_mask_add_, "torch", out_copy, copy, s, 0.3)
-        assert torch.equal(out, out_copy), tuple(view.shape)
+        run(D.philox_mask_add_, "torch", out_copy, copy.cpu(), s, 0.3)
+        assert torch.equal(out.cpu(), out_copy), tuple(view.shape)
     x3 = randn(3, 5, 41, dtype=dtype, seed=806)
-    assert torch.equal(run(D.philox_dropout, backend_name, x3, s, 0.3).view(15, 41),
+    assert torch.equal(run(D.philox_dropout, backend_name, x3.to(dev), s, 0.3).cpu().view(15, 41),
                        run(D.philox_dropout, "torch", x3.view(15, 41), s, 0.3))
 
 

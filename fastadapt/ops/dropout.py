@@ -91,24 +91,24 @@ def _check(name: str, t: Tensor, p: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure-torch Philox: uint32 arithmetic in int64 tensors (every intermediate below 2^50: no overflow)
+# Pure-torch Philox: uint32 arithmetic in int64 tensors (every intermediate below 2^49: no overflow)
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57       # multipliers
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85           # key increments per round
 _ROUNDS = 10
 _UNIFORM_SCALE = 4.6566127342e-10                 # rounded to float32 where used, as triton does
-_CALLS_PER_CHUNK = 1 << 20                        # bounds the fallback's int64 temporaries (~8 MB each)
+_CALLS_PER_CHUNK = 1 << 18                        # bounds the fallback's int64 temporaries (2 MB each)
 
 
 def _mul_hi_lo(a: int, c: Tensor) -> tuple[Tensor, Tensor]:
     """(hi, lo): the 32-bit halves of the 64-bit product a c, for a constant a < 2^32 and c in
-    [0, 2^32), from products of 16-bit halves (each below 2^32, their sums below 2^34)."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    c_hi, c_lo = c >> 16, c & 0xFFFF
-    low = c_lo * a_lo
-    mid = c_lo * a_hi + c_hi * a_lo + (low >> 16)
-    return c_hi * a_hi + (mid >> 16), ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
+    [0, 2^32).  With c = c_hi 2^16 + c_lo, a c = (a c_hi + (a c_lo >> 16)) 2^16 + (a c_lo mod 2^16);
+    every intermediate stays below 2^49."""
+    by_hi, by_lo = (c >> 16) * a, (c & 0xFFFF) * a
+    hi = (by_hi + (by_lo >> 16)) >> 16
+    lo = (((by_hi & 0xFFFF) << 16) + by_lo) & _MASK32
+    return hi, lo
 
 
 def _philox4x32(q: Tensor, seed: int) -> list[Tensor]:
