@@ -16,6 +16,7 @@
 // time; portable C++ otherwise), then one pass that applies the mask (unit-stride loops the
 // compiler vectorises; any other strides take the same loop with a stride).
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -83,20 +84,17 @@ struct RowOffsets {
   bool collapsed = true;
 
   explicit RowOffsets(const at::Tensor& t) {
-    const int64_t lead = t.dim() - 1;
-    int64_t expected = -1;
-    for (int64_t k = lead - 1; k >= 0; --k) {
-      if (t.size(k) == 1) continue;
+    for (int64_t k = t.dim() - 2; k >= 0; --k) {
+      if (t.size(k) == 1) continue;  // a size-1 dim never moves the offset
       sizes.push_back(t.size(k));
       strides.push_back(t.stride(k));
     }
-    if (!sizes.empty()) {
-      collapsed_stride = strides[0];
-      expected = strides[0];
-      for (size_t k = 1; k < sizes.size(); ++k) {
-        expected *= sizes[k - 1];
-        if (strides[k] != expected) collapsed = false;
-      }
+    if (sizes.empty()) return;
+    collapsed_stride = strides[0];
+    int64_t expected = strides[0];
+    for (size_t k = 1; k < sizes.size(); ++k) {
+      expected *= sizes[k - 1];
+      collapsed = collapsed && strides[k] == expected;
     }
   }
 
@@ -119,8 +117,13 @@ struct Mask {
   int64_t d, groups_per_row, tiles_per_row;
 
   Mask(int64_t seed, double p_, int64_t d_, UniformsFn uniforms_ = kBestUniforms)
-      : uniforms(uniforms_), keys(fastadapt_philox::round_keys(static_cast<uint64_t>(seed))), p(static_cast<float>(p_)), scale(1.0 / (1.0 - p_)), d(d_),
-        groups_per_row((d_ + 3) / 4), tiles_per_row((d_ + kTileCols - 1) / kTileCols) {}
+      : uniforms(uniforms_),
+        keys(fastadapt_philox::round_keys(static_cast<uint64_t>(seed))),
+        p(static_cast<float>(p_)),
+        scale(1.0 / (1.0 - p_)),
+        d(d_),
+        groups_per_row((d_ + 3) / 4),
+        tiles_per_row((d_ + kTileCols - 1) / kTileCols) {}
 
   // Calls f(i, j0, n, u): row i, columns j0 .. j0 + n, u[j - j0] the uniform of column j; in parallel
   // over (row, column tile) pairs.  Rows count from first_row (0: a whole tensor).
@@ -145,8 +148,9 @@ using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 void check_args(const char* name, const at::Tensor& t, int64_t seed, double p) {
   TORCH_CHECK_TYPE(t.device().is_cpu(), name, " is on ", t.device(), "; the csrc dropout ops take CPU tensors");
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, " has dtype ", t.scalar_type(),
-                   "; the dropout ops take float32, float16, bfloat16 or float64");
+  const at::ScalarType dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+                   name, " has dtype ", dtype, "; the dropout ops take float32, float16, bfloat16 or float64");
   TORCH_CHECK_VALUE(t.dim() >= 1, name, " is 0-dimensional; the dropout ops take (..., d) tensors");
   TORCH_CHECK_VALUE(p > 0.0 && p < 1.0, "p=", p, " must be in (0, 1), e.g. p=0.1");
   TORCH_CHECK_VALUE(seed >= 0, "seed=", seed, " must be in [0, 2**63)");
@@ -223,6 +227,9 @@ void dropout_mask_add_(at::Tensor& out, const at::Tensor& inner, int64_t seed, d
   check_args("inner", inner, seed, p);
   TORCH_CHECK_VALUE(inner.sizes() == out.sizes(), "inner has shape ", inner.sizes(), " but out has shape ",
                     out.sizes(), "; they must match");
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes,
+                    "out has overlapping elements (e.g. an expanded view); pass a tensor that owns its elements");
+  at::assert_no_partial_overlap(out, inner);
   if (out.numel() == 0) return;
   const int64_t d = out.size(-1), rows = out.numel() / d;
   const at::ScalarType acc = out.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -265,11 +272,13 @@ at::Tensor philox_uniform(int64_t rows, int64_t d, int64_t seed, const std::stri
 
 }  // namespace
 
+// The kernels run without the GIL (other Python threads keep running while a mask is made).
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using no_gil = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.doc() = "fastadapt C++ CPU kernels (csrc/)";
-  m.def("seeded_dropout", &seeded_dropout, "[x_d] or [x_d, x - x_d] for the Philox mask of (seed, p)",
+  m.def("seeded_dropout", &seeded_dropout, "[x_d] or [x_d, x - x_d] for the Philox mask of (seed, p)", no_gil(),
         pybind11::arg("x"), pybind11::arg("seed"), pybind11::arg("p"), pybind11::arg("with_rest"));
-  m.def("dropout_mask_add_", &dropout_mask_add_, "out += mask o inner in place", pybind11::arg("out"),
+  m.def("dropout_mask_add_", &dropout_mask_add_, "out += mask o inner in place", no_gil(), pybind11::arg("out"),
         pybind11::arg("inner"), pybind11::arg("seed"), pybind11::arg("p"));
   m.def("philox_uniform", &philox_uniform, "(rows, d) float32 uniforms of the Philox stream",
         pybind11::arg("rows"), pybind11::arg("d"), pybind11::arg("seed"), pybind11::arg("isa"),

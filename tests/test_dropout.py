@@ -292,3 +292,12 @@ def test_torch_stream_is_nn_dropouts_mask_packed_to_one_bit(dtype, numel):
     assert torch.equal(mask, expected)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-numel // 8)
     assert torch.equal(D.unpack_dropout(packed, x.shape, dtype, 0.3), mask)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "cpp"])
+def test_mask_add_refuses_an_out_that_overlaps_itself(backend_name):
+    if backend_name == "cpp":
+        ext()
+    out = torch.zeros(1, 5).expand(4, 5)
+    with pytest.raises((ValueError, RuntimeError), match="overlap|single memory location"):
+        run(D.philox_mask_add_, backend_name, out, torch.ones(4, 5), seed_tensor(1), 0.5)

@@ -81,8 +81,11 @@ def _seed_value(seed: Tensor) -> int:
     return value
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _check(name: str, t: Tensor, p: float) -> None:
-    if not t.is_floating_point():
+    if t.dtype not in _DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; the dropout ops take float32, float16, bfloat16 or float64")
     if t.dim() == 0:
         raise ValueError(f"{name} is 0-dimensional; the dropout ops take (..., d) tensors")
