@@ -139,8 +139,15 @@ def dft_table(n: int, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.cos(angle), torch.sin(angle)]).to(torch.float32).to(device)
 
 
-def block_dft_forward(a: torch.Tensor, block_size: int, out_dtype: torch.dtype, *, block_t: int | None = None,
-                      block_f: int | None = None) -> torch.Tensor:
+def block_dft_tiles(block_size: int, ieee: bool, cuda: bool) -> dict:
+    """Tiles of ``_block_dft_fwd_kernel``: 64 tokens (16 in the interpreter) x up to 64 frequencies;
+    the reduction over the block's b entries in 64-wide steps, 16-wide for IEEE fp32 dots (FMA units:
+    both operand tiles stay in registers)."""
+    return dict(BLOCK_T=64 if cuda else 16, BLOCK_J=16 if ieee and cuda else min(64, block_r(block_size)),
+                BLOCK_F=min(64, block_r(block_size // 2 + 1)))
+
+
+def block_dft_forward(a: torch.Tensor, block_size: int, out_dtype: torch.dtype) -> torch.Tensor:
     """Real and imaginary parts of the DFT of every length-b block of every row of ``a`` (N, d):
     (2, b/2 + 1, d / b, N) in ``out_dtype`` (float32, or ``a``'s half dtype for half dots):
     [0, f, i, t] = sum_j a[t, i b + j] cos(2 pi f j / b), [1] the same with sin (= -imaginary part)."""
@@ -152,14 +159,12 @@ def block_dft_forward(a: torch.Tensor, block_size: int, out_dtype: torch.dtype, 
     if d % b:
         raise ValueError(f"block_size={b} does not divide a's {d} columns")
     nb, nf = d // b, b // 2 + 1
-    block_j = min(64, block_r(b))
-    block_f = block_f or min(64, block_r(nf))
-    block_t = block_t or (64 if a.is_cuda else 16)
-    check_tiles(block_t=block_t, block_f=block_f, block_j=block_j)
+    ieee = out_dtype == torch.float32
+    tiles = block_dft_tiles(b, ieee, a.is_cuda)
     out = torch.empty(2, nf, nb, n_rows, dtype=out_dtype, device=a.device)
-    grid = (triton.cdiv(n_rows, block_t), nb, triton.cdiv(nf, block_f))
+    grid = (triton.cdiv(n_rows, tiles["BLOCK_T"]), nb, triton.cdiv(nf, tiles["BLOCK_F"]))
     _block_dft_fwd_kernel[grid](a, dft_table(b, a.device), out, n_rows, nb, b, nf, a.stride(0), a.stride(1),
-                                IEEE=out_dtype == torch.float32, BLOCK_T=block_t, BLOCK_J=block_j, BLOCK_F=block_f)
+                                IEEE=ieee, **tiles)
     return out
 
 
@@ -208,8 +213,17 @@ def _c3a_bwd_kernel(DF, XF, PART, N, MO, MI, NF, T_PER_SPLIT,
     tl.store(out + NF * MO * MI, im, mask=ok)
 
 
-def c3a_backward_spectrum(dy_spec: torch.Tensor, x_spec: torch.Tensor, *, split: int | None = None,
-                          block_t: int | None = None) -> torch.Tensor:
+def c3a_bwd_tiles(blocks_out: int, blocks_in: int, ieee: bool, cuda: bool) -> dict:
+    """Tiles of ``_c3a_bwd_kernel``: up to 64 x 64 block pairs per program; 64 tokens per step with
+    half dots, 16 with IEEE fp32 dots and 8 warps (two 64 x 64 fp32 accumulators: ptxas for sm_90
+    spills 4 KB per thread at 64 tokens and 4 warps); 16 tokens in the interpreter."""
+    block_m, block_n = min(64, block_r(blocks_out)), min(64, block_r(blocks_in))
+    wide = ieee and block_m * block_n >= 64 * 64
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=64 if cuda and not ieee else 16,
+                num_warps=8 if wide else 4)
+
+
+def c3a_backward_spectrum(dy_spec: torch.Tensor, x_spec: torch.Tensor, *, split: int | None = None) -> torch.Tensor:
     """S (2, b/2 + 1, O / b, I / b) float32, real and imaginary part of
     sum_t conj(DFT(dY_m))[t, f] DFT(x_n)[t, f] from the :func:`block_dft_forward` spectra of dY and x
     (one dtype).  The token sum is split in chunks whose float32 partial sums are added here."""
@@ -221,19 +235,25 @@ def c3a_backward_spectrum(dy_spec: torch.Tensor, x_spec: torch.Tensor, *, split:
     if (nf, n_rows) != (nf_x, n_rows_x):
         raise ValueError(f"spectra of different block sizes or token counts: {tuple(dy_spec.shape)}, "
                          f"{tuple(x_spec.shape)}")
-    block_m, block_n = min(64, block_r(mo)), min(64, block_r(mi))
-    block_t = block_t or (64 if dy_spec.is_cuda else 16)
-    check_tiles(block_m=block_m, block_n=block_n, block_t=block_t)
-    tiles = triton.cdiv(mo, block_m) * triton.cdiv(mi, block_n)
-    if split is None:  # about 512 programs, no slice shorter than 256 tokens
-        split = max(1, min(triton.cdiv(n_rows, 256), triton.cdiv(512, nf * tiles)))
-    t_per_split = triton.cdiv(triton.cdiv(n_rows, split), block_t) * block_t
-    split = triton.cdiv(n_rows, t_per_split)
+    ieee = dy_spec.dtype == torch.float32
+    config = c3a_bwd_tiles(mo, mi, ieee, dy_spec.is_cuda)
+    tiles = triton.cdiv(mo, config["BLOCK_M"]) * triton.cdiv(mi, config["BLOCK_N"])
+    split, t_per_split = token_split(n_rows, nf * tiles, config["BLOCK_T"], split)
     part = torch.empty(split, 2, nf, mo, mi, dtype=torch.float32, device=dy_spec.device)
-    _c3a_bwd_kernel[(nf, tiles, split)](dy_spec, x_spec, part, n_rows, mo, mi, nf, t_per_split,
-                                        IEEE=dy_spec.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n,
-                                        BLOCK_T=block_t)
+    _c3a_bwd_kernel[(nf, tiles, split)](dy_spec, x_spec, part, n_rows, mo, mi, nf, t_per_split, IEEE=ieee, **config)
     return part[0] if split == 1 else part.sum(dim=0)
+
+
+def token_split(n_rows: int, programs: int, block_t: int, split: int | None = None) -> tuple[int, int]:
+    """(splits, tokens per split) of a reduction over ``n_rows`` tokens beside ``programs`` other
+    programs: by default about 512 programs in all, no slice shorter than 256 tokens; slices are
+    whole BLOCK_T steps."""
+    if split is None:
+        split = max(1, min(triton.cdiv(n_rows, 256), triton.cdiv(512, programs)))
+    if split < 1:
+        raise ValueError(f"split={split} must be >= 1, e.g. split=1")
+    t_per_split = triton.cdiv(triton.cdiv(n_rows, split), block_t) * block_t
+    return triton.cdiv(n_rows, t_per_split), t_per_split
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,9 +298,18 @@ def trig_table(n: int, device: torch.device) -> torch.Tensor:
     return torch.stack([torch.cos(angle), torch.sin(angle)]).to(torch.float32).to(device)
 
 
+def fourierft_weight_tiles(ieee: bool, cuda: bool) -> dict:
+    """Tiles of ``_fourierft_weight_fwd_kernel``: 64 x 64 weight tiles and 32 coefficients per step
+    with half dots; 32 x 32 and 16 with IEEE fp32 dots (ptxas for sm_90: 255 registers, 4 B spill;
+    64 x 64 tiles spill 2-10 KB per thread at 16 or 32 coefficients, 4 or 8 warps); 32 x 32 x 16 in
+    the interpreter."""
+    if ieee or not cuda:
+        return dict(BLOCK_O=32, BLOCK_I=32, BLOCK_K=16)
+    return dict(BLOCK_O=64, BLOCK_I=64, BLOCK_K=32)
+
+
 def fourierft_weight_forward(weight: torch.Tensor, spectrum: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                             scaling: float, *, block_o: int | None = None, block_i: int | None = None,
-                             block_k: int | None = None) -> torch.Tensor:
+                             scaling: float) -> torch.Tensor:
     """W_eff = W + scaling Re(ifft2(S)) (O, I), contiguous, in W's dtype, for the sparse spectrum S
     with ``spectrum[k]`` at (``rows[k]``, ``cols[k]``) (int32 / int64, contiguous); ``spectrum`` in W's
     dtype or float32 on a half W.  float32 W: IEEE fp32 dots; a half W: the cos / sin factors rounded
@@ -294,17 +323,13 @@ def fourierft_weight_forward(weight: torch.Tensor, spectrum: torch.Tensor, rows:
                 or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous int32 / int64 ({n},) tensor on {weight.device}, got "
                              f"{t.dtype} {tuple(t.shape)} on {t.device}")
-    block_o = block_o or (64 if weight.is_cuda else 32)
-    block_i = block_i or (64 if weight.is_cuda else 32)
-    block_k = block_k or (32 if weight.is_cuda else 16)
-    check_tiles(block_o=block_o, block_i=block_i, block_k=block_k)
+    ieee = weight.dtype == torch.float32
+    tiles = fourierft_weight_tiles(ieee, weight.is_cuda)
     out = torch.empty(o, i, dtype=weight.dtype, device=weight.device)
-    grid = (triton.cdiv(o, block_o), triton.cdiv(i, block_i))
+    grid = (triton.cdiv(o, tiles["BLOCK_O"]), triton.cdiv(i, tiles["BLOCK_I"]))
     _fourierft_weight_fwd_kernel[grid](weight, rows, cols, spectrum, trig_table(o, weight.device),
                                        trig_table(i, weight.device), out, o, i, n, weight.stride(0),
-                                       weight.stride(1), float(scaling) / (o * i),
-                                       IEEE=weight.dtype == torch.float32, BLOCK_O=block_o, BLOCK_I=block_i,
-                                       BLOCK_K=block_k)
+                                       weight.stride(1), float(scaling) / (o * i), IEEE=ieee, **tiles)
     return out
 
 
@@ -336,9 +361,11 @@ def _fourierft_bwd_kernel(DY, X, UCOL, VCOL, PART, N, NFREQ, stride_dyt, stride_
     tl.store(out + NFREQ, q, mask=k_ok)
 
 
+FOURIERFT_BWD_TILES = dict(BLOCK_T=64, BLOCK_K=32)     # fourierft_backward_products on CUDA (16 tokens elsewhere)
+
+
 def fourierft_backward_products(dy_spec: torch.Tensor, x_spec: torch.Tensor, dy_bins: torch.Tensor,
-                                x_bins: torch.Tensor, *, split: int | None = None, block_t: int | None = None,
-                                block_k: int = 32) -> torch.Tensor:
+                                x_bins: torch.Tensor, *, split: int | None = None) -> torch.Tensor:
     """(2, n) float32: [sum_t Re DY[t, dy_bins[k]] Re X[t, x_bins[k]], the same with Im Im] for the
     row spectra ``dy_spec`` (N, O//2 + 1, 2) and ``x_spec`` (N, I//2 + 1, 2), float32 ``view_as_real``
     of rfft outputs with contiguous (re, im) pairs, and int32 / int64 bins (n,).  The token sum is split
@@ -353,16 +380,12 @@ def fourierft_backward_products(dy_spec: torch.Tensor, x_spec: torch.Tensor, dy_
     n = dy_bins.shape[0]
     if x_bins.shape != (n,) or not dy_bins.is_contiguous() or not x_bins.is_contiguous():
         raise ValueError(f"dy_bins and x_bins must be contiguous ({n},) tensors, got {tuple(x_bins.shape)}")
-    block_t = block_t or (64 if dy_spec.is_cuda else 16)
-    check_tiles(block_t=block_t, block_k=block_k)
-    blocks = triton.cdiv(n, block_k)
-    if split is None:  # about 512 programs, no slice shorter than 256 tokens
-        split = max(1, min(triton.cdiv(n_rows, 256), triton.cdiv(512, blocks)))
-    t_per_split = triton.cdiv(triton.cdiv(n_rows, split), block_t) * block_t
-    split = triton.cdiv(n_rows, t_per_split)
+    tiles = dict(FOURIERFT_BWD_TILES, BLOCK_T=FOURIERFT_BWD_TILES["BLOCK_T"] if dy_spec.is_cuda else 16)
+    blocks = triton.cdiv(n, tiles["BLOCK_K"])
+    split, t_per_split = token_split(n_rows, blocks, tiles["BLOCK_T"], split)
     part = torch.empty(split, 2, n, dtype=torch.float32, device=dy_spec.device)
     _fourierft_bwd_kernel[(blocks, split)](dy_spec, x_spec, dy_bins, x_bins, part, n_rows, n, dy_spec.stride(0),
-                                           x_spec.stride(0), t_per_split, BLOCK_T=block_t, BLOCK_K=block_k)
+                                           x_spec.stride(0), t_per_split, **tiles)
     return part[0] if split == 1 else part.sum(dim=0)
 
 

@@ -24,7 +24,7 @@ their spectra, never from the N-long dY^T X GEMM (2 N O I FLOPs) that PEFT's bac
 
 What each path does (the choice per op is the registration's, :func:`fastadapt.backend.select`):
 
-- torch (CPU): C3A's dW by one gather from K into the (O, I) layout; dK from ``torch.fft.rfft`` of
+- torch (CPU): C3A's dW by one row gather from a strided view of K; dK from ``torch.fft.rfft`` of
   256-row chunks of x and dY, one batched complex product per chunk accumulated per frequency,
   one ``irfft`` (measured against FFT-as-matmul and against the dY^T X GEMM with diagonal sums:
   benchmarks/NOTES.md, circulant).  FourierFT's dW by ``irfft2`` of the Hermitian fold
@@ -98,18 +98,21 @@ def _merge(weight: Tensor, delta: Tensor, alpha: float) -> Tensor:
 # C3A
 
 @functools.lru_cache(maxsize=64)
-def _circulant_gather_index(m: int, n: int, b: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Index tensors that gather K (m, n, b) straight into the (m b, n b) layout of dW:
-    K[rows, cols, shift] with shift[k, j] = (j - k) mod b, broadcast to (m, b, n, b)."""
-    k = torch.arange(b, device=device)
-    shift = ((k[None, :] - k[:, None]) % b).view(1, b, 1, b)
-    return (torch.arange(m, device=device).view(m, 1, 1, 1), torch.arange(n, device=device).view(1, 1, n, 1), shift)
+def _negated(b: int, device: torch.device) -> Tensor:
+    """(-k) mod b for k = 0 .. b - 1."""
+    return (-torch.arange(b, device=device)) % b
 
 
 def _c3a_weight_torch(weight: Tensor, c3a_kernel: Tensor) -> Tensor:
+    """W + dW in W's dtype, dW gathered in one pass: a strided (Hankel) view of the doubled kernel,
+    H[m, k, n, j] = K[m, n, (k + j) mod b], with its rows k taken in the order (-k) mod b gives
+    K[m, n, (j - k) mod b] in the (O, I) layout (a row gather: contiguous b-long runs)."""
     m, n, b = c3a_kernel.shape
-    delta = c3a_kernel[_circulant_gather_index(m, n, b, c3a_kernel.device)].view(m * b, n * b)
-    return _merge(weight, delta, 1.0 / (n * b))
+    acc = acc_dtype(weight.dtype)
+    doubled = torch.cat([c3a_kernel, c3a_kernel], dim=-1).to(acc)
+    hankel = doubled.as_strided((m, b, n, b), (n * 2 * b, 1, 2 * b, 1))
+    merged = hankel[:, _negated(b, c3a_kernel.device)].view(m * b, n * b)
+    return merged.mul_(1.0 / (n * b)).add_(weight).to(weight.dtype)
 
 
 def _c3a_weight(weight: Tensor, c3a_kernel: Tensor, backend: str) -> Tensor:
@@ -386,9 +389,9 @@ def _fourierft_spectrum_grad_torch(dy: Tensor, x: Tensor, spectrum: Tensor, indi
     products = torch.zeros(spectrum.shape[0], 2, dtype=real, device=x.device)     # (sum Re Re, sum Im Im)
     rows = _chunk_rows(x.shape[0], max(out_features, in_features))
     for start in range(0, x.shape[0], rows):
-        dy_hat = torch.view_as_real(torch.fft.rfft(dy[start:start + rows].to(real)))   # (t, O//2 + 1, 2)
-        x_hat = torch.view_as_real(torch.fft.rfft(x[start:start + rows].to(real)))
-        products += (dy_hat[:, dy_bins] * x_hat[:, x_bins]).sum(dim=0)
+        dy_hat = torch.fft.rfft(dy[start:start + rows].to(real)).index_select(1, dy_bins)   # (t, n) complex
+        x_hat = torch.fft.rfft(x[start:start + rows].to(real)).index_select(1, x_bins)
+        products += torch.einsum("tkp,tkp->kp", torch.view_as_real(dy_hat), torch.view_as_real(x_hat))
     grad = (products[:, 0] + sign.to(real) * products[:, 1]) * (scaling / (out_features * in_features))
     return grad.to(spectrum.dtype)
 
