@@ -3,6 +3,7 @@
 Every comparison is a relative Frobenius error against a float64 reference or PEFT's own layer,
 within fastadapt.numerics' one tolerance table.
 """
+import copy
 import dataclasses
 import re
 import warnings
@@ -13,7 +14,7 @@ from peft import OFTConfig, PsoftConfig, get_peft_model
 
 import fastadapt
 from fastadapt.layers import cayley as layers
-from fastadapt.numerics import assert_rel_close
+from fastadapt.numerics import assert_rel_close, rel_error
 from fastadapt.ops import cayley as ops
 from fastadapt.ops import cayley_maps, cayley_monitor, cayley_oft, cayley_rotate
 from fastadapt.reference import cayley as ref
@@ -603,6 +604,231 @@ def test_methods_report_cayley_family():
     fastadapt.revert(model)
 
 
+# ----------------------------------------------------------------------------- torch.compile
+
+
+def _peft_config(case):
+    """PEFT configs of the compile / autocast / half-precision tests."""
+    return {
+        "oft_neumann": lambda: OFTConfig(oft_block_size=8, r=0, target_modules=["0"]),
+        "oft_exact": lambda: OFTConfig(oft_block_size=8, r=0, target_modules=["0"], use_cayley_neumann=False),
+        "psoft": lambda: PsoftConfig(r=6, target_modules=["0"], psoft_alpha=12, init_weights=False),
+        "psoft_neumann": lambda: PsoftConfig(r=6, target_modules=["0"], psoft_alpha=12, init_weights=False,
+                                             use_cayley_neumann=True, cayley_neumann_eps=0.5),
+    }[case]()
+
+
+def _adapter_params(layer):
+    return [p for n, p in layer.named_parameters() if p.requires_grad and "base_layer" not in n]
+
+
+def _peft_model(case, d_in, d_out, dtype, seed, **kwargs):
+    model = get_peft_model(linear_model(d_in, d_out, dtype=dtype, seed=seed), _peft_config(case), **kwargs)
+    randomize_(model, scale=0.1, names=["oft_R", "psoft_R.default.weight"], seed=seed + 1)
+    randomize_(model, scale=0.05, names=["vector_"], seed=seed + 2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "vector_" in name:
+                p.add_(1.0)
+    return model, model.base_model.model[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not fastadapt.backend.triton_available(), reason="triton is not installed"))])
+@pytest.mark.parametrize("case", ["oft_neumann", "oft_exact", "psoft"])
+def test_accelerated_layer_compiles_fullgraph_and_equals_eager(case, backend, monkeypatch):
+    """torch.compile(fullgraph=True) of a PEFT model whose layer accelerate patched: no graph
+    break (every fused op is one custom op; no host read outside op implementations), and the
+    compiled output and gradients equal eager's (rows 40 > out 12: OFT rotates W)."""
+    monkeypatch.setenv("FASTADAPT_BACKEND", backend)
+    model, layer = _peft_model(case, 32, 12, F32, seed=120)
+    params = _adapter_params(layer)
+    x = randn(4, 10, 32, dtype=F32, seed=123)
+    report = fastadapt.accelerate(model)
+    try:
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0
+        assert any("torch.ops.fastadapt." in graph.code for graph in explanation.graphs), "no fused op traced"
+        expected, expected_grads = _grads(model, x, params)
+        torch._dynamo.reset()
+        actual, actual_grads = _grads(torch.compile(model, fullgraph=True), x, params)
+        assert report.fused_calls and not report.fallbacks, str(report)
+    finally:
+        fastadapt.revert(model)
+        torch._dynamo.reset()
+    assert_rel_close(actual, expected, name="compiled output")
+    for i, (a, e) in enumerate(zip(actual_grads, expected_grads)):
+        assert_rel_close(a, e, name=f"compiled gradient {i}")
+
+
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda base: layers.OFTLinear(base, oft_block_size=8), id="OFTLinear"),
+    pytest.param(lambda base: layers.OFTLinear(base, oft_block_size=8, use_cayley_neumann=False), id="OFTLinear-exact"),
+    pytest.param(lambda base: layers.PSOFTLinear(base, r=6, use_cayley_neumann=True, cayley_neumann_eps=0.5),
+                 id="PSOFTLinear-neumann"),
+    pytest.param(lambda base: layers.SSVDLinear(base, r=6), id="SSVDLinear"),
+])
+def test_fastadapt_layers_compile_fullgraph_and_equal_eager(make):
+    layer = make(linear_model(32, 12, dtype=F32, seed=124)[0])
+    randomize_(layer, scale=0.05, names=["oft_R", "psoft_R.weight", "ssvd_R"], seed=125)
+    params = _adapter_params(layer)
+    x = randn(3, 7, 32, dtype=F32, seed=126)
+    torch._dynamo.reset()
+    try:
+        assert torch._dynamo.explain(layer)(x).graph_break_count == 0
+        expected, expected_grads = _grads(layer, x, params)
+        torch._dynamo.reset()
+        actual, actual_grads = _grads(torch.compile(layer, fullgraph=True), x, params)
+    finally:
+        torch._dynamo.reset()
+    assert_rel_close(actual, expected, name="compiled output")
+    for i, (a, e) in enumerate(zip(actual_grads, expected_grads)):
+        assert_rel_close(a, e, name=f"compiled gradient {i}")
+
+
+def test_antipasto_per_sample_alpha_compiles_fullgraph():
+    """A (batch,) alpha tensor (and a 0-d one) stays on the device: no host read, no graph break."""
+    layer = layers.AntiPaSTOLinear(linear_model(20, 11, dtype=F32, seed=127)[0], r=4)
+    randomize_(layer, scale=0.3, names=["ssvd_R"], seed=128)
+    x = randn(3, 6, 20, dtype=F32, seed=129)
+    for alpha in (torch.tensor([0.5, -1.5, 2.0]), torch.tensor(0.7)):
+        torch._dynamo.reset()
+        try:
+            assert torch._dynamo.explain(layer)(x, alpha).graph_break_count == 0
+            compiled = torch.compile(layer, fullgraph=True)(x, alpha)
+        finally:
+            torch._dynamo.reset()
+        assert_rel_close(compiled, layer(x, alpha), name=f"alpha {tuple(alpha.shape)}")
+
+
+# ----------------------------------------------------------------------------- autocast
+
+
+def _bridge_entry(case):
+    method = "oft" if case.startswith("oft") else "psoft"
+    return next(e for e in layers.PEFT_BRIDGE if e.method == method)
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["oft_neumann", "oft_exact", "psoft", "psoft_neumann"])
+def test_autocast_runs_fused_with_peft_semantics(case, autocast_dtype):
+    """Under torch.autocast (what Trainer's bf16=True / fp16=True does) on a float32 model the
+    bridge serves the call (its check passes) and its forward equals PEFT's under the same
+    autocast: the same output dtype (OFT: x's, float32; PSOFT: the autocast dtype), output and
+    every gradient within the autocast dtype's row of the table.  PEFT builds R in float32 (its
+    exact solve is not autocast; its Neumann powers are, which fastadapt keeps in float32) and
+    runs the rotation / adapter products and the base GEMM in the autocast dtype."""
+    model, layer = _peft_model(case, 48, 40, F32, seed=130)
+    entry = _bridge_entry(case)
+    params = _adapter_params(layer)
+    x = randn(7, 9, 48, dtype=F32, seed=133)
+
+    def run(forward):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            y = forward(xx)
+        return y, torch.autograd.grad(y, [xx, *params], randn(*y.shape, seed=134).to(y.dtype))
+
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        assert entry.check(layer, "default", x) is None
+    expected, expected_grads = run(lambda xx: type(layer).forward(layer, xx))
+    actual, actual_grads = run(lambda xx: entry.forward(layer, "default", xx))
+    assert actual.dtype == expected.dtype
+    assert_rel_close(actual, expected, autocast_dtype, name="output")
+    for i, (a, e) in enumerate(zip(actual_grads, expected_grads)):
+        assert a.dtype == e.dtype
+        assert_rel_close(a, e, autocast_dtype, name=f"gradient {i} (x, then the adapter's)")
+
+
+def test_autocast_oft_op_keeps_its_float32_parameter():
+    """Inside oft_linear under autocast: x and W in the autocast dtype, packed (and so R and its
+    gradient) in float32; the output in the autocast dtype."""
+    x, W = randn(6, 16, dtype=F32, seed=135), randn(5, 16, dtype=F32, seed=136)
+    packed = randn(2, ops.packed_size(8), dtype=F32, scale=0.05, requires_grad=True, seed=137)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.oft_linear(x, packed, 8, W, None)
+    assert y.dtype == torch.bfloat16
+    (grad,) = torch.autograd.grad(y.float().sum(), [packed])
+    assert grad.dtype == F32
+    expected = ref.OFTv2Reference(W.double(), None, packed.detach().double(), 8)(x.double())
+    assert_rel_close(y, expected, torch.bfloat16, scale=2.0, name="y (x, W and y rounded to bf16)")
+
+
+# ----------------------------------------------------------------------------- half precision
+
+
+def _float64_truth(model, x_batches):
+    """Output, dx and every adapter gradient of a float64 copy of ``model`` per batch."""
+    reference = copy.deepcopy(model).double()
+    return [_grads_of(reference, reference.base_model.model[0], x, seed=140 + i) for i, x in enumerate(x_batches)]
+
+
+def _mean_errors(model, layer, x_batches, truth, dtype):
+    """Mean over batches of the relative errors of (output, dx, adapter gradients) against ``truth``."""
+    errors = [[rel_error(a.double(), e) for a, e in zip(_grads_of(model, layer, x.to(dtype), seed=140 + i), want)]
+              for i, (x, want) in enumerate(zip(x_batches, truth))]
+    return torch.tensor(errors).mean(0)
+
+
+def _grads_of(model, layer, x, seed):
+    x = x.clone().requires_grad_()
+    y = model(x)
+    params = _adapter_params(layer)
+    return (y, *torch.autograd.grad(y, [x, *params], randn(*y.shape, seed=seed).to(y.dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+@pytest.mark.parametrize("case", ["psoft", "psoft_neumann", "oft_exact", "oft_neumann"])
+def test_half_base_runs_fused_and_is_no_less_accurate_than_peft(case, autocast_adapter_dtype, dtype):
+    """A float16 / bfloat16 model with PEFT's defaults (float32 adapter; PSOFT's A and B are
+    float32 either way) and with autocast_adapter_dtype=False: every call fused (no dtype
+    fallback), and over 3 batches each output's and gradient's mean relative error against a
+    float64 copy of the model is at most 1.5x PEFT's own."""
+    model, layer = _peft_model(case, 40, 24, dtype, seed=150, autocast_adapter_dtype=autocast_adapter_dtype)
+    batches = [randn(3, 7, 40, seed=151 + i) for i in range(3)]
+    truth = _float64_truth(model, batches)
+    peft_errors = _mean_errors(model, layer, batches, truth, dtype)
+    report = fastadapt.accelerate(model)
+    try:
+        fused_errors = _mean_errors(model, layer, batches, truth, dtype)
+    finally:
+        fastadapt.revert(model)
+    assert report.fused_calls == len(batches) and not report.fallbacks, str(report)
+    names = ["output", "dx", *[n for n, p in layer.named_parameters() if p.requires_grad]]
+    for name, fused, peft in zip(names, fused_errors.tolist(), peft_errors.tolist()):
+        assert fused <= 1.5 * peft, f"{name}: error {fused:.2e} against PEFT's {peft:.2e}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_ssvd_and_antipasto_on_a_half_base(dtype, autocast_adapter_dtype):
+    """SSVD / AntiPaSTO on a float16 / bfloat16 base: float32 SVD factors, float32 parameters
+    (or the base dtype with autocast_adapter_dtype=False), the adapter path in float32 rounded
+    once; output and gradients against the float64 layer within the dtype's row (I/O rounding x2)."""
+    base = linear_model(40, 24, dtype=F64, seed=160)[0].to(dtype)
+    layer = layers.AntiPaSTOLinear(base, r=6, autocast_adapter_dtype=autocast_adapter_dtype)
+    adapter_dtype = F32 if autocast_adapter_dtype else dtype
+    assert layer.ssvd_Vh.dtype == F32 and layer.ssvd_R.weight.dtype == adapter_dtype
+    randomize_(layer, scale=0.2, names=["ssvd_R"], seed=161)
+    reference = copy.deepcopy(layer).double()
+    x = randn(3, 7, 40, seed=162)
+    for alpha in (1.0, torch.tensor([0.5, -1.0, 2.0])):
+        got = _layer_grads(layer, x.to(dtype), alpha)
+        want = _layer_grads(reference, x, alpha.double() if isinstance(alpha, torch.Tensor) else alpha)
+        for name, a, e in zip(["y", "dx", "d ssvd_R.weight", "d delta_s"], got, want):
+            assert a.dtype == (dtype if name in ("y", "dx") else adapter_dtype)
+            assert_rel_close(a, e, dtype, scale=2.0, name=f"{name} (alpha {alpha})")
+
+
+def _layer_grads(layer, x, alpha):
+    x = x.clone().requires_grad_()
+    y = layer(x, alpha)
+    grads = torch.autograd.grad(y, [x, layer.ssvd_R.weight, layer.ssvd_R.delta_s], randn(*y.shape, seed=163).to(y.dtype))
+    return (y, *grads)
+
+
 # ----------------------------------------------------------------------------- Triton kernels
 # On CPU these run in the interpreter (tests/conftest.py); shapes are tiny but legal when compiled.
 
@@ -739,25 +965,46 @@ def test_triton_block_rotate_kernels_strided_and_shared(dtype, block_size, devic
                      name="shared")
 
 
+# (x dtype, adapter dtype): one dtype, and PEFT's float32 adapter on a half base
+LAYOUTS = [(F32, F32), (torch.float16, torch.float16), (torch.float16, F32),
+           *(pytest.param(torch.bfloat16, a, marks=pytest.mark.skipif(
+               INTERPRETED, reason="the Triton interpreter has no bf16 arithmetic")) for a in (torch.bfloat16, F32))]
+
+
+def _layer_in_layout(make, d_in, d_out, dtype, adapter_dtype, device, seed, names):
+    """(layer on ``device`` in the layout, its float64 twin): a float32 adapter is built on the
+    half base (fastadapt's layers follow PEFT's dtype rule); one dtype is the float64 layer cast."""
+    base = linear_model(d_in, d_out, dtype=F64, seed=seed)[0]
+    if adapter_dtype != dtype:
+        layer = make(base.to(dtype))
+        randomize_(layer, scale=0.05, names=names, seed=seed + 1)
+        return layer.to(device), copy.deepcopy(layer).double()
+    layer = make(base)
+    randomize_(layer, scale=0.05, names=names, seed=seed + 1)
+    twin = copy.deepcopy(layer)
+    return layer.to(device, dtype), twin
+
+
 @triton_missing
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("dtype, adapter_dtype", LAYOUTS)
 @pytest.mark.parametrize("neumann", [False, True])
-def test_triton_backend_oft_layer_output_and_gradients(neumann, dtype, monkeypatch, device):
+def test_triton_backend_oft_layer_output_and_gradients(neumann, dtype, adapter_dtype, monkeypatch, device):
     from fastadapt.triton_kernels import cayley as kernels
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
     launches = []
     for name in ("cayley_forward", "cayley_backward", "block_rotate_forward", "block_rotate_backward_weight"):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: launches.append(_n) or _f(*a, **k))
-    base = linear_model(32, 16, dtype=F64)[0]
-    layer = layers.OFTLinear(base, oft_block_size=16, use_cayley_neumann=neumann)
-    randomize_(layer, scale=0.05, names=["oft_R"])
-    reference = ref.OFTv2Reference(base.weight, base.bias, layer.oft_R.weight, 16, use_cayley_neumann=neumann)
-    x = randn(2, 9, 32)
+    layer, twin = _layer_in_layout(lambda base: layers.OFTLinear(base, oft_block_size=16, use_cayley_neumann=neumann),
+                                   32, 16, dtype, adapter_dtype, device, seed=170, names=["oft_R"])
+    assert layer.oft_R.weight.dtype == adapter_dtype
+    base = twin.base_layer
+    reference = ref.OFTv2Reference(base.weight, base.bias, twin.oft_R.weight, 16, use_cayley_neumann=neumann)
+    x = randn(2, 9, 32, seed=172)
     y_ref, (dx_ref, dR_ref) = _grads(reference, x, [reference.packed])
-    layer = layer.to(device, dtype)
     y, (dx, dR) = _grads(layer, x.to(device, dtype), [layer.oft_R.weight])
     scale = _half_scale(dtype)
+    assert y.dtype == dx.dtype == dtype and dR.dtype == adapter_dtype
     assert_rel_close(y, y_ref, dtype, scale=scale, name="y")
     assert_rel_close(dx, dx_ref, dtype, scale=scale, name="dx")
     assert_rel_close(dR, dR_ref, dtype, scale=2.0 * scale, name="doft_R")
@@ -781,23 +1028,23 @@ def test_triton_svd_core_kernel_strided(dtype, device, r):
 
 
 @triton_missing
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_triton_backend_psoft_layer_output_and_gradients(dtype, monkeypatch, device):
+@pytest.mark.parametrize("dtype, adapter_dtype", LAYOUTS)
+def test_triton_backend_psoft_layer_output_and_gradients(dtype, adapter_dtype, monkeypatch, device):
     from fastadapt.triton_kernels import cayley as kernels
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
     launches = []
     original = kernels.svd_core_forward
     monkeypatch.setattr(kernels, "svd_core_forward", lambda *a: launches.append(1) or original(*a))
-    base = linear_model(40, 24, dtype=F64)[0]
-    layer = layers.PSOFTLinear(base, r=6, psoft_alpha=12)
-    randomize_(layer, scale=0.3, names=["psoft_R.weight"])
-    reference = psoft_reference(layer)
-    x = randn(3, 11, 40)
+    layer, twin = _layer_in_layout(lambda base: layers.PSOFTLinear(base, r=6, psoft_alpha=12), 40, 24, dtype,
+                                   adapter_dtype, device, seed=175, names=["psoft_R.weight"])
+    assert layer.psoft_A.dtype == layer.psoft_R.weight.dtype == adapter_dtype
+    reference = psoft_reference(twin)
+    x = randn(3, 11, 40, seed=177)
     y_ref, (dx_ref, dR_ref) = _grads(reference, x, [reference.packed])
-    layer = layer.to(device, dtype)
     y, (dx, dR) = _grads(layer, x.to(device, dtype), [layer.psoft_R.weight])
     assert launches, "the Triton SVD-core kernel did not run"
     scale = _half_scale(dtype)
+    assert y.dtype == dx.dtype == dtype and dR.dtype == adapter_dtype
     assert_rel_close(y, y_ref, dtype, scale=scale, name="y")
     assert_rel_close(dx, dx_ref, dtype, scale=scale, name="dx")
     assert_rel_close(dR, dR_ref, dtype, scale=2.0 * scale, name="dpsoft_R")
