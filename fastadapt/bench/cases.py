@@ -10,6 +10,7 @@ into one row per case (fastadapt, PEFT, compiled PEFT and peers side by side).
 from __future__ import annotations
 
 import copy
+import statistics
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -19,7 +20,7 @@ from torch import nn
 
 from .._catalog import CATALOG
 from ..numerics import rel_error, tolerance
-from .measure import device_time_arms, peak_memory, saved_activation_ratio, time_arms
+from .measure import device_time_arms, peak_memory, saved_activation_ratio, time_arm_samples
 from .peers import config_method, lycoris_arm
 from .training import TRAIN_TOKENS, train_adapter_
 
@@ -195,11 +196,13 @@ def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iter
     by_arm = {row["arm"]: row for row in rows}
 
     if "time" in measures:
-        times = time_arms(everything, x, iters=iters, warmup=warmup)
+        samples = time_arm_samples(everything, x, iters=iters, warmup=warmup)
+        times = {name: statistics.median(s) for name, s in samples.items()}
         device_times = (device_time_arms(everything, x, iters=min(iters, DEVICE_TIME_ITERS))
                         if device.type == "cuda" else None)
         for name, row in by_arm.items():
             row["time_s"] = times[name]
+            row["min_time_s"] = min(samples[name])
             row["ratio"] = times[name] / times["base"]
             if device_times is not None:
                 row["device_time_s"] = device_times[name]
@@ -230,7 +233,8 @@ def run_cases(cases: list[Case], d: int, n: int, dtype: torch.dtype, device, ite
 
     Row keys: case, family, method, arm, peer (True for another library's arm), d, n, dtype,
     device, config, metrics, and per measure
-      "time":  time_s (median fwd+bwd seconds), ratio (time / base time); on CUDA also
+      "time":  time_s (median fwd+bwd seconds), min_time_s (the fastest run: the cost without the
+               scheduler's interruptions, what host-overhead tables read), ratio (time / base time); on CUDA also
                device_time_s and device_ratio (profiler device time, median of
                min(iters, DEVICE_TIME_ITERS) profiled runs);
       "saved": saved_ratio (saved-activation bytes / bytes(x));
@@ -285,8 +289,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     """One row per case from :func:`run_cases` rows (the ``--json`` schema).
 
     Keys: case, method, family, config, device, dtype, d, tokens; per arm of SUMMARY_ARMS
-    ``<arm>_ms`` and ``<arm>_ratio`` (fwd+bwd ms and ratio to the base; the "fastadapt" arm
-    is the patched layer's default mode); saved_ratio / peak_bytes (fastadapt) beside
+    ``<arm>_ms``, ``<arm>_min_ms`` and ``<arm>_ratio`` (median and fastest fwd+bwd ms, median
+    ratio to the base; the "fastadapt" arm is the patched layer's default mode); saved_ratio / peak_bytes (fastadapt) beside
     peft_saved_ratio, peft_compile_saved_ratio, lycoris_saved_ratio, peft_peak_bytes,
     peft_compile_peak_bytes, lycoris_peak_bytes, base_peak_bytes; max_rel_err (largest error of
     the fastadapt arms vs float64), peft_rel_err, tolerance; fallbacks and fused_calls (summed
@@ -308,6 +312,7 @@ def summary_rows(rows: list[dict]) -> list[dict]:
         for arm in SUMMARY_ARMS:
             r = arms.get(arm, {})
             summary[f"{arm}_ms"] = _ms(r.get("time_s"))
+            summary[f"{arm}_min_ms"] = _ms(r.get("min_time_s"))
             summary[f"{arm}_ratio"] = r.get("ratio")
         fa = arms.get("fastadapt", {})
         summary["saved_ratio"] = fa.get("saved_ratio")

@@ -98,9 +98,9 @@ def _rotations(names: list[str], iters: int):
         yield names[k:] + names[:k]
 
 
-def time_arms(arms: dict[str, Callable], x: torch.Tensor, *, iters: int = 20,
-              warmup: int = 3) -> dict[str, float]:
-    """Median forward+backward seconds of each arm on ``x``, runs interleaved.
+def time_arm_samples(arms: dict[str, Callable], x: torch.Tensor, *, iters: int = 20,
+                     warmup: int = 3) -> dict[str, list[float]]:
+    """Forward+backward seconds of each arm on ``x``, ``iters`` runs each, interleaved.
 
     Each arm is a callable (usually an nn.Module) mapping ``x`` to one tensor.  ``warmup``
     interleaved rounds run first (this is where torch.compile compiles).  On CUDA every run is
@@ -131,7 +131,13 @@ def time_arms(arms: dict[str, Callable], x: torch.Tensor, *, iters: int = 20,
                 torch.cuda.synchronize(x.device)
             samples[name].append(time.perf_counter() - start)
             _clear_grads(x, params[name])
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def time_arms(arms: dict[str, Callable], x: torch.Tensor, *, iters: int = 20,
+              warmup: int = 3) -> dict[str, float]:
+    """Median forward+backward seconds of each arm on ``x`` (:func:`time_arm_samples`)."""
+    return {name: statistics.median(s) for name, s in time_arm_samples(arms, x, iters=iters, warmup=warmup).items()}
 
 
 def device_time_arms(arms: dict[str, Callable], x: torch.Tensor, *, iters: int = 10) -> dict[str, float]:

@@ -52,19 +52,23 @@ def bench_table(rows: list[dict]) -> str:
 
 
 def host_overhead_table(rows: list[dict]) -> str:
-    """Per-call fwd+bwd microseconds at a tiny shape, where the whole step is host time."""
+    """Per-call fwd+bwd microseconds at a tiny shape, where the whole step is host time: the
+    fastest of the interleaved runs (a run the scheduler interrupted costs milliseconds more
+    here), the median beside it."""
+    arms = ("base", "fastadapt", "peft", "peft_compile")
     header = ["method", "case", "base us", "fastadapt us", "PEFT us", "compiled PEFT us", "fastadapt - PEFT us",
-              "fastadapt <= PEFT"]
+              "fastadapt <= PEFT", "median us fastadapt, PEFT, compiled"]
     body = []
     for r in rows:
         if r.get("error"):
-            body.append([fmt(r.get("method"), "s"), r["case"], "ERROR", r["error"].replace("|", "/")] + [""] * 4)
+            body.append([fmt(r.get("method"), "s"), r["case"], "ERROR", r["error"].replace("|", "/")] + [""] * 5)
             continue
-        us = {k: None if r[f"{k}_ms"] is None else r[f"{k}_ms"] * 1e3 for k in ("base", "fastadapt", "peft", "peft_compile")}
+        us = {a: None if r[f"{a}_min_ms"] is None else r[f"{a}_min_ms"] * 1e3 for a in arms}
         gap = None if us["fastadapt"] is None or us["peft"] is None else us["fastadapt"] - us["peft"]
+        medians = ", ".join(fmt(None if r[f"{a}_ms"] is None else r[f"{a}_ms"] * 1e3, ".0f") for a in arms[1:])
         body.append([fmt(r["method"], "s"), r["case"], fmt(us["base"], ".0f"), fmt(us["fastadapt"], ".0f"),
                      fmt(us["peft"], ".0f"), fmt(us["peft_compile"], ".0f"), fmt(gap, "+.0f"),
-                     "-" if gap is None else ("yes" if gap <= 0 else "no")])
+                     "-" if gap is None else ("yes" if gap <= 0 else "no"), medians])
     return "\n".join(_table(header, body))
 
 
@@ -111,10 +115,12 @@ def budget_table(rows: list[dict], budget: int, tolerance: float) -> str:
               "peak MiB fastadapt, PEFT, compiled"]
     body = []
     for method, arms in by_method.items():
-        first = next(iter(arms.values()))
-        if None in arms:  # the method failed before any arm ran
-            body.append([method, "ERROR", arms[None]["error"].replace("|", "/")] + [""] * 4)
+        measured = [r for r in arms.values() if not r.get("error")]
+        if not measured:  # the method failed before any arm ran, or every arm failed
+            error = next(iter(arms.values()))["error"]
+            body.append([method, "ERROR", error.replace("|", "/").replace("\n", " ")] + [""] * 4)
             continue
+        first = measured[0]
         get = lambda arm, key: arms.get(arm, {}).get(key)  # noqa: E731
         body.append([method, f"{first['size_name']}={first['size']}", fmt(first["trainable_params"], ",d"),
                      f"{first['trainable_params'] / budget - 1:+.1%}",
@@ -151,7 +157,8 @@ def document_markdown(result: dict) -> str:
     elif kind == "host_overhead":
         lines = header_lines(result, "fastadapt host overhead")
         lines += [f"- shape: {shape} (the whole step is host time), iters {cfg['iters']} (median, interleaved)",
-                  "- one representative case per bridged method; per-call fwd+bwd microseconds", "",
+                  "- one representative case per bridged method; per-call fwd+bwd microseconds, the fastest of the "
+                  "interleaved runs (the median beside it)", "",
                   host_overhead_table(result["rows"])]
     elif kind == "sweep":
         lines = header_lines(result, f"fastadapt sweep over {cfg['sweep']}")

@@ -199,6 +199,10 @@ def resolve_device(name: str | None) -> torch.device:
 
 def _resolve_shape(args, shape=None) -> tuple[torch.device, int, int, torch.dtype]:
     device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     d, n, dtype = STANDARD["cuda" if device.type == "cuda" else "cpu"]
     if shape is not None:
         d, n = shape
@@ -502,6 +506,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases-dir", help="folder with cases_*.py (default: ./benchmarks)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile(PEFT) arm")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); on a shared machine "
+                                                    "--threads 1 keeps tiny-shape timings free of waits for a busy core")
 
 
 def _output_arguments(parser: argparse.ArgumentParser) -> None:
