@@ -129,7 +129,7 @@ class DropoutMask:
         """x_d = mask o x (N, d), contiguous, in x's dtype (float32 arithmetic for half x)."""
         if self.seed is not None:
             return _philox_split(x, self.seed, self.p, False)
-        return torch.mul(x, self.values(x.shape)).to(x.dtype)
+        return torch.mul(x, self.values(x.shape)).to(x.dtype).contiguous()
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_d, x - x_d) in x's dtype, from one pass over x for the Philox stream."""

@@ -108,17 +108,16 @@ def _forward_dropout(k: DoraKernels, x, weight, bias, lora_A, lora_B, magnitude,
     mask = DropoutMask(p, seed, bits, lora_A.dtype)                  # PEFT drops x cast to the adapter dtype
     g = magnitude.to(norm.dtype) / norm
     b_s = (lora_B.to(norm.dtype) * scaling).T
-    if x.dtype in HALF_DTYPES:  # PEFT's rounding points: the residual epilogue
+    if x.dtype in HALF_DTYPES:  # PEFT's rounding points: the residual epilogue; x kept, the mask regenerated
         u = k.gemm.acc_matmul(x, lora_A.T, mask_a=mask)              # (mask o fl32(x)) A^T
         out = k.gemm.lowrank_gemm(mask.apply(x), weight.T, u, b_s, out_scale=g, with_pre=not recompute,
                                   round_base=True, residual=F.linear(x, weight, bias))
         return [out, u] if recompute else [out[0], u, out[1]]
-    x_d, x_rest = mask.split(x)
+    x_d = mask.apply(x)                                               # kept for backward instead of x
     u = k.gemm.acc_matmul(x_d, lora_A.T)
-    y_pre = k.gemm.lowrank_gemm(x_d, weight.T, u, b_s)
-    del x_d
-    y = F.linear(x_rest, weight, bias).addcmul_(y_pre, g)
-    return [y, u] if recompute else [y, u, y_pre]
+    y_pre = k.gemm.lowrank_gemm(x_d, weight.T, u, b_s)                # x_d W^T + s u B^T
+    y = k.gemm.lowrank_gemm(x, weight.T, u, b_s, bias=bias).addcmul_(y_pre, g - 1)  # x W^T + b + s u B^T + (g-1) o y_pre
+    return [y, u, x_d] if recompute else [y, u, y_pre, x_d]
 
 
 def _dy_pass(k: DoraKernels, dy, u, lora_B, s_g, scaling, y_pre, x_or_dropped, weight):
@@ -153,18 +152,20 @@ def _backward(k: DoraKernels, dy, x, weight, bias, lora_A, lora_B, magnitude, no
 
 
 def _backward_dropout(k: DoraKernels, dy, x, weight, bias, lora_A, lora_B, magnitude, norm, u, y_pre, scaling,
-                      p, seed, bits, needs):
+                      p, seed, bits, dropped, needs):
+    """``dropped``: x is x_d already (float32 / float64); otherwise the mask is applied to x again."""
     mask = DropoutMask(p, seed, bits, lora_A.dtype)
     g = magnitude.to(norm.dtype) / norm
     s_g = scaling * g
-    v, u_t_dy, dot = _dy_pass(k, dy, u, lora_B, s_g, scaling, y_pre, lambda: mask.apply(x), weight)
+    v, u_t_dy, dot = _dy_pass(k, dy, u, lora_B, s_g, scaling, y_pre, lambda: x if dropped else mask.apply(x), weight)
     dx = dy.new_empty(0)
     if needs[0]:  # dY W + mask o (v A + dY ((g - 1) o W)), the inner term in the accumulation dtype
         inner = k.gemm.lowrank_gemm(dy, weight, v, lora_A.to(norm.dtype), k_scale=g - 1, round_base=True,
                                     out_dtype=norm.dtype)
         dx = mask.add_(dy @ weight, inner)
         del inner
-    return [dx, *_param_grads(k, needs, dy, x, v, u_t_dy, dot, lora_A, lora_B, magnitude, norm, s_g, mask)]
+    return [dx, *_param_grads(k, needs, dy, x, v, u_t_dy, dot, lora_A, lora_B, magnitude, norm, s_g,
+                              None if dropped else mask)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def _(*args):
     return _forward(_triton(), *args)
 
 
-def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute, *dropout):
+def _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute):
     n, out_features, r = x.shape[0], weight.shape[0], lora_A.shape[0]
     y = x.new_empty(n, out_features)
     u = x.new_empty(n, r, dtype=torch.promote_types(acc_dtype(x.dtype), acc_dtype(lora_A.dtype)))
@@ -216,12 +217,12 @@ dora_linear_backward_op.fake(_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute, *dropout = inputs
+    x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute = inputs
     _, u, *pre = output
     ctx.mark_non_differentiable(u, *pre)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, u, *(pre or [None]), *dropout[1:])
-    ctx.scaling, ctx.p = scaling, (dropout[0] if dropout else 0.0)
+    ctx.save_for_backward(x, weight, bias, lora_A, lora_B, magnitude, norm, u, pre[0] if pre else None)
+    ctx.scaling = scaling
 
 
 def _needs(ctx) -> list[bool]:
@@ -266,17 +267,21 @@ def _(*args):
     return _forward_dropout(_triton(), *args)
 
 
-dora_linear_dropout_op.fake(_forward_fake)
+@dora_linear_dropout_op.fake
+def _(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute, p, seed, bits):
+    out = _forward_fake(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute)
+    return out if x.dtype in HALF_DTYPES else [*out, torch.empty_like(x, memory_format=torch.contiguous_format)]
 
 
 @fused_op("dora_linear_dropout_backward", autocast=False)
 def dora_linear_dropout_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                                     lora_B: Tensor, magnitude: Tensor, norm: Tensor, u: Tensor,
                                     y_pre: Optional[Tensor], scaling: float, p: float, seed: Optional[Tensor],
-                                    bits: Optional[Tensor], needs: list[bool]) -> list[Tensor]:
-    """[dx, dA, dB, dm, db] of ``dora_linear_dropout`` (the mask regenerated from the seed or unpacked)."""
+                                    bits: Optional[Tensor], dropped: bool, needs: list[bool]) -> list[Tensor]:
+    """[dx, dA, dB, dm, db] of ``dora_linear_dropout`` (the mask regenerated from the seed or unpacked;
+    ``dropped``: ``x`` is the forward's x_d)."""
     return _backward_dropout(TORCH, dy, x, weight, bias, lora_A, lora_B, magnitude, norm, u, y_pre, scaling, p,
-                             seed, bits, needs)
+                             seed, bits, dropped, needs)
 
 
 @dora_linear_dropout_backward_op.impl("triton")
@@ -287,17 +292,28 @@ def _(*args):
 dora_linear_dropout_backward_op.fake(_backward_fake)
 
 
+def _setup_context_dropout(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute, p, seed, bits = inputs
+    _, u, *rest = output                        # [y_pre] unless recompute, then [x_d] on float32 / float64
+    ctx.dropped = x.dtype not in HALF_DTYPES
+    ctx.mark_non_differentiable(u, *rest)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(rest[-1] if ctx.dropped else x, weight, bias, lora_A, lora_B, magnitude, norm, u,
+                          None if recompute else rest[0], seed, bits)
+    ctx.scaling, ctx.p = scaling, p
+
+
 def _backward_dropout_entry(ctx, grads):
     dy, needs = grads[0], _needs(ctx)
     if dy is None or not any(needs):
         return (None,) * 12
     x, weight, bias, lora_A, lora_B, magnitude, norm, u, y_pre, seed, bits = ctx.saved_tensors
     out = dora_linear_dropout_backward_op(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, u, y_pre,
-                                          ctx.scaling, ctx.p, seed, bits, needs)
+                                          ctx.scaling, ctx.p, seed, bits, ctx.dropped, needs)
     return _grads_for_inputs(out, needs, 3)
 
 
-dora_linear_dropout_op.autograd(_backward_dropout_entry, _setup_context)
+dora_linear_dropout_op.autograd(_backward_dropout_entry, _setup_context_dropout)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,12 +353,16 @@ def _backward_examples(dropout: bool):
     for (x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute, *mask), _ in _examples(dropout):
         forward = dora_linear_dropout_op if dropout else dora_linear_op
         with torch.no_grad():
-            _, u, *pre = forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute, *mask)
+            _, u, *rest = forward(x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute, *mask)
+        dropped = dropout and x.dtype not in HALF_DTYPES
+        kept = rest[-1] if dropped else x
         dy = randn(x.shape[0], weight.shape[0], dtype=x.dtype, seed=99)
         inputs = [t.detach() if isinstance(t, torch.Tensor) else t
-                  for t in (dy, x, weight, bias, lora_A, lora_B, magnitude, norm, u, pre[0] if pre else None, scaling)]
-        yield (*inputs, *mask, [True, True, True, True, bias is not None]), {}
-        yield (*inputs, *mask, [False, True, False, True, False]), {}
+                  for t in (dy, kept, weight, bias, lora_A, lora_B, magnitude, norm, u,
+                            None if recompute else rest[0], scaling)]
+        flags = [dropped] if dropout else []
+        yield (*inputs, *mask, *flags, [True, True, True, True, bias is not None]), {}
+        yield (*inputs, *mask, *flags, [False, True, False, True, False]), {}
 
 
 dora_linear_op.example(lambda: _examples(False))
