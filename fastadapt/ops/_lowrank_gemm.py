@@ -97,10 +97,10 @@ def _triton_lowrank_gemm(x, y, u, v, **options):
 
 def _triton_acc_matmul(a, b, *, mask_a=None, mask_b=None):
     masks = [(name, m) for name, m in (("a", mask_a), ("b", mask_b)) if m is not None]
-    if torch.float64 in (a.dtype, b.dtype) or len(masks) > 1 or any(m.seed is None for _, m in masks):
+    if torch.float64 in (a.dtype, b.dtype) or len(masks) > 1 or any(m.philox_seed is None for _, m in masks):
         return acc_matmul(a, b, mask_a=mask_a, mask_b=mask_b)  # float64, or nn.Dropout's bits
     from ..triton_kernels import lowrank_gemm as kernels
-    dropout = (masks[0][0], masks[0][1].seed, masks[0][1].p) if masks else None
+    dropout = (masks[0][0], masks[0][1].philox_seed, masks[0][1].p) if masks else None
     return kernels.float32_matmul(a, b, dropout=dropout)
 
 

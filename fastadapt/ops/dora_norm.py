@@ -25,8 +25,9 @@ and the roundings on a half base (the adapter path runs float32 there, the GEMMs
 half dtype, rounded where PEFT rounds them).
 
 Dropout masks come from one of two streams, chosen per call (``dropout_stream``):
-"philox" (default): one int64 seed per call (:func:`draw_seed`, from CPU's default generator: no
-device sync, reproducible under ``torch.manual_seed``); the mask is Philox(seed, element index),
+"philox" (default): one int64 seed per call (from CPU's default generator, drawn by an op: no
+device sync, reproducible under ``torch.manual_seed``, the same under torch.compile); the mask is
+Philox(seed, element index) (fastadapt.ops.dropout),
 the same bits on CPU (C++) and CUDA (Triton), regenerated in backward and never stored;
 nn.Dropout's distribution and 1 / (1 - p) scaling, not its bits.  "torch": nn.Dropout's own draw
 from the default generator (bit-identical to PEFT's nn.Dropout on CPU), kept as 1 bit per element
@@ -43,11 +44,12 @@ from torch import Tensor
 from .. import _validate
 from ..reference.dora import check_magnitude
 from ..testing import randn
-from ._dropout_mask import draw_dropout, draw_seed
+from ._dropout_mask import draw_dropout_seed
 from ._policy import acc_dtype, adapter_compute_dtype
 from ._registry import fused_op
 from .dora_norm_delora import delora_component_scale, delora_linear_op
 from .dora_norm_dora import dora_linear_dropout_op, dora_linear_op
+from .dropout import draw_dropout
 
 METHODS = ("dora", "delora")
 TRITON_METHODS = ("dora", "delora")
@@ -182,7 +184,7 @@ def _mask_inputs(x: torch.Tensor, p: float, stream: str, dtype: torch.dtype):
     """(seed, bits) of one call's mask: a Philox seed, or nn.Dropout's bits drawn on x's shape in
     ``dtype`` (the dtype PEFT's dropout sees)."""
     if stream == "philox":
-        return draw_seed(), None
+        return draw_dropout_seed(), None
     like = x if x.dtype == dtype else torch.empty((), dtype=dtype, device=x.device).expand(x.shape)
     return None, draw_dropout(like, p)[1]
 

@@ -171,7 +171,7 @@ delora_linear_op.autograd(_backward_entry, _setup_context)
 # without dropout, with a Philox seed and with nn.Dropout's bits.
 
 def _examples():
-    from ._dropout_mask import draw_dropout
+    from .dropout import draw_dropout
     for i, (dtype, adapter_dtype, bias) in enumerate([(torch.float64, torch.float64, True),
                                                       (torch.float32, torch.float32, False),
                                                       (torch.bfloat16, torch.float32, True)]):

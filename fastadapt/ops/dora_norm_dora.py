@@ -333,7 +333,7 @@ def _example_inputs(dtype, adapter_dtype, *, n=5, d_in=7, d_out=6, r=3, bias=Tru
 
 
 def _examples(dropout: bool):
-    from ._dropout_mask import draw_dropout
+    from .dropout import draw_dropout
     for i, (dtype, adapter_dtype, recompute, bias) in enumerate(
             [(torch.float64, torch.float64, False, True), (torch.float32, torch.float32, True, False),
              (torch.bfloat16, torch.float32, False, True)]):
