@@ -382,6 +382,15 @@ def _spectrum_grad_plan(indices: Tensor, out_features: int, in_features: int):
     return dy_bins, x_bins, torch.where(dy_conj == x_conj, -1.0, 1.0)
 
 
+def _gather_bins(spectrum: Tensor, bins: Tensor) -> Tensor:
+    """``view_as_real(spectrum[:, bins])`` (rows, n, 2) for a complex (rows, n_bins) ``spectrum``: one
+    torch.gather of whole complex elements (complex64 moved as float64; 3-6x faster than index_select
+    or a gather of the (re, im) pairs on CPU)."""
+    packed = spectrum.view(torch.float64) if spectrum.dtype == torch.complex64 else spectrum
+    gathered = torch.gather(packed, 1, bins.expand(spectrum.shape[0], -1))
+    return torch.view_as_real(gathered.view(spectrum.dtype))
+
+
 def _fourierft_spectrum_grad_torch(dy: Tensor, x: Tensor, spectrum: Tensor, indices: Tensor, scaling: float) -> Tensor:
     out_features, in_features = dy.shape[1], x.shape[1]
     real = acc_dtype(x.dtype)
@@ -389,9 +398,9 @@ def _fourierft_spectrum_grad_torch(dy: Tensor, x: Tensor, spectrum: Tensor, indi
     products = torch.zeros(spectrum.shape[0], 2, dtype=real, device=x.device)     # (sum Re Re, sum Im Im)
     rows = _chunk_rows(x.shape[0], max(out_features, in_features))
     for start in range(0, x.shape[0], rows):
-        dy_hat = torch.fft.rfft(dy[start:start + rows].to(real)).index_select(1, dy_bins)   # (t, n) complex
-        x_hat = torch.fft.rfft(x[start:start + rows].to(real)).index_select(1, x_bins)
-        products += torch.einsum("tkp,tkp->kp", torch.view_as_real(dy_hat), torch.view_as_real(x_hat))
+        dy_hat = _gather_bins(torch.fft.rfft(dy[start:start + rows].to(real)), dy_bins)   # (t, n, 2)
+        x_hat = _gather_bins(torch.fft.rfft(x[start:start + rows].to(real)), x_bins)
+        products += (dy_hat * x_hat).sum(dim=0)
     grad = (products[:, 0] + sign.to(real) * products[:, 1]) * (scaling / (out_features * in_features))
     return grad.to(spectrum.dtype)
 
