@@ -7,9 +7,9 @@ trainable parameter gradient's relative error against a float64 copy of the same
 over the batches, is at most 1.5 x PEFT's own error on the same inputs, and within the tolerance
 table wherever PEFT's is clearly inside it (at most table / 1.5: a PEFT error of 0.98 x the table
 is inside by rounding luck, and there 1.5 x PEFT's governs); every call runs fused (no dtype
-fallback in the report).  On the CPU
-torch path in both dtypes, and on the Triton path through the interpreter in float16 (the
-interpreter does no bfloat16 arithmetic; the bfloat16 Triton run needs a GPU).
+fallback in the report).  On the torch path in both dtypes, and on the Triton path: through the
+interpreter in float16 on a machine without CUDA (the interpreter does no bfloat16 arithmetic),
+compiled kernels in both dtypes on a GPU (the models then live on the GPU).
 """
 from __future__ import annotations
 
@@ -28,13 +28,21 @@ from fastadapt.testing import generator, peft_configs, perturb_, tiny_llama, tri
 CONFIGS = peft_configs(Path(__file__).parent)
 # Dropout is off in eval: a variant that differs from another only by dropout adds nothing here.
 VARIANTS = sorted(name for name, v in CONFIGS.variants.items() if not v.dropout)
-CASES = [(v, dtype, autocast, backend) for v in VARIANTS for autocast in (True, False)
-         for dtype, backend in ((torch.bfloat16, "torch"), (torch.float16, "torch"), (torch.float16, "triton"))]
+RUNS = [(torch.bfloat16, "torch"), (torch.float16, "torch"), (torch.float16, "triton")]
+if torch.cuda.is_available():
+    RUNS.append((torch.bfloat16, "triton"))
+CASES = [(v, dtype, autocast, backend) for v in VARIANTS for autocast in (True, False) for dtype, backend in RUNS]
 BATCHES = 4
 CONTRACT = 1.5  # error at most 1.5 x PEFT's own
 
 # Known failures whose cause lies outside the bridge: case id -> "owner: cause".
-KNOWN_FAILURES: dict[str, str] = {}
+_DELORA_LAMBDA = ("F (dora_norm): DeLoRA's lambda gradient on the torch path (an ill-conditioned sum over tokens "
+                  "and ranks) has a mean error vs float64 above 1.5 x PEFT's (issue 13 item 2)")
+KNOWN_FAILURES: dict[str, str] = {
+    "delora-bfloat16-fp32_adapter-torch": _DELORA_LAMBDA,
+    "delora-float16-fp32_adapter-torch": _DELORA_LAMBDA,
+    "delora-float16-same_dtype-torch": _DELORA_LAMBDA,
+}
 
 
 def _id(variant, dtype, autocast, backend) -> str:
@@ -76,9 +84,9 @@ def _mean_errors(model, truths, batches) -> dict:
 
 
 @pytest.mark.parametrize("variant,dtype,autocast,backend", _params())
-def test_fused_is_as_accurate_as_peft_against_float64(variant, dtype, autocast, backend, monkeypatch):
+def test_fused_is_as_accurate_as_peft_against_float64(variant, dtype, autocast, backend, device, monkeypatch):
     variant = CONFIGS.variants[variant]
-    peft_model = get_peft_model(tiny_llama(3, dtype=dtype, layers=1), variant.config(),
+    peft_model = get_peft_model(tiny_llama(3, dtype=dtype, layers=1).to(device), variant.config(),
                                 autocast_adapter_dtype=autocast).eval()
     perturb_(peft_model, scale=0.05)
     adapter_dtypes = {p.dtype for p in peft_model.parameters() if p.requires_grad}
@@ -87,7 +95,7 @@ def test_fused_is_as_accurate_as_peft_against_float64(variant, dtype, autocast, 
     fused = copy.deepcopy(peft_model)
     report = fastadapt.accelerate(fused, methods=[variant.method])
     g = generator()
-    batches = [torch.randint(0, 64, (2, 9), generator=g) for _ in range(BATCHES)]
+    batches = [torch.randint(0, 64, (2, 9), generator=g).to(device) for _ in range(BATCHES)]
 
     truths = [_step(truth, ids) for ids in batches]
     peft_errors = _mean_errors(peft_model, truths, batches)
