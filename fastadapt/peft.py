@@ -40,6 +40,9 @@ class BridgeEntry:
     note:       ``note(layer, adapter_name, x) -> note or None``: for a call the fused path serves,
                 a documented difference the user should see in the report (e.g. dropout masks
                 drawn from fastadapt's own random stream: same distribution, other bits).
+    autocast:   ``forward`` reproduces PEFT's forward under ``torch.autocast`` (casts, output dtype,
+                values within the autocast dtype's row of the table); without it a call inside an
+                autocast context runs PEFT's forward.
     """
 
     peft_class: str
@@ -49,6 +52,7 @@ class BridgeEntry:
     check: Optional[Callable] = None
     base_classes: tuple = ("torch.nn.modules.linear.Linear",)
     note: Optional[Callable] = None
+    autocast: bool = False
 
 
 @dataclass
@@ -121,8 +125,6 @@ def _peft_base_tuner_layer():
 
 def _common_reason(layer, x, args, kwargs) -> Optional[str]:
     """Reasons any fused path must defer to PEFT, whatever the method."""
-    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
-        return "torch.autocast context"
     if args or set(kwargs) - {"adapter_names"}:
         return "extra forward arguments"
     if kwargs.get("adapter_names") is not None:
@@ -152,6 +154,8 @@ def _patched_forward(layer, x, *args, **kwargs):
             reason = "adapter configuration has no fused path"
         elif base not in chosen.base_classes:
             reason = f"base layer {base} has no fused path (quantized or conv)"
+        elif not chosen.autocast and torch.is_autocast_enabled(x.device.type):
+            reason = "torch.autocast context"
         elif chosen.check is not None:
             reason = chosen.check(layer, adapter, x)
     # Inside torch.compile the counters stay untouched: dynamo would guard on their values and

@@ -91,6 +91,23 @@ def test_autocast_context_falls_back_to_peft(toy_registry):
     assert got.dtype == expected.dtype and torch.equal(got, expected)
 
 
+def test_an_entry_declaring_autocast_runs_fused_under_autocast(monkeypatch):
+    """An entry whose forward reproduces PEFT's autocast semantics (here the toy forward: plain
+    torch ops, which autocast like PEFT's) serves calls inside torch.autocast."""
+    entry = bridge.BridgeEntry(LORA_CLASS, "lora", _toy_lora_forward, autocast=True,
+                               applies=lambda layer, a: not layer.use_dora[a])
+    monkeypatch.setattr(bridge, "registry", lambda: {LORA_CLASS: [entry]})
+    model = _lora_model().float()
+    x = randn(3, 12, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        report = fastadapt.accelerate(model)
+        got = model(x)
+    assert report.fused_calls == 2 and not report.fallbacks
+    assert got.dtype == expected.dtype
+    assert_rel_close(got, expected, torch.bfloat16)
+
+
 def test_second_adapter_and_adapter_names_fall_back(toy_registry):
     model = _lora_model()
     model.add_adapter("other", LoraConfig(r=2, target_modules=["0", "2"]))
@@ -118,7 +135,7 @@ def test_revert_restores_peft_forward_and_state_dict_is_unchanged(toy_registry, 
     assert fastadapt.revert(model) == 0
 
 
-def test_unregistered_layers_are_reported_not_patched():
+def test_unregistered_layers_are_reported_not_patched(toy_registry):
     model = get_peft_model(linear_model(8, 8), LoHaConfig(r=2, target_modules=["0"]))
     report = fastadapt.accelerate(model)
     assert report.num_patched == 0
