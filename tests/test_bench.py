@@ -387,6 +387,7 @@ def test_cli_bench_rows_a_failing_case_and_writes_everything(toy_dir, tmp_path, 
                      toy_dir, tmp_path)
     assert code == 1  # the failing case fails the run, after the others ran
     assert doc["kind"] == "bench" and {"machine", "versions", "date", "ceilings"} <= set(doc)
+    assert doc["config"]["command"].startswith("fastadapt bench --device cpu --d 16")
     assert {"torch", "peft", "triton", "lycoris"} <= set(doc["versions"])
     by_case = {r["case"]: r for r in doc["rows"]}
     assert set(by_case) == {"lora_toy", "oft_toy", "lora_broken"}

@@ -139,7 +139,8 @@ def header_lines(result: dict, title: str) -> list[str]:
         c = result["ceilings"]
         lines.append(f"- ceilings: copy {c['copy_GBps']:.1f} GB/s, matmul {c['matmul_GFLOPps']:.1f} GFLOP/s "
                      f"({c['matmul_dtype']}, n={c['matmul_n']})")
-    lines.append(f"- command: `{cfg['command']}`")
+    if cfg.get("command"):
+        lines.append(f"- command: `{cfg['command']}`")
     return lines
 
 

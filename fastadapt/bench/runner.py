@@ -254,18 +254,14 @@ def _report_errors(rows: list[dict]) -> int:
     return len(failed)
 
 
-def _command_line() -> str:
-    argv = sys.argv[1:] if Path(sys.argv[0]).name in ("fastadapt", "run.py", "__main__.py", "cli.py") else []
-    return "fastadapt " + " ".join(argv) if argv else "fastadapt"
-
-
 # --------------------------------------------------------------------------------------------
 # results documents
 
-def new_document(kind: str, device: torch.device, config: dict) -> dict:
+def new_document(kind: str, device: torch.device, config: dict, args=None) -> dict:
+    """A results document; ``args.command_line`` (set by the command line entry) is recorded."""
     stamp = datetime.datetime.now(datetime.timezone.utc)
     return {"kind": kind, "date": stamp.isoformat(timespec="seconds"),
-            "config": {"command": _command_line(), **config},
+            "config": {"command": getattr(args, "command_line", None), **config},
             "machine": machine_info(device), "versions": versions(), "rows": []}
 
 
@@ -318,7 +314,7 @@ def bench_command(args) -> int:
     else:
         chosen = [((c.method,), c) for c in _chosen_cases(args, found)]
     kind = "host_overhead" if host else "bench"
-    result = new_document(kind, device, {
+    result = new_document(kind, device, args=args, config={
         "d": d, "n": n, "dtype": str(dtype).removeprefix("torch."), "device": str(device), "iters": iters,
         "warmup": warmup, "compile": not args.no_compile, "compile_backend": args.compile_backend,
         "quick": quick, "only": args.only, "method": args.method})
@@ -351,7 +347,7 @@ def sweep_command(args) -> int:
     adapters = _chosen_adapters(args, found)
     iters = args.iters or SWEEP_ITERS
     warmup = args.warmup if args.warmup is not None else QUICK_WARMUP
-    result = new_document("sweep", device, {
+    result = new_document("sweep", device, args=args, config={
         "sweep": args.sweep, "d": d, "n": n, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
         "iters": iters, "warmup": warmup, "compile": not args.no_compile, "sizes": args.sizes,
         "method": args.method})
@@ -434,7 +430,7 @@ def memory_command(args) -> int:
     found = _discover(args)
     adapters = _chosen_adapters(args, found)
     cfg = _model_config(args, device, dtype)
-    result = new_document("memory", device, cfg)
+    result = new_document("memory", device, cfg, args)
     for adapter in adapters:
         result["rows"] += _step_rows(adapter, adapter.default, cfg, dtype, device)
     stem = f"memory_llama{cfg['d']}_n{cfg['n']}_{cfg['dtype']}"
@@ -455,7 +451,7 @@ def budget_command(args) -> int:
     total = sum(p.numel() for p in make_model().parameters())
     budget = parse_budget(args.budget, total)
     cfg.update(budget=budget, budget_text=args.budget, base_params=total, tolerance=BUDGET_TOLERANCE)
-    result = new_document("budget", device, cfg)
+    result = new_document("budget", device, cfg, args)
     for adapter in adapters:
         found_size = budget_size(adapter, budget, make_model, cfg["targets"])
         if found_size is None:
@@ -567,4 +563,6 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run",
                                      description="Run benchmarks/cases_*.py; write JSON + Markdown.")
     add_bench_arguments(parser)
-    return bench_command(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    args.command_line = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    return bench_command(args)
