@@ -222,6 +222,21 @@ def test_neumann_inverse_transpose_only_where_it_pays():
     assert affordable(1024, 1024, 16) < 1
 
 
+@pytest.mark.parametrize("rows", [6, 4])
+def test_oft_exact_backward_from_the_symmetric_part_gradcheck_float64(rows, monkeypatch):
+    """Where R would be too large to keep, exact mode keeps H = (R + R^T) / 2 and rebuilds
+    R = H - Q (H + I) in the backward (forced here at a gradcheck size)."""
+    monkeypatch.setattr(cayley_oft, "KEEP_R_NUMBERS", 0)
+    monkeypatch.setattr(cayley_oft, "KEEP_R_FRACTION", 10 ** 9)
+    x = randn(2, rows // 2, 12, requires_grad=True, seed=106)
+    packed = randn(3, ops.packed_size(4), scale=0.3, requires_grad=True, seed=107)
+    W, bias = randn(5, 12, requires_grad=True, seed=108), randn(5, requires_grad=True, seed=109)
+    _, kept = cayley_oft.oft_linear_exact_op(x.reshape(-1, 12), packed, W, bias, 4)
+    assert kept.shape == (3, 4 * 5 // 2)
+    assert torch.autograd.gradcheck(
+        lambda xx, p, w, bb: ops.oft_linear(xx, p, 4, w, bb, use_cayley_neumann=False), (x, packed, W, bias))
+
+
 @pytest.mark.parametrize("neumann", [True, False])
 def test_oft_layer_at_block_128_keeps_no_rotation_stack(neumann):
     """b = 128: one R stack would be 128 / rows = 1/16 of bytes(x); the layer keeps x and, in exact
@@ -594,6 +609,26 @@ def test_ssvd_every_dtype_and_merge(dtype):
             assert_rel_close(layer(x.to(dtype)), expected, dtype, name="unmerged")
 
 
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda base: layers.OFTLinear(base, oft_block_size=8), id="OFT"),
+    pytest.param(lambda base: layers.OFTLinear(base, oft_block_size=8, use_cayley_neumann=False), id="OFT-exact"),
+    pytest.param(lambda base: layers.PSOFTLinear(base, r=4), id="PSOFT"),
+    pytest.param(lambda base: layers.AntiPaSTOLinear(base, r=4), id="AntiPaSTO"),
+])
+@pytest.mark.parametrize("shape", [(0, 16), (2, 0, 16), (16,)])
+def test_layers_take_empty_batches_and_1d_inputs(make, shape):
+    """x of shape (0, in), (batch, 0, in) or (in,): PEFT's output shape, gradients of x's shape."""
+    layer = make(linear_model(16, 12, dtype=F32, seed=180)[0])
+    randomize_(layer, scale=0.05, names=["oft_R", "psoft_R.weight", "ssvd_R"], seed=181)
+    x = randn(*shape, dtype=F32, requires_grad=True, seed=182)
+    y = layer(x)
+    assert y.shape == (*shape[:-1], 12)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert dx.shape == x.shape
+    if x.ndim == 1:
+        assert_rel_close(y, layer(x.unsqueeze(0))[0], name="1-D x against the same row in a batch")
+
+
 def test_methods_report_cayley_family():
     support = fastadapt.methods()
     for name in ("oft", "oftv2", "psoft", "ssvd", "antipasto"):
@@ -633,10 +668,22 @@ def _peft_model(case, d_in, d_out, dtype, seed, **kwargs):
     return model, model.base_model.model[0]
 
 
+@pytest.fixture
+def fresh_compile():
+    """torch.compile without its on-disk caches (their keys cover neither a custom op's
+    implementation nor its fake or autograd formula: a graph cached from another version of an op
+    would be replayed), dynamo reset before and after."""
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(enable_autograd_cache=False), \
+            torch._inductor.config.patch(fx_graph_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not fastadapt.backend.triton_available(), reason="triton is not installed"))])
 @pytest.mark.parametrize("case", ["oft_neumann", "oft_exact", "psoft"])
-def test_accelerated_layer_compiles_fullgraph_and_equals_eager(case, backend, monkeypatch):
+def test_accelerated_layer_compiles_fullgraph_and_equals_eager(case, backend, monkeypatch, fresh_compile):
     """torch.compile(fullgraph=True) of a PEFT model whose layer accelerate patched: no graph
     break (every fused op is one custom op; no host read outside op implementations), and the
     compiled output and gradients equal eager's (rows 40 > out 12: OFT rotates W)."""
@@ -669,7 +716,7 @@ def test_accelerated_layer_compiles_fullgraph_and_equals_eager(case, backend, mo
                  id="PSOFTLinear-neumann"),
     pytest.param(lambda base: layers.SSVDLinear(base, r=6), id="SSVDLinear"),
 ])
-def test_fastadapt_layers_compile_fullgraph_and_equal_eager(make):
+def test_fastadapt_layers_compile_fullgraph_and_equal_eager(make, fresh_compile):
     layer = make(linear_model(32, 12, dtype=F32, seed=124)[0])
     randomize_(layer, scale=0.05, names=["oft_R", "psoft_R.weight", "ssvd_R"], seed=125)
     params = _adapter_params(layer)
@@ -687,7 +734,7 @@ def test_fastadapt_layers_compile_fullgraph_and_equal_eager(make):
         assert_rel_close(a, e, name=f"compiled gradient {i}")
 
 
-def test_antipasto_per_sample_alpha_compiles_fullgraph():
+def test_antipasto_per_sample_alpha_compiles_fullgraph(fresh_compile):
     """A (batch,) alpha tensor (and a 0-d one) stays on the device: no host read, no graph break."""
     layer = layers.AntiPaSTOLinear(linear_model(20, 11, dtype=F32, seed=127)[0], r=4)
     randomize_(layer, scale=0.3, names=["ssvd_R"], seed=128)

@@ -262,36 +262,39 @@ def _autocast(x) -> bool:
     return torch.is_autocast_enabled(x.device.type)
 
 
+def _dtype_reason(layer, x, base, adapter_tensors):
+    """None when the call's dtypes run fused (one dtype, PEFT's float32 adapter on a half base, or
+    anything under autocast, whose casts the ops apply themselves), else the policy's reason."""
+    if x.dtype == base.weight.dtype and all(t.dtype == x.dtype for t in adapter_tensors):
+        return None  # the common case, decided without building the policy's sets
+    if _autocast(x):
+        return None
+    return _policy.fallback_reason(layer, x, [base.weight, base.bias], adapter_tensors, casts_x=True)
+
+
 def _oft_check(layer, adapter, x):
     module = layer.oft_R[adapter]
     if x.ndim < 1 or x.shape[-1] != module.in_features:
         return "input feature size does not match the layer"
-    if _autocast(x):  # the op casts x, W and bias to the autocast dtype and keeps oft_R's
-        return None
-    base = layer.get_base_layer()
-    return _policy.fallback_reason(layer, x, [base.weight, base.bias], [module.weight], casts_x=True)
+    return _dtype_reason(layer, x, layer.get_base_layer(), [module.weight])
 
 
 def _oft_forward(layer, adapter, x):
     """PEFT OFT Linear: x -> cast to oft_R dtype -> x R_bd -> cast back -> base_layer -> x's dtype,
-    as one op (same dtype, float32 oft_R on a half base, or under autocast)."""
+    as one op (same dtype, float32 oft_R on a half base, or under autocast).  The bridge's check
+    and PEFT's layer make the arguments valid: the op is called without re-checking them."""
     module = layer.oft_R[adapter]
     base = layer.get_base_layer()
-    y = ops.oft_linear(x, module.weight, module.block_size, base.weight, base.bias,
-                       use_cayley_neumann=module.use_cayley_neumann,
-                       num_cayley_neumann_terms=module.num_cayley_neumann_terms)
-    return y.to(x.dtype)
+    terms = module.num_cayley_neumann_terms if module.use_cayley_neumann else 0
+    y = ops.fused_oft_linear(x, module.weight, module.block_size, base.weight, base.bias, terms)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _psoft_check(layer, adapter, x):
     dropout = layer.psoft_dropout[adapter]
     if layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
         return "psoft_dropout > 0 in training"
-    if _autocast(x):  # every product in the autocast dtype, as PEFT's
-        return None
-    A, B = layer._get_psoft_ab_cache_buffers(adapter)
-    base = layer.get_base_layer()
-    return _policy.fallback_reason(layer, x, [base.weight, base.bias], [A, B], casts_x=True)
+    return _dtype_reason(layer, x, layer.get_base_layer(), layer._get_psoft_ab_cache_buffers(adapter))
 
 
 def _psoft_core(module, dtype, **kwargs) -> torch.Tensor:

@@ -40,7 +40,7 @@ METHODS = ("oft", "oftv2", "psoft", "ssvd", "antipasto")
 TRITON_METHODS = ("oft", "oftv2", "psoft", "ssvd", "antipasto")
 
 __all__ = ["METHODS", "TRITON_METHODS", "block_rotate", "block_rotate_linear", "cayley", "cayley_neumann",
-           "cayley_packed", "oft_linear", "oft_rotation_blocks", "orthogonality_error", "packed_size",
+           "cayley_packed", "fused_oft_linear", "oft_linear", "oft_rotation_blocks", "orthogonality_error", "packed_size",
            "psoft_core", "skew", "ssvd_core", "svd_rotation_linear"]
 
 
@@ -187,6 +187,14 @@ def oft_linear(x: torch.Tensor, packed: torch.Tensor, block_size: int, weight: t
     _check_layer_dtypes(x, weight, bias, [("packed", packed)])
     if weight.shape[1] != x.shape[-1]:
         raise ValueError(f"weight has in_features={weight.shape[1]} but x.shape[-1]={x.shape[-1]}")
+    return fused_oft_linear(x, packed, block_size, weight, bias, terms)
+
+
+def fused_oft_linear(x: torch.Tensor, packed: torch.Tensor, block_size: int, weight: torch.Tensor,
+                     bias: torch.Tensor | None, terms: int) -> torch.Tensor:
+    """The op call behind :func:`oft_linear` (``terms`` = 0: exact), without its argument checks:
+    for callers whose arguments are valid by construction (the PEFT bridge: PEFT's layer fixes the
+    shapes and the bridge's check the dtypes), where those checks would be per-call host time."""
     x2d = x.reshape(-1, x.shape[-1])
     if terms:
         y = oft_linear_neumann_op(x2d, packed, weight, bias, block_size, terms)

@@ -61,7 +61,7 @@ def _on_triton_too(op) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# torch building blocks (real tensors only: the index tables are cached per device)
+# torch building blocks (real tensors only: index tables and identities are cached per device)
 
 _INDEX: dict = {}
 
@@ -101,8 +101,12 @@ def skew_adjoint_torch(grad_Q: Tensor) -> Tensor:
     return flat.index_select(-1, upper) - flat.index_select(-1, lower)
 
 
-def _eye_like(t: Tensor) -> Tensor:
-    return torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
+def eye_like(t: Tensor) -> Tensor:
+    """The b x b identity in t's dtype and device (cached: callers never write to it)."""
+    key = ("eye", t.shape[-1], t.dtype, str(t.device))
+    if key not in _INDEX:
+        _INDEX[key] = torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
+    return _INDEX[key]
 
 
 def inverse(M: Tensor) -> Tensor:
@@ -120,13 +124,13 @@ def inverse_transposed(M: Tensor) -> Tensor:
 
 def cayley_torch(Q: Tensor) -> Tensor:
     """(I + Q)(I - Q)^{-1} = 2 (I - Q)^{-1} - I, with (I - Q)^{-1} = (I + Q)^{-T} (Q skew)."""
-    eye = _eye_like(Q)
+    eye = eye_like(Q)
     return 2 * inverse_transposed(eye + Q) - eye
 
 
 def cayley_adjoint(R: Tensor, grad_R: Tensor) -> Tensor:
     """dL/dQ = 2 N^T G N^T for R = cayley(Q), N = (R + I) / 2 (module docstring)."""
-    twice_Nt = R.transpose(-2, -1) + _eye_like(R)
+    twice_Nt = R.transpose(-2, -1) + eye_like(R)
     return (twice_Nt @ grad_R @ twice_Nt).mul_(0.5)
 
 
@@ -143,7 +147,7 @@ class NeumannSeries:
         self.Q, self.terms = Q, terms
         self.S: Optional[Tensor] = None
         self.M: Optional[Tensor] = None
-        eye = _eye_like(Q)
+        eye = eye_like(Q)
         if terms == 1:
             self.R = eye.expand_as(Q).clone()
         elif terms == 2:
@@ -173,7 +177,7 @@ class NeumannSeries:
             SG = self.S @ G
             D = (G @ self.M.transpose(-2, -1)).add_(SG)
             return (2 * (G + SG)).add_(D @ Qt).add_(Qt @ D)
-        eye = _eye_like(Q)
+        eye = eye_like(Q)
         horner, grad_Q = eye, G
         for _ in range(1, neumann_top(self.terms)):
             horner = (horner @ Qt).add_(eye, alpha=2)

@@ -25,8 +25,9 @@ else x.  Backward, with G_i = dL/dR_i and g = dy W the gradient at the rotated i
     dW = dy^T (x R_bd) (only if W trains),  dbias = sum dy.
 
 Saved: x and the parameters (packed, W); exact mode also R (n b^2 numbers) when that is at most
-1/KEEP_R_FRACTION of x's numbers (b <= M / 32, e.g. b = 32 at M = 2048: 1/64), else only R's
-symmetric part H = (R + R^T) / 2 packed (n b(b+1)/2 numbers), from which the backward rebuilds
+1/KEEP_R_FRACTION of x's numbers (b <= M / 32, e.g. b = 32 at M = 2048: 1/64) or at most
+KEEP_R_NUMBERS (a small layer, where rebuilding R costs more host time than its bytes are worth),
+else only R's symmetric part H = (R + R^T) / 2 packed (n b(b+1)/2 numbers), from which the backward rebuilds
 R with one product instead of a second batched inverse: with K = (I - Q^2)^{-1} (symmetric,
 commutes with Q), R = (2K - I) - 2QK, so H = 2K - I and R = H - Q (H + I).  Neumann mode keeps no
 R and reruns the series (a few b x b products).
@@ -54,10 +55,12 @@ from torch import Tensor
 from ..testing import randn
 from . import cayley_monitor
 from ._registry import fused_op
-from .cayley_maps import NeumannSeries, inverse_transposed, packed_size, skew_adjoint_torch, skew_torch
+from .cayley_maps import (NeumannSeries, eye_like, inverse_transposed, packed_size, skew_adjoint_torch,
+                          skew_torch)
 from .cayley_rotate import block_grad, rotate, rotate_
 
-KEEP_R_FRACTION = 32    # exact mode keeps R whole when it holds at most 1/32 as many numbers as x
+KEEP_R_FRACTION = 32    # exact mode keeps R whole when it holds at most 1/32 as many numbers as x,
+KEEP_R_NUMBERS = 1 << 14  # or at most this many (64 KiB in fp32)
 MAX_INVERSE_TERMS = 4   # beyond this many terms of (I - E)^{-1}, rotating g is cheaper
 
 
@@ -78,26 +81,22 @@ class _Kernels:
     inverse_transpose: Callable      # (R, max_terms) -> R^{-T}, or None where it needs more terms
 
 
-def _eye_like(t: Tensor) -> Tensor:
-    return torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
-
-
 def _exact_blocks_torch(packed: Tensor, block_size: int) -> Tensor:
     """(I - Q)(I + Q)^{-1} = 2 (I + Q)^{-1} - I, with (I + Q)^{-1} = (I - Q)^{-T} (Q skew)."""
     Q = skew_torch(packed, block_size)
-    eye = _eye_like(Q)
+    eye = eye_like(Q)
     return 2 * inverse_transposed(eye - Q) - eye
 
 
 def _exact_dpacked_torch(R: Tensor, grad_R: Tensor) -> Tensor:
     """-2 N^T G N^T with 2N = R + I (module docstring)."""
-    twice_Nt = R.transpose(-2, -1) + _eye_like(R)
+    twice_Nt = R.transpose(-2, -1) + eye_like(R)
     return skew_adjoint_torch((twice_Nt @ grad_R @ twice_Nt).mul_(-0.5))
 
 
 def _exact_dpacked_weight_side_torch(R: Tensor, P: Tensor) -> Tensor:
     """-2 N^T (P R) N^T = -2 N^T P N with 2N = R + I: two products."""
-    twice_N = R + _eye_like(R)
+    twice_N = R + eye_like(R)
     return skew_adjoint_torch((twice_N.transpose(-2, -1) @ P @ twice_N).mul_(-0.5))
 
 
@@ -115,7 +114,7 @@ def _near_orthogonal_inverse_transpose(R: Tensor, max_terms: int) -> Optional[Te
     when that takes more than ``max_terms`` terms."""
     if max_terms < 1:
         return None
-    eye = _eye_like(R)
+    eye = eye_like(R)
     E = torch.baddbmm(eye.expand_as(R), R, R.transpose(-2, -1), alpha=-1)
     e = float(torch.linalg.vector_norm(E, dim=(-2, -1)).max())
     eps = torch.finfo(R.dtype).eps
@@ -181,18 +180,25 @@ def _rotated_product(K: _Kernels, x2d, R, weight, bias):
 
 
 def _keeps_whole_r(x2d: Tensor, packed: Tensor, block_size: int) -> bool:
-    return packed.shape[0] * block_size * block_size * KEEP_R_FRACTION <= x2d.shape[0] * x2d.shape[1]
+    numbers = packed.shape[0] * block_size * block_size
+    return numbers <= KEEP_R_NUMBERS or numbers * KEEP_R_FRACTION <= x2d.shape[0] * x2d.shape[1]
+
+
+_SYMMETRIC_INDEX: dict = {}
 
 
 def _symmetric_index(block_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
     """Flat positions r*b + c of the upper triangle with its diagonal (r <= c), of its mirror, and
-    for each of the b*b entries its position in that triangle."""
-    rows, cols = torch.triu_indices(block_size, block_size, 0, device=device)
-    upper, lower = rows * block_size + cols, cols * block_size + rows
-    source = torch.empty(block_size * block_size, dtype=torch.long, device=device)
-    source[upper] = torch.arange(upper.numel(), device=device)
-    source[lower] = torch.arange(upper.numel(), device=device)
-    return upper, lower, source
+    for each of the b*b entries its position in that triangle (cached per device)."""
+    key = (block_size, str(device))
+    if key not in _SYMMETRIC_INDEX:
+        rows, cols = torch.triu_indices(block_size, block_size, 0, device=device)
+        upper, lower = rows * block_size + cols, cols * block_size + rows
+        source = torch.empty(block_size * block_size, dtype=torch.long, device=device)
+        source[upper] = torch.arange(upper.numel(), device=device)
+        source[lower] = torch.arange(upper.numel(), device=device)
+        _SYMMETRIC_INDEX[key] = (upper, lower, source)
+    return _SYMMETRIC_INDEX[key]
 
 
 def _pack_symmetric_part(R: Tensor) -> Tensor:
@@ -207,7 +213,7 @@ def _exact_from_symmetric_part(sym_packed: Tensor, packed: Tensor, block_size: i
     """R = H - Q (H + I) from H = (R + R^T) / 2 (module docstring): one b x b product."""
     Q = skew_torch(packed, block_size)
     H = sym_packed.index_select(1, _symmetric_index(block_size, Q.device)[2]).view(-1, block_size, block_size)
-    return H - Q @ (H + _eye_like(Q))
+    return H - Q @ (H + eye_like(Q))
 
 
 def _exact_forward(K: _Kernels, x2d, packed, weight, bias, block_size):

@@ -90,7 +90,10 @@ def rotate(t2d: Tensor, R: Tensor, *, transpose: bool = False) -> Tensor:
 
 
 def rotate_(t2d: Tensor, R: Tensor, *, transpose: bool = False) -> Tensor:
-    """Overwrite a contiguous (M, n b) ``t2d`` with t2d R_bd (or t2d R_bd^T)."""
+    """t2d R_bd (or t2d R_bd^T) for a contiguous (M, n b) ``t2d`` the caller gives up: overwritten
+    in place when it spans more than one chunk, else rotated into a fresh (small) tensor."""
+    if t2d.shape[0] <= ROTATE_ROWS:
+        return rotate(t2d, R, transpose=transpose)
     return _rotate_rows(t2d, t2d, R, transpose)
 
 

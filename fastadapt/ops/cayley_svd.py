@@ -79,7 +79,7 @@ def _core_product(z: Tensor, C: Tensor, groups: int) -> Tensor:
     """u = z C_g^T for z (G T, r) and C (1 | G, r, r) -> (G T, r)."""
     if C.shape[0] == 1:
         return z @ C[0].T
-    return torch.bmm(z.view(groups, -1, z.shape[-1]), C.transpose(-2, -1)).view(z.shape)
+    return torch.bmm(z.view(groups, z.shape[0] // groups, z.shape[-1]), C.transpose(-2, -1)).view(z.shape)
 
 
 def _forward_torch(x3, weight, bias, A, B, C):
@@ -88,7 +88,7 @@ def _forward_torch(x3, weight, bias, A, B, C):
     z = _mm(x2d, A.T, A.dtype)
     y = F.linear(x2d, weight, bias)
     _add_mm_(y, _core_product(z, C, G), B.T)
-    return y.view(G, T, -1), z.view(G, T, -1)
+    return y.view(G, T, weight.shape[0]), z.view(G, T, A.shape[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def _(x3, weight, bias, A, B, C):
     z, u = _kernels().svd_core_forward(x2d, A, C[0])
     y = F.linear(x2d, weight, bias)
     _add_mm_(y, u, B.T)
-    return y.view(G, T, -1), z.view(G, T, -1)
+    return y.view(G, T, weight.shape[0]), z.view(G, T, A.shape[0])
 
 
 @svd_rotation_linear_op.fake
@@ -127,14 +127,14 @@ def svd_rotation_linear_backward_op(dy: Tensor, x3: Optional[Tensor], z: Tensor,
     """[dx, dW, dA, dB, dC], each only where its flag is set (module docstring)."""
     G, T, out = dy.shape
     dy2 = dy.reshape(G * T, out)
-    z2 = z.reshape(G * T, -1)
+    z2 = z.reshape(G * T, z.shape[-1])
     du = _mm(dy2, B, B.dtype)
     dz = _core_product(du, C.transpose(-2, -1), G)
     grads = []
     if need_x:
         dx = dy2 @ weight
-        grads.append(_add_mm_(dx, dz, A).view(G, T, -1))
-    x2d = None if x3 is None else x3.reshape(G * T, -1)
+        grads.append(_add_mm_(dx, dz, A).view(G, T, weight.shape[1]))
+    x2d = None if x3 is None else x3.reshape(G * T, x3.shape[-1])
     if need_weight:
         grads.append(dy2.T @ x2d)
     if need_A:
@@ -142,7 +142,7 @@ def svd_rotation_linear_backward_op(dy: Tensor, x3: Optional[Tensor], z: Tensor,
     if need_B:
         grads.append(_tmm(dy2, _core_product(z2, C, G), B.dtype))
     if need_C:
-        dC = torch.bmm(du.view(G, T, -1).transpose(-2, -1), z.view(G, T, -1))
+        dC = torch.bmm(du.view(G, T, du.shape[-1]).transpose(-2, -1), z)
         grads.append(dC.sum(0, keepdim=True) if C.shape[0] == 1 else dC)
     return grads
 
