@@ -110,7 +110,8 @@ class FourierFT(ReferenceAdapter):
 
     with ``C_n[j, k] = cos(2 pi j k / n)``, ``S_n[j, k] = sin(2 pi j k / n)`` (``ifft2(S) =
     Omega_out S Omega_in / (out in)`` with ``Omega_n = C_n + i S_n``).  ``y = x (W + dW)^T + b``.
-    The default (zero) spectrum, PEFT's default init, gives ``dW = 0``.  PEFT computes the
+    The default (zero) spectrum gives ``dW = 0`` (PEFT's init_weights=True; its default,
+    init_weights=False, draws the spectrum from N(0, 1)).  PEFT computes the
     inverse FFT in float32 whatever the model dtype; this reference is float64.  nn.Linear only
     (PEFT's ``fan_in_fan_out`` for Conv1D is a transpose of the same ``dW``).
     """
