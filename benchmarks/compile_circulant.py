@@ -15,8 +15,8 @@ from benchmarks.roofline import Method, Shape, Step, base_steps, gemm, small
 BLOCK_SIZES = (64, 256)
 N_FREQUENCY = 1000
 C3A_GPU_TARGET, FOURIERFT_GPU_TARGET = 1.20, 1.30
-FP32_ADAPTER_REASON = ("PEFT's default float32 adapter on a half base: float32 spectra and IEEE fp32 dots, so the "
-                       "kernel gradient keeps PEFT's float32 accuracy (4 N d (b + 2) + 4 N d^2 / b FLOPs)")
+FP16_SPECTRA_REASON = ("float16 activations: float32 block spectra and IEEE fp32 dots, since a b-long DFT of float16 "
+                       "values can leave float16's range (4 N d (b + 2) + 4 N d^2 / b FLOPs on CUDA cores)")
 
 
 def variants() -> dict[str, list[Variant]]:
@@ -36,14 +36,14 @@ def variants() -> dict[str, list[Variant]]:
             return args, dict(BLOCK_O=tile, BLOCK_I=tile)
         return build
 
-    def spectra_dtype(dtype, fp32_spectra):
-        return "float32" if fp32_spectra else dtype
+    def spectra_dtype(dtype):   # fastadapt.ops.circulant's rule: bfloat16 spectra for bfloat16 x, float32 otherwise
+        return "bfloat16" if dtype == "bfloat16" else "float32"
 
     def block_dft(b, fp32_spectra):
         nb, nf = FEATURES // b, b // 2 + 1
 
         def build(dtype):
-            spectra = spectra_dtype(dtype, fp32_spectra)
+            spectra = spectra_dtype(dtype)
             args = (f(dtype), f("float32"), f(spectra), ROWS, nb, b, nf, FEATURES, 1)
             ieee = spectra == "float32"
             return args, dict(IEEE=ieee, **C.block_dft_tiles(b, ieee, cuda=True))
@@ -59,7 +59,7 @@ def variants() -> dict[str, list[Variant]]:
             return config, tiles, C.token_split(ROWS, nf * tiles, config["BLOCK_T"])
 
         def build(dtype):
-            spectra = spectra_dtype(dtype, fp32_spectra)
+            spectra = spectra_dtype(dtype)
             config, _, (_, t_per_split) = plan(spectra == "float32")
             args = (f(spectra), f(spectra), f("float32"), ROWS, m, m, nf, t_per_split)
             return args, dict(IEEE=spectra == "float32", **config)
@@ -72,18 +72,15 @@ def variants() -> dict[str, list[Variant]]:
         out["_c3a_weight_fwd_kernel"].append(Variant(f"b={b} W + dW, float32 kernel", c3a_weight(b, True),
                                                      HALF_DTYPES, grid=weight_grid, scope="parameters",
                                                      standard=True))
-        build, grid = block_dft(b, False)
-        out["_block_dft_fwd_kernel"].append(Variant(f"b={b}, spectra in the input dtype", build, grid=grid,
-                                                    standard=True))
-        build, grid = block_dft(b, True)
-        out["_block_dft_fwd_kernel"].append(Variant(f"b={b}, float32 spectra (float32 adapter)", build,
-                                                    HALF_DTYPES, grid=grid, standard=True,
-                                                    ieee_reason=FP32_ADAPTER_REASON))
-        build, grid = contraction(b, False)
-        out["_c3a_bwd_kernel"].append(Variant(f"b={b}, spectra in the input dtype", build, grid=grid, standard=True))
-        build, grid = contraction(b, True)
-        out["_c3a_bwd_kernel"].append(Variant(f"b={b}, float32 spectra (float32 adapter)", build, HALF_DTYPES,
-                                              grid=grid, standard=True, ieee_reason=FP32_ADAPTER_REASON))
+        for dtypes, what, reason in ((("bfloat16",), "bfloat16 spectra", ""),
+                                     (("float32", "float16"), "float32 spectra", FP16_SPECTRA_REASON)):
+            fp32_spectra = dtypes != ("bfloat16",)
+            build, grid = block_dft(b, fp32_spectra)
+            out["_block_dft_fwd_kernel"].append(Variant(f"b={b}, {what}", build, dtypes, grid=grid, standard=True,
+                                                        ieee_reason=reason))
+            build, grid = contraction(b, fp32_spectra)
+            out["_c3a_bwd_kernel"].append(Variant(f"b={b}, {what}", build, dtypes, grid=grid, standard=True,
+                                                  ieee_reason=reason))
 
     def fourierft_weight(fp32_spectrum):
         def build(dtype):
@@ -121,9 +118,10 @@ def variants() -> dict[str, list[Variant]]:
 # roofline
 
 def _c3a(shape: Shape, b: int, fp32_adapter: bool) -> tuple:
+    """bf16 activations: bf16 block spectra and tensor-core dots whatever the kernel's dtype."""
     s = shape
     nf = b // 2 + 1
-    spec = 4 if fp32_adapter else s.elem
+    spec = s.elem
     weight = s.d_out * s.d_in
     build = Step("W_eff = W + dW (circulant tiles)", bytes=2 * weight * s.elem + weight // b * (4 if fp32_adapter else 2),
                  kernel="_c3a_weight_fwd_kernel")
@@ -131,13 +129,11 @@ def _c3a(shape: Shape, b: int, fp32_adapter: bool) -> tuple:
     def dft(rows_of, d):
         flops = 2.0 * s.n * d * 2 * nf          # cos and sin parts, b-long dots per frequency
         return Step(f"block DFT of {rows_of}", bytes=s.n * d * s.elem + 2 * nf * (d // b) * s.n * spec,
-                    tensor_flops=0.0 if fp32_adapter else flops, fp32_flops=flops if fp32_adapter else 0.0,
-                    kernel="_block_dft_fwd_kernel")
+                    tensor_flops=flops, kernel="_block_dft_fwd_kernel")
 
     flops = 8.0 * nf * (s.d_out // b) * (s.d_in // b) * s.n      # 4 real dots per frequency
     contraction = Step("per-frequency contraction over tokens", bytes=2 * nf * (s.d_out + s.d_in) // b * s.n * spec,
-                       tensor_flops=0.0 if fp32_adapter else flops, fp32_flops=flops if fp32_adapter else 0.0,
-                       kernel="_c3a_bwd_kernel")
+                       tensor_flops=flops, kernel="_c3a_bwd_kernel")
     return (build, gemm("y = x W_eff^T", s.n, s.d_out, s.d_in),
             build, gemm("dx = dY W_eff", s.n, s.d_in, s.d_out),
             dft("dY", s.d_out), dft("x", s.d_in), contraction,
@@ -161,8 +157,7 @@ def _fourierft(shape: Shape, n_frequency: int) -> tuple:
 
 
 def roofline(shape: Shape) -> list[Method]:
-    fp32_note = ("PEFT's default float32 kernel on the bf16 base: float32 spectra, IEEE fp32 DFT and contraction "
-                 "dots on CUDA cores")
+    fp32_note = "PEFT's default float32 kernel on the bf16 base: the same bf16 spectra, a float32 kernel table"
     found = []
     for b in BLOCK_SIZES:
         if shape.d_in % b or shape.d_out % b:

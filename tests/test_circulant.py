@@ -164,6 +164,26 @@ def test_fourierft_triton_kernels_against_float64(triton_backend, device, dtype,
         _assert_fused_equals_reference(ref, x, dtype, F32, grad_scale=2.0)
 
 
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+@pytest.mark.parametrize("b", [16, 24])
+def test_block_dft_and_contraction_kernels_in_the_input_dtype(triton_backend, device, dtype, b):
+    """The block spectra stored in the input dtype (the bfloat16 path's tensor-core dots; float16 here
+    exercises the same code in the interpreter) and the contraction of such spectra, against float64."""
+    from fastadapt.triton_kernels import circulant as kernels
+    x, dy = noncontig(randn(37, 48, seed=60, device=device)), randn(37, 96, seed=61, device=device)
+    spectra = [kernels.block_dft_forward(t.to(dtype), b, dtype) for t in (dy, x)]
+    for t, spectrum in zip((dy, x), spectra):
+        expected = torch.fft.rfft(t.to(dtype).to(F64).unflatten(-1, (-1, b)))         # (N, blocks, f)
+        assert_rel_close(spectrum[0], expected.real.permute(2, 1, 0), dtype, name="cos part")
+        assert_rel_close(spectrum[1], -expected.imag.permute(2, 1, 0), dtype, name="sin part")
+    parts = kernels.c3a_backward_spectrum(*spectra, split=2)
+    d_hat, x_hat = (s.to(F64) for s in spectra)
+    expected_re = torch.einsum("fmt,fnt->fmn", d_hat[0], x_hat[0]) + torch.einsum("fmt,fnt->fmn", d_hat[1], x_hat[1])
+    expected_im = torch.einsum("fmt,fnt->fmn", d_hat[1], x_hat[0]) - torch.einsum("fmt,fnt->fmn", d_hat[0], x_hat[1])
+    assert_rel_close(parts[0], expected_re, F32, name="Re S")
+    assert_rel_close(parts[1], expected_im, F32, name="Im S")
+
+
 def test_triton_launchers_reject_bad_operands(triton_backend):
     from fastadapt.triton_kernels import circulant as kernels
     w = randn(32, 64, dtype=F32, seed=17)

@@ -188,9 +188,7 @@ def _(dy, x, c3a_kernel):
         return _c3a_kernel_grad_torch(dy, x, c3a_kernel)
     kernels = _kernels()
     m, n, b = c3a_kernel.shape
-    # float32 adapter (or float32 base): float32 spectra and IEEE dots; a half adapter on its own
-    # half base: half spectra, tensor-core dots with float32 accumulation.
-    spec_dtype = torch.float32 if c3a_kernel.dtype == torch.float32 else x.dtype
+    spec_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     parts = kernels.c3a_backward_spectrum(kernels.block_dft_forward(dy, b, spec_dtype),
                                           kernels.block_dft_forward(x, b, spec_dtype))
     spectrum = torch.complex(parts[0], parts[1]).permute(1, 2, 0)
