@@ -1,0 +1,266 @@
+"""LoKr's fused ops on 2-D x (N, I): ``fastadapt::lokr_linear`` and its backward, never a kron(w1, w2).
+
+Notation: W (O, I) frozen, bias (O,) or None, w1 (a, c), w2 (b, d) with O = a b, I = c d (PEFT's
+factored w1 = w1_a w1_b or w2 = w2_a w2_b is formed before the op, an a x c or b x d product, so its
+gradient is autograd's), s = alpha / r.  dW = s kron(w1, w2), dW[p b + q, u d + v] = s w1[p, u] w2[q, v].
+Folding a row x (I,) into X (c, d), X[u, v] = x[u d + v], and a row of y (O,) into (a, b)::
+
+    y_t  = x_t W^T + b + s vec(w1 X_t w2^T)
+    dx_t = dY_t W + s vec(w1^T dY_t w2)          (dY_t folded into (a, b))
+    d w1 = s sum_t dY_t (X_t w2^T)^T = s sum_t dY_t Z_t^T,     Z_t = X_t w2^T (c, b)
+    d w2 = s sum_t (w1^T dY_t)^T X_t = s sum_t Q_t^T X_t,      Q_t = w1^T dY_t (c, b)
+
+CPU (reshape and matmul): Z = X w2^T is one (N c, d) x (d, b) GEMM, w1 Z_t one batched (a, c) x (c, b)
+product, and the base GEMM adds s times that term as its beta input (y written once); backward forms
+Q by one batched product, dx = dY W + s Q w2 (again as beta), d w2 = Q^T X as one (b, N c) x (N c, d)
+GEMM, d w1 from Z recomputed.  FLOPs beside the layer's 2 N O I per GEMM: 2 N (c d b + a c b) forward
+and about three times that in backward; at d = 1024 (a = b = c = d = 32) that is 3 % of a GEMM per
+product.  CUDA: with one dtype the forward and dx are the merged GEMM kernel
+(fastadapt.triton_kernels.hadamard) generating each kron(w1, w2) tile from two gathers on chip; with
+PEFT's float32 adapter on a half base the float32 term is formed as on CPU (cuBLAS) and joins the
+half base GEMM after its rounding, in the kernel's epilogue (PEFT's rounding points, one read of the
+N x O float32 term); d w1, d w2 as on CPU.
+
+Saved for backward: x and the parameters (w1 / w2, or the a x c / b x d products formed from their
+factors): bytes(x) of activations plus a c + b d elements.  Precision: the kron term accumulates in
+float32 (float64 for float64) from x converted to it; on a half base the base GEMM runs in the half
+dtype and is rounded where PEFT's is, the float32 term joins and the sum is rounded once, or
+with a half adapter on its half base the merged tile W + s kron(w1, w2) is rounded to the half dtype
+before the tensor-core dot (CUDA; PEFT rounds its half dW and its half x dW^T there).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..testing import randn
+from ._policy import acc_dtype
+from ._registry import fused_op
+
+
+def _compute_dtype(x: Tensor, w1: Tensor) -> torch.dtype:
+    return torch.promote_types(acc_dtype(x.dtype), acc_dtype(w1.dtype))
+
+
+def kron_rows(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
+    """(N, a b): row t is vec(w1 X_t w2^T), X_t the (c, d) fold of x's row t (all one dtype)."""
+    n = x.shape[0]
+    (a, c), (b, d) = w1.shape, w2.shape
+    z = (x.reshape(n * c, d) @ w2.T).view(n, c, b)
+    return torch.bmm(w1.expand(n, a, c), z).view(n, a * b)
+
+
+def _input_grad_term(dy: Tensor, w1: Tensor, w2: Tensor, acc: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(vec(w1^T dY_t w2) (N, I), Q) in ``acc``, with Q = w1^T dY_t (N, c, b), which d w2 reuses."""
+    n = dy.shape[0]
+    (a, c), (b, d) = w1.shape, w2.shape
+    q = torch.bmm(w1.to(acc).T.expand(n, c, a), dy.to(acc).reshape(n, a, b))
+    return (q.view(n * c, b) @ w2.to(acc)).view(n, c * d), q
+
+
+def _forward_torch(x, weight, bias, w1, w2, scaling):
+    acc = _compute_dtype(x, w1)
+    term = kron_rows(x.to(acc), w1.to(acc), w2.to(acc))
+    if x.dtype == acc:   # the term as BLAS's beta input: y written once
+        y = torch.addmm(term, x, weight.T, beta=scaling)
+        return y if bias is None else y.add_(bias)
+    # half base: PEFT's rounded F.linear(x, W, b), the float32 term added, the sum rounded once
+    return F.linear(x, weight, bias).to(acc).add_(term, alpha=scaling).to(x.dtype)
+
+
+def _input_grad_torch(dy, weight, w1, w2, scaling):
+    acc = _compute_dtype(dy, w1)
+    term, q = _input_grad_term(dy, w1, w2, acc)
+    if dy.dtype == acc:
+        return torch.addmm(term, dy, weight, beta=scaling), q
+    return (dy @ weight).to(acc).add_(term, alpha=scaling).to(dy.dtype), q
+
+
+def _forward_triton(x, weight, bias, w1, w2, scaling):
+    if x.dtype == torch.float64:
+        return _forward_torch(x, weight, bias, w1, w2, scaling)
+    from ..triton_kernels import hadamard as kernels
+    if x.dtype == w1.dtype:      # one dtype: kron(w1, w2) tiles generated inside the GEMM
+        return kernels.lokr_gemm_forward(x, weight.T, w1.T, w2.T, scaling, bias=bias)
+    # PEFT's float32 adapter on a half base: its float32 term, added after the rounded base GEMM
+    term = kron_rows(x.float(), w1, w2)
+    return kernels.gemm_residual_forward(x, weight.T, term, scaling, bias=bias)
+
+
+def _input_grad_triton(dy, weight, w1, w2, scaling):
+    if dy.dtype == torch.float64:
+        return _input_grad_torch(dy, weight, w1, w2, scaling)
+    from ..triton_kernels import hadamard as kernels
+    if dy.dtype == w1.dtype:
+        return kernels.lokr_gemm_forward(dy, weight, w1, w2, scaling), None
+    term, q = _input_grad_term(dy, w1, w2, torch.float32)
+    return kernels.gemm_residual_forward(dy, weight, term, scaling), q
+
+
+class _Kernels(NamedTuple):
+    forward: Callable
+    input_grad: Callable
+
+
+TORCH = _Kernels(_forward_torch, _input_grad_torch)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton() -> _Kernels:
+    return _Kernels(_forward_triton, _input_grad_triton)
+
+
+def _factor_grads(dy, x, w1, w2, scaling, q, needs) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(d w1, d w2) in the accumulation dtype (module docstring); ``q`` = w1^T dY_t if already formed."""
+    acc = _compute_dtype(x, w1)
+    n = x.shape[0]
+    (a, c), (b, d) = w1.shape, w2.shape
+    xs = x.to(acc).reshape(n * c, d)
+    dys = dy.to(acc).reshape(n, a, b)
+    d_w1 = d_w2 = None
+    if needs[1]:
+        z = (xs @ w2.to(acc).T).view(n, c, b)
+        d_w1 = torch.bmm(dys, z.transpose(1, 2)).sum(dim=0).mul_(scaling)
+    if needs[2]:
+        if q is None:
+            q = torch.bmm(w1.to(acc).T.expand(n, c, a), dys)
+        d_w2 = (q.view(n * c, b).T @ xs).mul_(scaling)
+    return d_w1, d_w2
+
+
+def _backward(k: _Kernels, dy, x, weight, w1, w2, scaling, needs):
+    out = [dy.new_empty(0) for _ in range(4)]         # distinct tensors: outputs may not alias
+    q = None
+    if needs[0]:
+        out[0], q = k.input_grad(dy, weight, w1, w2, scaling)
+    if needs[1] or needs[2]:
+        d_w1, d_w2 = _factor_grads(dy, x, w1, w2, scaling, q, needs)
+        if needs[1]:
+            out[1] = d_w1.to(w1.dtype)
+        if needs[2]:
+            out[2] = d_w2.to(w2.dtype)
+    if needs[3]:
+        out[3] = dy.sum(dim=0)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# fastadapt::lokr_linear and fastadapt::lokr_linear_backward
+
+@fused_op("lokr_linear", autocast_keep=("w1", "w2"))
+def lokr_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], w1: Tensor, w2: Tensor,
+                   scaling: float) -> Tensor:
+    """y = x (W + scaling kron(w1, w2))^T + bias for 2-D x (module docstring)."""
+    return TORCH.forward(x, weight, bias, w1, w2, scaling)
+
+
+@lokr_linear_op.impl("triton")
+def _(*args):
+    return _triton().forward(*args)
+
+
+@lokr_linear_op.fake
+def _(x, weight, bias, w1, w2, scaling):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@fused_op("lokr_linear_backward", autocast=False)
+def lokr_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, w1: Tensor, w2: Tensor, scaling: float,
+                            needs: list[bool]) -> list[Tensor]:
+    """[dx, d w1, d w2, dbias] of ``lokr_linear`` (``needs``: which; the others are empty)."""
+    return _backward(TORCH, dy, x, weight, w1, w2, scaling, needs)
+
+
+@lokr_linear_backward_op.impl("triton")
+def _(*args):
+    return _backward(_triton(), *args)
+
+
+@lokr_linear_backward_op.fake
+def _(dy, x, weight, w1, w2, scaling, needs):
+    likes = [t.new_empty(t.shape) if need else dy.new_empty(0) for t, need in zip((x, w1, w2), needs)]
+    return likes + [dy.new_empty(dy.shape[1:]) if needs[3] else dy.new_empty(0)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, w1, w2, scaling = inputs
+    ctx.save_for_backward(x, weight, w1, w2)
+    ctx.scaling = scaling
+    ctx.has_bias = bias is not None
+
+
+def _backward_entry(ctx, dy):
+    """Saved: x, W, w1, w2 (bytes(x) of activations, plus w1 / w2 where they are products of factors).
+    Gradients: module docstring."""
+    n = ctx.needs_input_grad
+    needs = [n[0], n[3], n[4], ctx.has_bias and n[2]]
+    if not any(needs):
+        return (None,) * 6
+    x, weight, w1, w2 = ctx.saved_tensors
+    out = lokr_linear_backward_op(dy, x, weight, w1, w2, ctx.scaling, needs)
+    dx, d_w1, d_w2, d_bias = (g if need else None for g, need in zip(out, needs))
+    return dx, None, d_bias, d_w1, d_w2, None
+
+
+lokr_linear_op.autograd(_backward_entry, _setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# fastadapt::lokr_merged_weight (merge, unmerge)
+
+@fused_op("lokr_merged_weight", autocast=False)
+def lokr_merged_weight_op(weight: Tensor, w1: Tensor, w2: Tensor, scaling: float) -> Tensor:
+    """W + scaling kron(w1, w2) (O, I) in W's dtype, summed in the accumulation dtype, written through
+    the (a, b, c, d) view of W by one broadcast product (not differentiable: merge and unmerge)."""
+    acc = _compute_dtype(weight, w1)
+    (a, c), (b, d) = w1.shape, w2.shape
+    term = w1.to(acc)[:, None, :, None] * w2.to(acc)[None, :, None, :]
+    return torch.add(weight.to(acc).view(a, b, c, d), term, alpha=scaling).view(a * b, c * d).to(weight.dtype)
+
+
+@lokr_merged_weight_op.fake
+def _(weight, w1, w2, scaling):
+    return weight.new_empty(weight.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck examples: float64 (a = 1: a prime out_features), float32 with strided x and no bias, a
+# float32 adapter on a bfloat16 base
+
+def _examples():
+    for i, (dtype, adapter_dtype, bias, (a, b, c, d)) in enumerate([
+            (torch.float64, torch.float64, True, (1, 7, 2, 3)),
+            (torch.float32, torch.float32, False, (2, 3, 4, 2)),
+            (torch.bfloat16, torch.float32, True, (3, 2, 2, 4))]):
+        s = 10 * i
+        x = randn(5, c * d, dtype=dtype, requires_grad=True, seed=s)
+        if i == 1:
+            x = x.detach().T.contiguous().T.requires_grad_()
+        weight = randn(a * b, c * d, dtype=dtype, scale=0.4, seed=s + 1)
+        bias_t = randn(a * b, dtype=dtype, requires_grad=True, seed=s + 2) if bias else None
+        w1 = randn(a, c, dtype=adapter_dtype, requires_grad=True, seed=s + 3)
+        w2 = randn(b, d, dtype=adapter_dtype, requires_grad=True, seed=s + 4)
+        yield (x, weight, bias_t, w1, w2, 0.75), {}
+
+
+def _backward_examples():
+    for args, _ in _examples():
+        x, weight, bias = args[:3]
+        dy = randn(x.shape[0], weight.shape[0], dtype=x.dtype, seed=97)
+        inputs = [t.detach() for t in (dy, x, weight, args[3], args[4])]
+        yield (*inputs, args[5], [True, True, True, bias is not None]), {}
+        yield (*inputs, args[5], [False, False, True, False]), {}
+
+
+def _merged_examples():
+    for args, _ in _examples():
+        yield (args[1], args[3].detach(), args[4].detach(), args[5]), {}
+
+
+lokr_linear_op.example(_examples)
+lokr_linear_backward_op.example(_backward_examples)
+lokr_merged_weight_op.example(_merged_examples)
