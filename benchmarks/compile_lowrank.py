@@ -1,0 +1,91 @@
+"""Compile variants of fastadapt/triton_kernels/lowrank.py, as the launchers call them at the GPU
+standard shape (N = 8192 tokens, d = 4096), and the low-rank family's roofline.
+
+``_masked_lowrank_gemm_kernel``: LoRA's dx under dropout, dx = dY W + mask o (t A) (one variant per
+autotune config; the low-rank operands in the base dtype, or PEFT's float32 adapter on a half base).
+The LoRA forward and the rest of its backward run the shared blocks (compile_lowrank_gemm.py).
+"""
+from __future__ import annotations
+
+import triton
+
+from benchmarks.compile_dropout import SEED
+from benchmarks.compile_lowrank_gemm import RANK, float32_matmul_steps, fused_gemm_step
+from benchmarks.compile_report import FEATURES, HALF_DTYPES, ROWS, Variant, mock_tensor
+from benchmarks.roofline import Method, Shape, Step, gemm, small
+
+LORA_GPU_TARGET, LORA_DROPOUT_GPU_TARGET = 1.12, 1.15
+MIXED_REASON = ("PEFT's float32 adapter on a half base: the masked low-rank term t A in IEEE fp32 after the half "
+                "base product (2 N r d FLOPs, r / d of the GEMM's)")
+
+
+def variants() -> dict[str, list[Variant]]:
+    from fastadapt.triton_kernels import _tiles as T
+    from fastadapt.triton_kernels import lowrank as L
+    f, r = mock_tensor, RANK
+    out = {"_masked_lowrank_gemm_kernel": []}
+
+    def masked_dx(config, fp32_adapter):
+        def build(dtype):
+            lowrank = "float32" if fp32_adapter else dtype
+            # X = dY (N, out), Y = W (out, in), U = t (N, r), V = A (r, in), all row-major
+            args = (f(dtype), f(dtype), f(lowrank), f(lowrank), f(dtype), ROWS, FEATURES, FEATURES, r,
+                    FEATURES, 1, FEATURES, 1, r, 1, FEATURES, 1, SEED, 0.1, 1 / 0.9)
+            mixed = fp32_adapter and dtype != "float32"
+            return args, dict(ROUND_BASE=mixed, IEEE=dtype == "float32", LOWRANK_IEEE=lowrank == "float32",
+                              BLOCK_R=T.block_r(r), **config.kwargs, num_warps=config.num_warps,
+                              num_stages=config.num_stages)
+        return build
+
+    for configs, fp32_adapter in ((L.MASKED_GEMM_CONFIGS, False), (L.MASKED_GEMM_MIXED_CONFIGS, True)):
+        for config in configs:
+            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            name = f"dx {tile} w{config.num_warps} s{config.num_stages} r={r}"
+            grid = (triton.cdiv(ROWS, config.kwargs["BLOCK_M"]), triton.cdiv(FEATURES, config.kwargs["BLOCK_N"]))
+            standard = config is configs[0]   # the CI compiles the largest tile of each (bf16)
+            out["_masked_lowrank_gemm_kernel"].append(
+                Variant(f"{name}, float32 t and A", masked_dx(config, True), HALF_DTYPES, grid=grid,
+                        standard=standard, ieee_reason=MIXED_REASON) if fp32_adapter else
+                Variant(name, masked_dx(config, False), grid=grid, standard=standard))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# roofline
+
+def _lora(s: Shape, fp32_adapter: bool, dropout: bool) -> tuple:
+    """LoRA r = 16 on the bf16 base (PEFT's default float32 adapter, or the adapter in bf16): u and the
+    parameter-gradient products by float32_matmul (the Philox mask in-kernel), y and dx by one fused
+    GEMM each (dx with dropout: the masked low-rank epilogue)."""
+    e, n, din, dout = s.elem, s.n, s.d_in, s.d_out
+    a = 4 if fp32_adapter else e
+    masked = " (mask in-kernel)" if dropout else ""
+    fwd = [*float32_matmul_steps(f"u = x_d A^T (fp32){masked}", n, RANK, din, e, a),
+           small("s B, casts", 2),
+           fused_gemm_step("y = x W^T + b + u (sB)^T", s, n, dout, din, lowrank_fp32=fp32_adapter)]
+    bwd = [*float32_matmul_steps("t = s dY B (fp32)", n, RANK, dout, e, a)]
+    if dropout:
+        lr = 4 if fp32_adapter else e
+        bwd.append(Step("dx = dY W + mask o (t A)", n * dout * e + dout * din * e + (n + din) * RANK * lr + n * din * e,
+                        tensor_flops=2.0 * n * din * dout + (0.0 if fp32_adapter else 2.0 * n * din * RANK),
+                        fp32_flops=2.0 * n * din * RANK if fp32_adapter else 0.0,
+                        kernel="_masked_lowrank_gemm_kernel"))
+    else:
+        bwd.append(fused_gemm_step("dx = dY W + t A", s, n, din, dout, lowrank_fp32=fp32_adapter))
+    bwd += [*float32_matmul_steps(f"dA = t^T x_d (fp32){masked}", RANK, din, n, 4, e),
+            *float32_matmul_steps("dB = s (u^T dY)^T (fp32)", RANK, dout, n, 4, e),
+            small("scale, casts of dA, dB", 4)]
+    return tuple(fwd + bwd)
+
+
+def roofline(shape: Shape) -> list[Method]:
+    fp32_note = ("PEFT's default float32 adapter on the bf16 base: the rank-16 products IEEE fp32 on CUDA cores "
+                 "(float32_matmul; the fused GEMM's fp32 low-rank dot)")
+    return [
+        Method("LoRA r=16, fp32 adapter (PEFT default)", "lora_r16", _lora(shape, True, False), LORA_GPU_TARGET,
+               note=fp32_note),
+        Method("LoRA r=16, bf16 adapter", "lora_r16_adapter_in_input_dtype", _lora(shape, False, False),
+               LORA_GPU_TARGET),
+        Method("LoRA r=16 dropout 0.1, fp32 adapter (PEFT default)", "lora_r16_dropout0.1", _lora(shape, True, True),
+               LORA_DROPOUT_GPU_TARGET, note=fp32_note + "; the mask regenerated in 3 kernels, never stored"),
+    ]

@@ -1,0 +1,270 @@
+"""LoRA's fused linear op (PEFT's ``lora.Linear`` without a variant), on 2-D x (N, in), for one
+adapter or several active adapters as one concatenated-rank branch.
+
+Notation: W (out, in) frozen, A (R, in) and B (out, R) the adapters' factors concatenated along
+the rank (adapter i owns rank columns [o_i, o_i + r_i), ``ranks`` = [r_1, r_2, ...]), s the
+scaling applied to all of B (several adapters arrive with their own scalings folded into B), and
+one dropout mask per rank segment: segment i has probability ``ps[i]`` (0: no dropout) and
+x_i = mask_i o x (x_i = x where p_i = 0).  ``fastadapt::lora_linear`` returns [y, u]::
+
+    u[:, seg_i] = x_i A_i^T                                (N, R), the accumulation dtype
+    y           = x W^T + b + s u B^T
+
+one GEMM with W whose accumulator starts from (or receives) the low-rank term, so neither the
+scaling nor the adapter's sum costs a pass over (N, out).  Its backward op
+``fastadapt::lora_linear_backward``, with dY (N, out) and t = s dY B (N, R)::
+
+    dx      = dY W + sum_i mask_i o (t_i A_i)              (unmasked segments: one GEMM, t A as
+                                                            its accumulator's start)
+    dA_i    = t_i^T x_i                                    (R, in); x_i regenerated from the seed
+    dB      = s dY^T u                                     (out, R)
+    db      = colsum(dY)
+
+Saved (besides parameters and buffers): x and u, (1 + R / in) bytes(x) for float32 x (u is
+float32 on a half x: 1 + 2 R / in); with dropout the Philox seed of each masked segment (an int64
+CPU scalar: the mask is regenerated for dA and dx, x_i never stored) or nn.Dropout's bits (1 bit
+per element).  u is an output the backward reads, never written in place.
+
+Precision (PEFT's dtype policy, fastadapt.ops._policy).  float32 / float64 run in their own dtype.
+A float16 / bfloat16 base (x, W, b) keeps u and t in float32 whatever the adapter's dtype; the
+GEMMs with W run in the half dtype and are rounded where PEFT's half GEMM rounds them (the bias
+inside, as F.linear(x, W, b)), the low-rank term joins in float32 and the output is rounded once::
+
+    y  = fl_h(fl32(fl_h(x W^T + b)) + s u B^T)              PEFT: the same, with fl32(u B^T) s
+    dx = fl_h(fl32(fl_h(dY W)) + t A)                       PEFT: fl_h(fl_h(dY W) + fl_h(t A))
+
+With a half adapter (``autocast_adapter_dtype=False``) the low-rank operands of the output GEMM
+are rounded to the half dtype first (u, s B), where PEFT's half lora_A / lora_B round them, so
+the GPU runs that term on tensor cores.  The mask is drawn on x cast to the adapter dtype, as
+PEFT's dropout sees it.  The body is written once against the GEMM kernel sets of
+fastadapt.ops._lowrank_gemm (torch: BLAS; triton: the fused GEMM with the low-rank term and the
+bias in its epilogue, float32 products of half tiles with the Philox mask applied in-kernel) and,
+for a masked dx, fastadapt.triton_kernels.lowrank's GEMM with a masked low-rank epilogue.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from ..testing import randn
+from . import _lowrank_gemm as gemm
+from ._dropout_mask import DropoutMask
+from .dropout import draw_dropout
+from ._policy import HALF_DTYPES, acc_dtype
+from ._registry import fused_op
+
+
+def _torch_masked_dx(dy, weight, t, a, mask: DropoutMask):
+    """dY W + mask o (t A) (dx of a masked segment alone): the base GEMM, then the masked add."""
+    return mask.add_(dy @ weight, t @ a)
+
+
+def _triton_masked_dx(dy, weight, t, a, mask: DropoutMask):
+    if dy.dtype == torch.float64 or mask.philox_seed is None:   # tl.dot has no float64; nn.Dropout's bits: torch
+        return _torch_masked_dx(dy, weight, t, a, mask)
+    from ..triton_kernels import lowrank as kernels
+    return kernels.masked_lowrank_gemm(dy, weight, t, a.to(t.dtype), mask.philox_seed, mask.p)
+
+
+class LoraKernels(NamedTuple):
+    """One backend's primitives for LoRA: the shared GEMM set and dY W + mask o (t A)."""
+
+    gemm: gemm.Kernels
+    masked_dx: Callable
+
+
+TORCH = LoraKernels(gemm.TORCH, _torch_masked_dx)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton() -> LoraKernels:
+    return LoraKernels(gemm.triton(), _triton_masked_dx)
+
+
+# ----------------------------------------------------------------------------------------------
+# Segments and masks
+
+def _segments(ranks, ps, seeds, bits, dtype) -> list[tuple[int, int, Optional[DropoutMask]]]:
+    """(first rank column, end, mask or None) per rank segment; the masks in segment order take
+    the seeds (Philox) or the bits (nn.Dropout's) in order."""
+    stream = iter(seeds) if seeds else iter(bits)
+    found, start = [], 0
+    for r, p in zip(ranks, ps):
+        mask = None
+        if p > 0:
+            token = next(stream)
+            mask = DropoutMask(p, token, None, dtype) if seeds else DropoutMask(p, None, token, dtype)
+        found.append((start, start + r, mask))
+        start += r
+    return found
+
+
+def _lowrank_operands(x: Tensor, u: Tensor, b_scaled: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, (s B)^T) as the output GEMM takes them: in x's dtype for a half adapter on its own half
+    base (PEFT rounds u there), else in the accumulation dtype."""
+    if x.dtype in HALF_DTYPES and b_scaled.dtype == x.dtype:
+        return u.to(x.dtype), b_scaled.T
+    return u, b_scaled.to(u.dtype).T
+
+
+# ----------------------------------------------------------------------------------------------
+# Bodies (k: the kernel set)
+
+def _forward(k: LoraKernels, x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits):
+    segments = _segments(ranks, ps, seeds, bits, lora_A.dtype)
+    if all(mask is None for *_, mask in segments):
+        u = k.gemm.acc_matmul(x, lora_A.T)
+    else:
+        u = torch.cat([k.gemm.acc_matmul(x, lora_A[s:e].T, mask_a=mask) for s, e, mask in segments], dim=1)
+    u_op, v = _lowrank_operands(x, u, lora_B * scaling)
+    y = k.gemm.lowrank_gemm(x, weight.T, u_op, v, bias=bias, round_base=True, bias_in_base=True)
+    return [y, u]
+
+
+def _backward(k: LoraKernels, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, needs):
+    segments = _segments(ranks, ps, seeds, bits, lora_A.dtype)
+    acc = u.dtype
+    t = k.gemm.acc_matmul(dy, lora_B) * scaling                        # s dY B (N, R)
+    dx, d_bias, d_a, d_b = (dy.new_empty(0) for _ in range(4))   # distinct tensors: outputs may not alias
+    if needs[0]:
+        plain = [(s, e) for s, e, mask in segments if mask is None]
+        masked = [(s, e, mask) for s, e, mask in segments if mask is not None]
+        a = lora_A.to(acc)
+        if not masked:
+            dx = k.gemm.lowrank_gemm(dy, weight, t, a, round_base=True)
+        elif len(masked) == 1 and not plain:
+            s, e, mask = masked[0]
+            dx = k.masked_dx(dy, weight, t, a, mask)
+        else:   # several masks: the base GEMM (with the unmasked segments), then one masked add each
+            cols = torch.cat([torch.arange(s, e, device=t.device) for s, e in plain]) if plain else None
+            dx = (dy @ weight if cols is None else
+                  k.gemm.lowrank_gemm(dy, weight, t[:, cols], a[cols], round_base=True, out_dtype=acc))
+            for s, e, mask in masked:
+                dx = mask.add_(dx, t[:, s:e] @ a[s:e])
+            dx = dx.to(dy.dtype)
+    if needs[2]:
+        d_a = torch.cat([k.gemm.acc_matmul(t[:, s:e].T, x, mask_b=mask) for s, e, mask in segments]) \
+            if len(segments) > 1 else k.gemm.acc_matmul(t.T, x, mask_b=segments[0][2])
+        d_a = d_a.to(lora_A.dtype)
+    if needs[3]:
+        d_b = (k.gemm.acc_matmul(u.T, dy).T * scaling).to(lora_B.dtype).contiguous()   # u^T dY: BLAS's faster layout
+    if needs[1]:
+        d_bias = dy.sum(dim=0, dtype=acc)
+    return [dx, d_bias, d_a, d_b]
+
+
+# ----------------------------------------------------------------------------------------------
+# fastadapt::lora_linear
+
+@fused_op("lora_linear")
+def lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                   scaling: float, ranks: list[int], ps: list[float], seeds: list[Tensor],
+                   bits: list[Tensor]) -> list[Tensor]:
+    """[y, u] of LoRA (module docstring) for x (N, in); ``ranks`` / ``ps`` per rank segment, the
+    masks of the segments with p > 0 from ``seeds`` (Philox) or ``bits`` (nn.Dropout's, drawn on x
+    cast to the adapter dtype), in segment order."""
+    return _forward(TORCH, x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits)
+
+
+def _triton_serves(x: Tensor) -> bool:
+    """The Triton kernels take float32 / float16 / bfloat16 rows (tl.dot has no float64; no empty grid)."""
+    return x.dtype != torch.float64 and x.shape[0] > 0
+
+
+@lora_linear_op.impl("triton")
+def _(x, *args):
+    return _forward(_triton() if _triton_serves(x) else TORCH, x, *args)
+
+
+@lora_linear_op.fake
+def _(x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits):
+    acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(lora_A.dtype))
+    return [x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=acc)]
+
+
+@fused_op("lora_linear_backward", autocast=False)
+def lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
+                            scaling: float, ranks: list[int], ps: list[float], seeds: list[Tensor],
+                            bits: list[Tensor], needs: list[bool]) -> list[Tensor]:
+    """[dx, db, dA, dB] of ``lora_linear`` (``needs``: which of them; the others are empty)."""
+    return _backward(TORCH, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, needs)
+
+
+@lora_linear_backward_op.impl("triton")
+def _(dy, x, *args):
+    return _backward(_triton() if _triton_serves(x) else TORCH, dy, x, *args)
+
+
+@lora_linear_backward_op.fake
+def _(dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, needs):
+    shapes = [(x, x.shape), (u, dy.shape[1:]), (lora_A, lora_A.shape), (lora_B, lora_B.shape)]
+    return [like.new_empty(shape) if need else dy.new_empty(0) for (like, shape), need in zip(shapes, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], *seeds, *bits)
+    ctx.scaling, ctx.ranks, ctx.ps = scaling, ranks, ps
+    ctx.num_seeds, ctx.num_bits, ctx.bias_dtype = len(seeds), len(bits), None if bias is None else bias.dtype
+
+
+def _backward_entry(ctx, grads):
+    n = ctx.needs_input_grad
+    needs = [n[0], n[2], n[3], n[4]]     # x, bias, A, B
+    no_grads = (None, None, None, [None] * ctx.num_seeds, [None] * ctx.num_bits)  # scaling .. bits
+    if grads[0] is None or not any(needs):
+        return (None,) * 5 + no_grads
+    x, weight, lora_A, lora_B, u, *masks = ctx.saved_tensors
+    seeds, bits = masks[:ctx.num_seeds], masks[ctx.num_seeds:]
+    dx, d_bias, d_a, d_b = lora_linear_backward_op(grads[0], x, weight, lora_A, lora_B, u, ctx.scaling, ctx.ranks,
+                                                   ctx.ps, seeds, bits, needs)
+    return (dx if needs[0] else None, None, d_bias.to(ctx.bias_dtype) if needs[1] else None,
+            d_a if needs[2] else None, d_b if needs[3] else None, *no_grads)
+
+
+lora_linear_op.autograd(_backward_entry, _setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# opcheck examples: float64, float32 with strided x, a float32 adapter on a bfloat16 base; each
+# without dropout, with Philox seeds and with nn.Dropout's bits; one and two rank segments.
+
+def _examples():
+    for i, (dtype, adapter_dtype, with_bias) in enumerate([(torch.float64, torch.float64, True),
+                                                           (torch.float32, torch.float32, False),
+                                                           (torch.bfloat16, torch.float32, True)]):
+        s = 10 * i
+        x = randn(5, 7, dtype=dtype, requires_grad=True, seed=s)
+        if i == 1:
+            x = x.detach().T.contiguous().T.requires_grad_()
+        weight = randn(6, 7, dtype=dtype, scale=0.4, seed=s + 1)
+        bias = randn(6, dtype=dtype, requires_grad=True, seed=s + 2) if with_bias else None
+        lora_A = randn(5, 7, dtype=adapter_dtype, requires_grad=True, seed=s + 3)
+        lora_B = randn(6, 5, dtype=adapter_dtype, requires_grad=True, seed=s + 4)
+        args = (x, weight, bias, lora_A, lora_B, 1.5)
+        yield (*args, [5], [0.0], [], []), {}
+        yield (*args, [3, 2], [0.25, 0.0], [torch.tensor(77 + i)], []), {}
+        yield (*args, [3, 2], [0.25, 0.5], [torch.tensor(7 + i), torch.tensor(9)], []), {}
+        torch.manual_seed(i)
+        like = x.detach().to(adapter_dtype)
+        yield (*args, [2, 3], [0.0, 0.25], [], [draw_dropout(like, 0.25)[1]]), {}
+
+
+def _backward_examples():
+    for args, _ in _examples():
+        with torch.no_grad():
+            _, u = lora_linear_op(*args)
+        x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits = args
+        dy = randn(x.shape[0], weight.shape[0], dtype=x.dtype, seed=98)
+        inputs = [t.detach() for t in (dy, x, weight, lora_A, lora_B, u)]
+        yield (*inputs, scaling, ranks, ps, seeds, bits, [True, bias is not None, True, True]), {}
+        yield (*inputs, scaling, ranks, ps, seeds, bits, [False, False, True, False]), {}
+
+
+lora_linear_op.example(_examples)
+lora_linear_backward_op.example(_backward_examples)
