@@ -24,6 +24,10 @@ second writes z (x's second read is an L2 hit for the usual block sizes); P is s
 numbers, what backward needs).  k is padded to a tile of 16.  The input gradient is the same
 kernel with K^T (dx = g - ((g U) K^T) U^T, Q = g U).
 
+BOFT's scale epilogue.  y = h o s + b in fp32 with one rounding (a float32 boft_s on a half base:
+PEFT's float32 epilogue), and backward's ds = sum_rows dy o h and db = sum_rows dy from one read of
+dy and h (fp32 partial sums per row split).
+
 RoAd.  Output pairs (a, a + group/2) in groups of ``group``: y_a = f_a h_a - g_a h_b,
 y_b = f_b h_b + g_b h_a, one elementwise pass over (row tile, half-group columns).  Backward reads
 dy and the base output h once: dh_a = f_a dy_a + g_b dy_b, dh_b = f_b dy_b - g_a dy_a, and the
@@ -231,6 +235,47 @@ def _road_bwd_kernel(dy_ptr, h_ptr, f_ptr, g_ptr, dh_ptr, part_ptr, N, half, out
     tl.store(base + out + col_b, dg_b, mask=ok)
 
 
+@triton.jit
+def _scale_fwd_kernel(h_ptr, s_ptr, b_ptr, y_ptr, N, out, stride_hm, stride_hk, stride_ym,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """y = h o s + b (fp32 arithmetic, one rounding to y's dtype): BOFT's boft_s epilogue."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    col_ok = cols < out
+    mask = (rows < N)[:, None] & col_ok[None, :]
+    h = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hk, mask=mask, other=0.0).to(tl.float32)
+    y = h * tl.load(s_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_bwd_kernel(dy_ptr, h_ptr, part_ptr, N, out, rows_per_split, stride_dym, stride_dyk, stride_hm,
+                      stride_hk, stride_ps, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Per split of the rows, fp32 partial sums of ds = sum dy o h (partial row 0) and db = sum dy (row 1)."""
+    pid_c = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    col_ok = cols < out
+    ds = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    start = split * rows_per_split
+    stop = tl.minimum(start + rows_per_split, N)
+    for m0 in range(start, stop, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask = (rows < stop)[:, None] & col_ok[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyk, mask=mask,
+                     other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hk, mask=mask, other=0.0).to(tl.float32)
+        ds += tl.sum(dy * h, 0)
+        db += tl.sum(dy, 0)
+    tl.store(part_ptr + split * stride_ps + cols, ds, mask=col_ok)
+    tl.store(part_ptr + split * stride_ps + out + cols, db, mask=col_ok)
+
+
 # ----------------------------------------------------------------------------------------------
 # launchers
 
@@ -244,18 +289,33 @@ def _check_activation(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} is a {t.ndim}-D {t.dtype} tensor; the kernels take 2-D float32, float16 or bfloat16")
 
 
-def pass_tiles(c: int, half: bool, interpreted: bool = False) -> dict:
-    """Tile sizes of a pass of width c (shared with benchmarks/compile_butterfly.py):
-    a column tile of c padded to a power of two >= 16, at most 64 (wider blocks loop over K and
-    launch column tiles); 64 rows (32 for 64-wide tiles in fp32, whose IEEE dot keeps both tiles
-    in registers); 16 rows in the interpreter."""
+def pass_tiles(c: int, half: bool, interpreted: bool = False, *, reduction: bool = False) -> dict:
+    """Tile sizes of a pass of width c (shared with benchmarks/compile_butterfly.py): a column tile
+    of c padded to a power of two >= 16, at most 64 (wider blocks loop over K and launch column
+    tiles); 64 rows, except 64-wide fp32 tiles (IEEE dots keep both operands in registers): 16 rows
+    for the pass, 32 for the block-gradient ``reduction`` (the sizes at which ptxas for sm_90 does not
+    spill; 32 / 16 rows spill 12 / 16 B per thread); 16 rows in the interpreter."""
     block = min(64, block_r(c))
-    block_m = 16 if interpreted else (32 if block == 64 and not half else 64)
+    if interpreted:
+        block_m = 16
+    elif block == 64 and not half:
+        block_m = 32 if reduction else 16
+    else:
+        block_m = 64
     return {"BLOCK_M": block_m, "BLOCK_K": block, "BLOCK_N": block, "num_warps": 4}
 
 
 def _interpreted(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
+
+
+def row_splits(N: int, block_m: int, programs: int, splits: int | None = None) -> tuple[int, int]:
+    """(splits, rows_per_split) of a reduction over N rows by ``programs`` programs per split:
+    about 256 programs in all, no split shorter than 4 row tiles; rows_per_split a multiple of block_m."""
+    if splits is None:
+        splits = max(1, min(triton.cdiv(N, 4 * block_m), triton.cdiv(256, programs)))
+    rows_per_split = triton.cdiv(triton.cdiv(max(N, 1), splits), block_m) * block_m
+    return max(1, triton.cdiv(N, rows_per_split)), rows_per_split
 
 
 def butterfly_pass_forward(x: torch.Tensor, blocks: torch.Tensor, geometry, out_dtype: torch.dtype) -> torch.Tensor:
@@ -287,12 +347,9 @@ def butterfly_pass_grad(x: torch.Tensor, g: torch.Tensor, geometry, splits: int 
     N = x.shape[0]
     c = M * H
     groups = A * L
-    tiles = pass_tiles(c, x.dtype in HALF, _interpreted(x))
+    tiles = pass_tiles(c, x.dtype in HALF, _interpreted(x), reduction=True)
     n_tiles = triton.cdiv(c, tiles["BLOCK_N"])
-    if splits is None:  # about 256 programs, no split shorter than 4 row tiles
-        splits = max(1, min(triton.cdiv(N, 4 * tiles["BLOCK_M"]), triton.cdiv(256, groups * n_tiles * n_tiles)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(N, 1), splits), tiles["BLOCK_M"]) * tiles["BLOCK_M"]
-    splits = max(1, triton.cdiv(N, rows_per_split))
+    splits, rows_per_split = row_splits(N, tiles["BLOCK_M"], groups * n_tiles * n_tiles, splits)
     partial = torch.zeros(splits, groups, c, c, dtype=torch.float32, device=x.device)
     _butterfly_pass_bwd_blocks_kernel[(groups, n_tiles * n_tiles, splits)](
         x, g, partial, N, c, M, L, H, rows_per_split, n_tiles, x.stride(0), x.stride(1), g.stride(0), g.stride(1),
@@ -361,13 +418,44 @@ def road_backward(dy: torch.Tensor, h: torch.Tensor, f: torch.Tensor, g: torch.T
     tiles = road_tiles(half, _interpreted(h))
     n_chunks = triton.cdiv(half, tiles["BLOCK_C"])
     groups = out // group_size
-    if splits is None:  # about 256 programs, no split shorter than 4 row tiles
-        splits = max(1, min(triton.cdiv(N, 4 * tiles["BLOCK_M"]), triton.cdiv(256, groups * n_chunks)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(N, 1), splits), tiles["BLOCK_M"]) * tiles["BLOCK_M"]
-    splits = max(1, triton.cdiv(N, rows_per_split))
+    splits, rows_per_split = row_splits(N, tiles["BLOCK_M"], groups * n_chunks, splits)
     dh = torch.empty(N, out, dtype=h.dtype, device=h.device) if need_h else h.new_empty(0)
     partial = torch.zeros(splits, 2, out, dtype=torch.float32, device=h.device)
     _road_bwd_kernel[(groups, n_chunks, splits)](
         dy, h, f, g, dh, partial, N, half, out, rows_per_split, dy.stride(0), dy.stride(1), h.stride(0), h.stride(1),
         dh.stride(0) if need_h else 0, partial.stride(0), NEED_H=need_h, **tiles)
     return (dh if need_h else None), partial[:, 0].sum(0), partial[:, 1].sum(0)
+
+
+def scale_tiles(interpreted: bool = False) -> dict:
+    """Tiles of the scale epilogue kernels (shared with benchmarks/compile_butterfly.py)."""
+    return {"BLOCK_M": 16 if interpreted else 32, "BLOCK_C": 128, "num_warps": 4}
+
+
+def scale_forward(h: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = h o s + b in fp32, rounded once to h's dtype; h (N, out) any strides, s and b (out,) any float dtype."""
+    _check_activation("h", h)
+    N, out = h.shape
+    if scale.shape != (out,) or (bias is not None and bias.shape != (out,)):
+        raise ValueError(f"scale {tuple(scale.shape)} / bias do not fit h {tuple(h.shape)}")
+    y = torch.empty(N, out, dtype=h.dtype, device=h.device)
+    tiles = scale_tiles(_interpreted(h))
+    grid = (triton.cdiv(N, tiles["BLOCK_M"]), triton.cdiv(out, tiles["BLOCK_C"]))
+    _scale_fwd_kernel[grid](h, scale, scale if bias is None else bias, y, N, out, h.stride(0), h.stride(1),
+                            y.stride(0), HAS_BIAS=bias is not None, **tiles)
+    return y
+
+
+def scale_backward(dy: torch.Tensor, h: torch.Tensor, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ds, db) float32 (out,): ds = sum_rows dy o h, db = sum_rows dy, one read of dy and h."""
+    _check_activation("h", h)
+    if dy.shape != h.shape or dy.device != h.device:
+        raise ValueError(f"dy {tuple(dy.shape)} on {dy.device} does not match h {tuple(h.shape)} on {h.device}")
+    N, out = h.shape
+    tiles = scale_tiles(_interpreted(h))
+    n_chunks = triton.cdiv(out, tiles["BLOCK_C"])
+    splits, rows_per_split = row_splits(N, tiles["BLOCK_M"], n_chunks, splits)
+    partial = torch.zeros(splits, 2, out, dtype=torch.float32, device=h.device)
+    _scale_bwd_kernel[(n_chunks, splits)](dy, h, partial, N, out, rows_per_split, dy.stride(0), dy.stride(1),
+                                          h.stride(0), h.stride(1), partial.stride(0), **tiles)
+    return partial[:, 0].sum(0), partial[:, 1].sum(0)

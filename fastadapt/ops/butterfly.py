@@ -14,18 +14,17 @@ ETHER / ETHER+           y = (x H_in) W^T + b / ((x H_in) W^T) H_out + b, H = bl
 RoAd (PEFT's layer)      y = h R^T, h = x W^T + b: each output pair (a, a + group/2) rotated and
                          scaled, y_a = f_a h_a - g_a h_b, y_b = f_b h_b + g_b h_a
 
-Three fused ops carry the activations (each a ``fastadapt::`` custom op with a torch and a
-Triton implementation, a fake kernel and a backward op):
+Fused ops (``fastadapt::`` custom ops, each with a torch and a Triton implementation, a fake
+kernel and a backward op):
 
-``butterfly_chain(x, blocks, geometry)``: the passes of fastadapt.ops.butterfly_plan, each a
-    strided block-diagonal product ``y_g = x_g B_g`` over blocks of ``c = M H`` features
-    (f = ((a M + m) L + l) H + r); x is read once and written once per pass.  BOFT with b = 8 and
-    m <= 2, or m = 4, is one pass; the factors are multiplied into that pass's c x c blocks on the
-    parameters (``pass_blocks``: c x d numbers), not on the activations.
-    Saved: x (and the pass blocks).  Backward: dx = the same passes transposed, in reverse;
-    dB_g = v_g^T g_g with v the pass's input and g the gradient at its output (a chain of several
-    passes recomputes its inner inputs from x); the factor blocks' gradients follow by autograd
-    through ``pass_blocks`` and the Cayley / Givens map (small tensors).
+``butterfly_chain`` / ``butterfly_linear`` (fastadapt.ops.butterfly_chain): a chain of butterfly
+    factors runs as a few strided block-diagonal passes (fastadapt.ops.butterfly_plan), each
+    ``y_g = x_g B_g`` over blocks of ``c = M H`` features; x is read once and written once per
+    pass.  BOFT with b = 8 and m <= 2 (or b = 8, m = 4) is one pass: the factors are multiplied
+    into that pass's c x c blocks on the parameters (``butterfly_pass_blocks``: c x d numbers),
+    never on the activations.  ``butterfly_linear`` is the whole BOFT / GOFT layer: it rotates W
+    instead of x when x has more rows than W (orthogonal passes), keeps x, and h = (x R) W^T
+    only while boft_s trains (its gradient needs h).  Saved and gradients: that module's docstring.
 ``householder(x, U, K)``: z = x - ((x_j U_j) K_j) U_j^T per feature block j (one block of all
     features for HRA; ETHER's n blocks), two thin GEMMs.  Returns P = x U (N n k numbers) beside z.
     Saved: x and P.  Backward with Q = g U:  dx = g - ((g U) K^T) U^T,  dK = -P^T Q,
@@ -37,11 +36,13 @@ Triton implementation, a fake kernel and a backward op):
 Every op computes in float32 for float16 / bfloat16 / float32 inputs (float64 in float64): the
 small adapter tensors (pass blocks, U, K, f, g) come in that accumulation dtype, the activations
 in any float dtype and any strides, the outputs in the activation dtype.  The layer functions
-build those tensors from PEFT's parameters with differentiable torch on the parameters alone.
+build those tensors from PEFT's parameters with differentiable torch on the parameters alone
+(BOFT's blocks through fastadapt.ops.cayley).
 
-Backends: "torch" (CPU path: batched GEMMs over the pass blocks, thin GEMMs for householder,
-elementwise for RoAd) and "triton" (fastadapt.triton_kernels.butterfly), chosen per call by the
-registry (fastadapt.ops._registry).  No op reads a device value on the host.
+Backends: "torch" (CPU path: batched GEMMs over the pass blocks, thin GEMMs with the rank leading
+for HRA, per-block vector dots for ETHER, elementwise for RoAd) and "triton"
+(fastadapt.triton_kernels.butterfly; float64 stays torch), chosen per call by the registry
+(fastadapt.ops._registry).  No op reads a device value on the host.
 """
 from __future__ import annotations
 

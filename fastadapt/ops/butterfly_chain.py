@@ -65,13 +65,26 @@ def _empty_like(t: Tensor) -> Tensor:
 # backends
 
 class Passes:
-    """A backend's two primitives; see the module docstring."""
+    """A backend's primitives: the two of the module docstring, and BOFT's scale epilogue
+    ``epilogue(h, s, b) = h o s + b`` with its gradients ``scale_grads(dy, h) = (sum_rows dy o h,
+    sum_rows dy)`` (fp32 arithmetic; a float32 s on a half h rounds once, as PEFT's float32
+    epilogue).  This base class is the torch implementation of the epilogue."""
 
     def rotate(self, v: Tensor, B: Tensor, geometry, out_dtype: torch.dtype) -> Tensor:
         raise NotImplementedError
 
     def grad(self, v: Tensor, g: Tensor, geometry) -> Tensor:
         raise NotImplementedError
+
+    def epilogue(self, h: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if scale.dtype == h.dtype and (bias is None or bias.dtype == h.dtype):
+            return h * scale if bias is None else torch.addcmul(bias, h, scale)
+        y = h.to(scale.dtype) * scale
+        return (y if bias is None else y + bias).to(h.dtype)
+
+    def scale_grads(self, dy: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        acc = acc_dtype(dy.dtype)
+        return torch.linalg.vecdot(_compute(dy, acc), _compute(h, acc), dim=0), dy.sum(0, dtype=acc)
 
 
 _GRAD_ROWS = 512  # rows per accumulation step of the block gradient (as the cayley family measured)
@@ -127,6 +140,18 @@ class TritonPasses(Passes):
             return TORCH.grad(v, g, geometry)
         from ..triton_kernels import butterfly as kernels
         return kernels.butterfly_pass_grad(v, g, geometry)
+
+    def epilogue(self, h, scale, bias):
+        if h.dtype == torch.float64:
+            return super().epilogue(h, scale, bias)
+        from ..triton_kernels import butterfly as kernels
+        return kernels.scale_forward(h, scale, bias)
+
+    def scale_grads(self, dy, h):
+        if h.dtype == torch.float64:
+            return super().scale_grads(dy, h)
+        from ..triton_kernels import butterfly as kernels
+        return kernels.scale_backward(dy, h)
 
 
 TORCH = TorchPasses()
@@ -188,33 +213,26 @@ def _scale_rows(W: Tensor, scale: Optional[Tensor]) -> Tensor:
     return (W.to(scale.dtype) * scale[:, None]).to(W.dtype)
 
 
-def _epilogue(h: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """y = h o s + b; a float32 s on a half h runs in float32 and rounds once (PEFT's BOFT)."""
-    if scale.dtype == h.dtype and (bias is None or bias.dtype == h.dtype):
-        return h * scale if bias is None else torch.addcmul(bias, h, scale)
-    y = h.to(scale.dtype) * scale
-    return (y if bias is None else y + bias).to(h.dtype)
-
-
 def linear_forward(P: Passes, x, blocks, geometry, weight, scale, bias, weight_side, keep_pre):
     if weight_side:
         Wr = chain_transposed(P, weight, blocks, geometry, weight.dtype)
         if keep_pre:
             h = F.linear(x, Wr)
-            return _epilogue(h, scale, bias), h
+            return P.epilogue(h, scale, bias), h
         return F.linear(x, _scale_rows(Wr, scale), bias), _empty_like(x)
     z = chain(P, x, blocks, geometry, x.dtype)
     if keep_pre:
         h = F.linear(z, weight)
-        return _epilogue(h, scale, bias), h
+        return P.epilogue(h, scale, bias), h
     return F.linear(z, _scale_rows(weight, scale), bias), _empty_like(x)
 
 
 def linear_backward(P: Passes, dy, x, blocks, geometry, weight, scale, pre, weight_side,
                     need_x, need_blocks, need_weight, need_scale, need_bias):
-    acc = blocks[0].dtype
-    ds = torch.linalg.vecdot(_compute(dy, acc), _compute(pre, acc), dim=0) if need_scale else _empty_like(x)
-    db = dy.sum(0) if need_bias else _empty_like(x)
+    if need_scale:   # pre = h exists only when s trains (keep_pre)
+        ds, db = P.scale_grads(dy, pre)
+    else:
+        ds, db = _empty_like(x), dy.sum(0, dtype=acc_dtype(dy.dtype)) if need_bias else _empty_like(x)
     Ws = _scale_rows(weight, scale)
     dx = dW = None
     dblocks = [None] * len(blocks)
@@ -346,7 +364,8 @@ def butterfly_linear_backward_op(grad: Tensor, x: Tensor, blocks: list[Tensor], 
                                  scale: Optional[Tensor], pre: Tensor, weight_side: bool, need_x: bool,
                                  need_blocks: bool, need_weight: bool, need_scale: bool,
                                  need_bias: bool) -> list[Tensor]:
-    """[dx, dW, ds, db, dB_0, ..., dB_{K-1}] of butterfly_linear (empty where not needed)."""
+    """[dx, dW, ds, db, dB_0, ..., dB_{K-1}] of butterfly_linear (empty where not needed; ds and db
+    in the accumulation dtype, db also computed whenever ds is: one pass gives both)."""
     return linear_backward(TORCH, grad, x, blocks, geometry, weight, scale, pre, weight_side,
                            need_x, need_blocks, need_weight, need_scale, need_bias)
 
@@ -363,9 +382,10 @@ def _(grad, x, blocks, geometry, weight, scale, pre, weight_side, need_x, need_b
       need_bias):
     def like(t, need):
         return t.new_empty(t.shape) if need else x.new_empty(0)
+    acc = acc_dtype(grad.dtype)
     return [like(x, need_x), like(weight, need_weight),
-            scale.new_empty(scale.shape) if need_scale else x.new_empty(0),
-            x.new_empty(weight.shape[0]) if need_bias else x.new_empty(0),
+            x.new_empty(weight.shape[0], dtype=acc) if need_scale else x.new_empty(0),
+            x.new_empty(weight.shape[0], dtype=acc) if (need_bias or need_scale) else x.new_empty(0),
             *(like(B, need_blocks) for B in blocks)]
 
 
