@@ -88,10 +88,10 @@ def _triton_serves(*tensors: Tensor) -> bool:
     return all(t.dtype in _TRITON_DTYPES for t in tensors)
 
 
-def _merge(weight: Tensor, delta: Tensor, alpha: float) -> Tensor:
-    """W + alpha delta computed in the accumulation dtype and rounded to W's dtype once."""
-    acc = acc_dtype(weight.dtype)
-    return torch.add(weight.to(acc), delta.to(acc), alpha=alpha).to(weight.dtype)
+def _merge_into(delta: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """W + alpha delta for a fresh ``delta`` in the accumulation dtype, computed in place in it (no other
+    O x I allocation) and rounded to W's dtype once."""
+    return delta.mul_(alpha).add_(weight).to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,8 +111,8 @@ def _c3a_weight_torch(weight: Tensor, c3a_kernel: Tensor) -> Tensor:
     acc = acc_dtype(weight.dtype)
     doubled = torch.cat([c3a_kernel, c3a_kernel], dim=-1).to(acc)
     hankel = doubled.as_strided((m, b, n, b), (n * 2 * b, 1, 2 * b, 1))
-    merged = hankel[:, _negated(b, c3a_kernel.device)].view(m * b, n * b)
-    return merged.mul_(1.0 / (n * b)).add_(weight).to(weight.dtype)
+    delta = hankel[:, _negated(b, c3a_kernel.device)].view(m * b, n * b)      # a fresh (O, I) tensor
+    return _merge_into(delta, weight, 1.0 / (n * b))
 
 
 def _c3a_weight(weight: Tensor, c3a_kernel: Tensor, backend: str) -> Tensor:
@@ -319,7 +319,7 @@ def _fourierft_delta_torch(spectrum: Tensor, indices: Tensor, out_features: int,
 def _fourierft_weight_torch(weight: Tensor, spectrum: Tensor, indices: Tensor, scaling: float) -> Tensor:
     out_features, in_features = weight.shape
     delta = _fourierft_delta_torch(spectrum, indices, out_features, in_features, acc_dtype(weight.dtype))
-    return _merge(weight, delta, scaling)
+    return _merge_into(delta, weight, scaling)
 
 
 def _fourierft_weight(weight: Tensor, spectrum: Tensor, indices: Tensor, scaling: float, backend: str) -> Tensor:
