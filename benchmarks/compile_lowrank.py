@@ -4,6 +4,8 @@ standard shape (N = 8192 tokens, d = 4096), and the low-rank family's roofline.
 ``_masked_lowrank_gemm_kernel``: LoRA's dx under dropout, dx = dY W + mask o (t A) (one variant per
 autotune config; the low-rank operands in the base dtype, or PEFT's float32 adapter on a half base).
 The LoRA forward and the rest of its backward run the shared blocks (compile_lowrank_gemm.py).
+``_segment_lowrank_kernel`` / ``_segment_gemm_kernel``: a mixed-adapter batch (4 adapters of rank 16
+over the 8192 rows), with the launcher's CUDA tiles (64-row tiles within one adapter's rows).
 """
 from __future__ import annotations
 
@@ -47,7 +49,39 @@ def variants() -> dict[str, list[Variant]]:
                 Variant(f"{name}, float32 t and A", masked_dx(config, True), HALF_DTYPES, grid=grid,
                         standard=standard, ieee_reason=MIXED_REASON) if fp32_adapter else
                 Variant(name, masked_dx(config, False), grid=grid, standard=standard))
+    out.update(_segment_variants())
     return out
+
+
+MIXED_ADAPTERS = 4
+SEGMENT_REASON = ("mixed-adapter batch: the rank-16 products in IEEE fp32 (float32 packed factors, u / t kept in "
+                  "float32 as PEFT's float32 adapter path; 2 N r d FLOPs, r / d of the GEMM's)")
+
+
+def _segment_variants() -> dict[str, list[Variant]]:
+    from fastadapt.triton_kernels import _tiles as T
+    f, r = mock_tensor, RANK
+    block_m, block_n, block_k = 64, 64, 32          # segment_plan / segment_lowrank / segment_gemm on CUDA
+    tiles = triton.cdiv(ROWS, block_m) + MIXED_ADAPTERS   # each adapter's rows start a tile
+
+    def lowrank(dtype):
+        args = (f(dtype), f("int64"), f("float32"), f("float32"), f("int32"), f("int32"), f("int32"), FEATURES, r,
+                FEATURES, 1, FEATURES * r, r, 1)
+        return args, dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=T.block_r(r))
+
+    def gemm(dtype):
+        args = (f(dtype), f(dtype), f("int64"), f("float32"), f("float32"), f(dtype), f(dtype), f("int32"),
+                f("int32"), f("int32"), FEATURES, FEATURES, r, FEATURES, 1, 1, FEATURES, r * FEATURES, FEATURES, 1)
+        return args, dict(HAS_BIAS=True, ROUND_LOWRANK=True, IEEE=dtype == "float32", BLOCK_M=block_m,
+                          BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=T.block_r(r))
+
+    return {
+        "_segment_lowrank_kernel": [Variant(f"u = x[rows] A_g^T, {MIXED_ADAPTERS} adapters r={r}", lowrank,
+                                            grid=(tiles,), standard=True, ieee_reason=SEGMENT_REASON)],
+        "_segment_gemm_kernel": [Variant(f"y = x W^T + b + u V_g, {MIXED_ADAPTERS} adapters r={r}", gemm,
+                                         grid=(tiles, triton.cdiv(FEATURES, block_n)), standard=True,
+                                         ieee_reason=SEGMENT_REASON)],
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -399,3 +399,140 @@ def test_bad_input_names_the_parameter():
         ops.lora_linear(x, w.clone().requires_grad_(), None, a, b, 1.0)
     with pytest.raises(ValueError, match="x"):
         ops.lora_linear(x[:, :10], w, None, a, b, 1.0)
+
+
+# ----------------------------------------------------------------------------- several adapters, mixed batches
+
+SERVES_SEVERAL = "forward_many" in {f.name for f in __import__("dataclasses").fields(fastadapt.peft.BridgeEntry)}
+NEEDS_FORWARD_MANY = pytest.mark.skipif(not SERVES_SEVERAL, reason="fastadapt.peft.BridgeEntry has no forward_many "
+                                        "yet (the bridge runs PEFT's forward for several adapters / adapter_names)")
+
+
+def _two_adapter_model(*, dtype=F32, dropout=0.0, seed, adapters=("default", "other", "third")):
+    model = _peft_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=dropout), 24, 16,
+                        dtype=dtype, seed=seed)
+    for i, name in enumerate(adapters[1:]):
+        model.add_adapter(name, LoraConfig(r=3 + 2 * i, lora_alpha=5, target_modules=["0"], lora_dropout=dropout,
+                                           use_rslora=i == 1))
+    randomize_(model, scale=0.3, seed=seed + 5, names=["lora_"])
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_several_active_adapters_equal_peft(dropout):
+    """Three active adapters (ranks 4, 3, 5, rsLoRA on one) as one branch: output and every gradient
+    equal PEFT's loop over them; in training nn.Dropout's masks adapter by adapter (dropout="torch")."""
+    model = _two_adapter_model(dropout=dropout, seed=60)
+    layer = model.base_model.model[0]
+    layer.set_adapter(["default", "other", "third"])
+    fused = copy.deepcopy(layer)
+    fastadapt.accelerate(fused, dropout="torch")
+    x = randn(3, 5, 24, dtype=F32, seed=61)
+    cotangent = randn(3, 5, 16, dtype=F32, seed=62)
+    for train in (False, True):
+        layer.train(train), fused.train(train)
+        expected = _run(layer, x, cotangent)
+        x_leaf = x.clone().requires_grad_()
+        torch.manual_seed(0)
+        y = layers.lora_forward_many(fused, ["default", "other", "third"], x_leaf)
+        actual = (y.detach(), *torch.autograd.grad(y, [x_leaf, *[p for p in fused.parameters() if p.requires_grad]],
+                                                   cotangent))
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_rel_close(a, e, name=f"train={train}: {'output' if i == 0 else f'gradient {i}'}")
+
+
+@pytest.mark.parametrize("dtype,autocast_adapter_dtype", [(F32, False), (torch.bfloat16, True), (F16, False)])
+def test_mixed_batch_equals_peft(dtype, autocast_adapter_dtype):
+    """adapter_names per sample (three adapters, "__base__", an adapter the layer does not hold):
+    output and every gradient equal PEFT's _mixed_batch_forward (the low-rank term rounded to the
+    output dtype before it is added, as PEFT does)."""
+    model = _two_adapter_model(seed=63)
+    if dtype != F32:
+        model = model.to(dtype)
+        if autocast_adapter_dtype:
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
+    layer = model.base_model.model[0].eval()
+    names = ["other", "__base__", "default", "third", "other", "nowhere", "default"]
+    x = randn(7, 3, 24, dtype=dtype, seed=64)
+    cotangent = randn(7, 3, 16, dtype=dtype, seed=65)
+    x_leaf = x.clone().requires_grad_()
+    y = layer(x_leaf, adapter_names=names)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    expected = (y.detach(), *torch.autograd.grad(y, [x_leaf, *params], cotangent))
+    x_leaf = x.clone().requires_grad_()
+    y = layers.lora_forward_mixed(layer, ["other", "default", "third"], x_leaf, names)
+    actual = (y.detach(), *torch.autograd.grad(y, [x_leaf, *params], cotangent))
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_rel_close(a, e, dtype, scale=2.0 if dtype != F32 else 1.0,
+                         name="output" if i == 0 else f"gradient {i}")
+
+
+@NEEDS_FORWARD_MANY
+def test_bridge_serves_several_adapters_and_mixed_batches():
+    """Through accelerate: several active adapters and adapter_names run fused (counted), equal to
+    PEFT; a mixed batch with dropout in training runs PEFT's forward with the reason."""
+    model = _two_adapter_model(seed=66, dropout=0.2)
+    fused = copy.deepcopy(model)
+    report = fastadapt.accelerate(fused)
+    model.eval(), fused.eval()
+    x = randn(4, 3, 24, dtype=F32, seed=67)
+    names = ["third", "default", "__base__", "third"]
+    assert_rel_close(fused(x, adapter_names=names), model(x, adapter_names=names), name="mixed batch")
+    for m in (model, fused):
+        m.base_model.set_adapter(["default", "third"])
+    assert_rel_close(fused(x), model(x), name="two active adapters")
+    assert report.fused_calls == 2 and not report.fallbacks, str(report)
+    layer = fused.base_model.model[0].train()
+    layer(x, adapter_names=names)
+    assert report.fallbacks == {"adapter_names with dropout in training": 1}, str(report)
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_mixed_batch_triton_kernels_against_float64(triton_backend, device, dtype):
+    """The row-grouped kernels (u per group, the GEMM with each tile's own low-rank term) for 3
+    adapters of ranks 16, 8, 20 over 6 samples of 7 rows (tiles straddle no group; rows of no adapter)."""
+    ranks, index = [16, 8, 20], [2, 0, -1, 0, 1, 2]
+    weight = linear_model(32, 48, seed=68)[0].weight.detach().to(device)
+    a, b = _adapters(32, 48, ranks, seed=69)
+    x64 = randn(6, 7, 32, seed=70, device=device)
+    cotangent = randn(6, 7, 48, seed=71, device=device)
+
+    def run(leaf_dtype, adapter_dtype):
+        x = x64.to(leaf_dtype).requires_grad_()
+        factors = [t.to(device=device, dtype=adapter_dtype).requires_grad_() for t in (*a, *b)]
+        y = ops.lora_mixed_linear(x, weight.to(leaf_dtype), None, factors[:3], factors[3:], [0.5, 1.0, 2.0], index)
+        return [y, *torch.autograd.grad(y, [x, *factors], cotangent.to(leaf_dtype))]
+
+    with triton_launches() as launched:
+        actual = run(dtype, dtype)
+    assert {"_segment_lowrank_kernel", "_segment_gemm_kernel"} <= set(launched)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTADAPT_BACKEND", "torch")
+        expected = run(F64, F64)
+    for i, (got, want) in enumerate(zip(actual, expected)):
+        assert_rel_close(got, want, dtype, scale=1.0 if dtype == F32 else 2.0, name=f"output {i}")
+
+
+def test_mixed_batch_gradcheck_and_bad_input():
+    x = randn(4, 2, 6, requires_grad=True, seed=72)
+    weight = randn(5, 6, seed=73)
+    a, b = _adapters(6, 5, [2, 3], seed=74)
+    a, b = [t.requires_grad_() for t in a], [t.requires_grad_() for t in b]
+    assert torch.autograd.gradcheck(lambda x, a0, a1, b0, b1: ops.lora_mixed_linear(
+        x, weight, None, [a0, a1], [b0, b1], [0.5, 2.0], [1, -1, 0, 1]), (x, *a, *b), fast_mode=True)
+    with pytest.raises(ValueError, match="adapter_index"):
+        ops.lora_mixed_linear(x, weight, None, a, b, [1.0, 1.0], [0, 2, 0, 0])
+    with pytest.raises(ValueError, match="adapter_index"):
+        ops.lora_mixed_linear(x, weight, None, a, b, [1.0, 1.0], [0, 1])
+    model = _two_adapter_model(seed=75)
+    layer = model.base_model.model[0].eval()
+    with pytest.raises(ValueError, match="adapter_names"):   # PEFT's own check: one name per sample
+        layers.lora_forward_mixed(layer, ["default"], randn(3, 24, dtype=F32, seed=76), ["default"] * 2)
+    fastadapt.accelerate(model)
+    model.eval()
+    with pytest.raises(ValueError, match="non-existing"):   # PEFT's model-level check, unchanged by accelerate
+        model(randn(2, 24, dtype=F32, seed=77), adapter_names=["default", "typo"])

@@ -15,8 +15,24 @@ accumulation; loads in the input dtype, store in the output dtype; int64 offsets
 A half X with a float32 U, V (PEFT's float32 adapter on a half base) rounds the base product to
 the half dtype before the masked float32 term joins (``round_base``: PEFT's half dY W), then the
 sum is rounded once.
+
+Mixed-adapter batches (PEFT's ``adapter_names``: each row of x has its own adapter, or none).  The
+rows are grouped by adapter through a permutation ``rows`` (x is never copied into adapter order)
+and cut into row tiles that hold one adapter each (``segment_plan``: built on the host from the
+group sizes, no device sync)::
+
+    _segment_lowrank_kernel   u[i, :r_g]    = x[rows[i]] P_g            P_g = A_g^T (forward), s_g B_g (dx's t)
+    _segment_gemm_kernel      C[rows[i]]    = x[rows[i]] Y + b + u[i] V_g   V_g = (s_g B_g)^T (y), A_g (dx)
+
+with the factors of all adapters packed (zero-padded to the widest rank) so one launch serves every
+adapter: y (and dx) in one GEMM pass with each tile's own low-rank term in its epilogue.  The rank
+products run in IEEE fp32 (u and t stay float32, PEFT's float32 adapter path); ``round_lowrank``
+rounds the base product and the low-rank term to the output dtype before adding them (PEFT's
+``result[idx] += lora.to(result.dtype)``).  Tiles of rows without an adapter skip the low-rank dot.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -134,4 +150,176 @@ def masked_lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: to
         check_tiles(block_m=block_m, block_n=block_n, block_k=block_k)
         _masked_lowrank_gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
             *args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed-adapter batches: rows grouped by adapter, one adapter per row tile
+
+@triton.jit
+def _segment_lowrank_kernel(X, ROWS, P, C, TILE_GROUP, TILE_ROW0, TILE_ROWS, K, R_MAX,
+                            stride_xm, stride_xk, stride_pg, stride_pk, stride_pr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """C[row0 + i, :] = X[ROWS[row0 + i]] P_g for the rows of one tile (group g), fp32."""
+    tile = tl.program_id(0)
+    group = tl.load(TILE_GROUP + tile).to(tl.int64)
+    row0 = tl.load(TILE_ROW0 + tile).to(tl.int64)
+    local = tl.arange(0, BLOCK_M)
+    row_ok = local < tl.load(TILE_ROWS + tile)
+    rows = tl.load(ROWS + row0 + local, mask=row_ok, other=0).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R_MAX
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = ks < K
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        p = tl.load(P + group * stride_pg + ks[:, None] * stride_pk + rr[None, :] * stride_pr,
+                    mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(x, p, acc, input_precision="ieee")
+    tl.store(C + (row0 + local)[:, None] * R_MAX + rr[None, :], acc, mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _segment_gemm_kernel(X, Y, ROWS, U, V, BIAS, C, TILE_GROUP, TILE_ROW0, TILE_ROWS, N, K, R_MAX,
+                         stride_xm, stride_xk, stride_yk, stride_yn, stride_vg, stride_vr, stride_vn,
+                         HAS_BIAS: tl.constexpr, ROUND_LOWRANK: tl.constexpr, IEEE: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_R: tl.constexpr):
+    """C[ROWS[row0 + i]] = X[ROWS[row0 + i]] Y + bias (+ U[row0 + i] V_g for a tile of group g >= 0)."""
+    tile = tl.program_id(0)
+    group = tl.load(TILE_GROUP + tile).to(tl.int64)
+    row0 = tl.load(TILE_ROW0 + tile).to(tl.int64)
+    local = tl.arange(0, BLOCK_M)
+    row_ok = local < tl.load(TILE_ROWS + tile)
+    rows = tl.load(ROWS + row0 + local, mask=row_ok, other=0).to(tl.int64)
+    cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        k_ok = ks < K
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk, mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        y = tl.load(Y + ks[:, None] * stride_yk + cols[None, :] * stride_yn, mask=k_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        if IEEE:
+            acc = tl.dot(x, y, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, y, acc)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if group >= 0:
+        rr = tl.arange(0, BLOCK_R)
+        r_ok = rr < R_MAX
+        u = tl.load(U + (row0 + local)[:, None] * R_MAX + rr[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        v = tl.load(V + group * stride_vg + rr[:, None] * stride_vr + cols[None, :] * stride_vn,
+                    mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+        lowrank = tl.dot(u, v, input_precision="ieee")
+        if ROUND_LOWRANK:  # PEFT: result (its dtype) += lora.to(result's dtype)
+            acc = acc.to(C.dtype.element_ty).to(tl.float32) + lowrank.to(C.dtype.element_ty).to(tl.float32)
+        else:
+            acc += lowrank
+    tl.store(C + rows[:, None] * N + cols[None, :], acc.to(C.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+class SegmentPlan(NamedTuple):
+    """The row tiles of a mixed batch, each within one group: adapter groups first, then the rows of
+    no adapter (group -1).  tile_group / tile_row0 / tile_rows: int32 tensors (group, first position
+    in ``rows``, valid rows) per tile; the first ``adapter_tiles`` tiles cover the ``adapter_rows``
+    rows of the adapter groups."""
+
+    tile_group: torch.Tensor
+    tile_row0: torch.Tensor
+    tile_rows: torch.Tensor
+    adapter_tiles: int
+    adapter_rows: int
+    block_m: int
+
+
+def segment_plan(counts: list[int], n_rows: int, device, block_m: int | None = None) -> SegmentPlan:
+    """Row tiles of ``block_m`` rows (default 64 on CUDA, 16 elsewhere) for groups of ``counts`` rows
+    (in ``rows`` order) and the n_rows - sum(counts) rows of no adapter after them; built on the
+    host from the sizes alone (no device sync)."""
+    block_m = block_m or (64 if torch.device(device).type == "cuda" else 16)
+    check_tiles(block_m=block_m)
+    if any(c < 0 for c in counts) or sum(counts) > n_rows:
+        raise ValueError(f"counts={counts} must be non-negative and sum to at most the {n_rows} rows")
+    tiles, row0 = [], 0
+    for group, count in [*enumerate(counts), (-1, n_rows - sum(counts))]:
+        tiles += [(group, row0 + start, min(block_m, count - start)) for start in range(0, count, block_m)]
+        row0 += count
+    adapter_tiles = sum(1 for group, _, _ in tiles if group >= 0)
+    columns = [torch.tensor(column, dtype=torch.int32).to(device, non_blocking=True)
+               for column in (zip(*tiles) if tiles else ([], [], []))]
+    return SegmentPlan(*columns, adapter_tiles, sum(counts), block_m)
+
+
+def pack_segments(mats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The 2-D matrices ``mats`` (one per group, of one shape but for their rank side) zero-padded
+    to the largest and stacked: (G, rows, cols) in ``dtype``, contiguous."""
+    rows, cols = max(m.shape[0] for m in mats), max(m.shape[1] for m in mats)
+    out = torch.zeros(len(mats), rows, cols, dtype=dtype, device=mats[0].device)
+    for g, m in enumerate(mats):
+        out[g, :m.shape[0], :m.shape[1]] = m
+    return out
+
+
+def _check_segment_operands(x: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, k: int) -> None:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16) or packed.dtype != torch.float32:
+        raise TypeError(f"x is {x.dtype} and packed is {packed.dtype}; the segment kernels take float32 / float16 / "
+                        "bfloat16 x and float32 packed factors")
+    if x.ndim != 2 or rows.shape != (x.shape[0],) or rows.dtype != torch.int64:
+        raise ValueError(f"x {tuple(x.shape)} and rows {tuple(rows.shape)} ({rows.dtype}): rows must be an int64 "
+                         "permutation of x's row indices")
+    if packed.ndim != 3 or packed.shape[1] != k:
+        raise ValueError(f"packed has shape {tuple(packed.shape)}; expected (groups, {k}, ...)")
+
+
+def segment_lowrank(x: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, plan: SegmentPlan, *,
+                    block_k: int | None = None) -> torch.Tensor:
+    """C (adapter_rows, r_max) float32: row i of the adapter groups is x[rows[i]] P_g with
+    P_g = packed[g] (K, r_max), for x (n, K) in float32 / float16 / bfloat16 (tiles converted to
+    float32 on load: an IEEE fp32 dot) and ``packed`` float32."""
+    _check_segment_operands(x, rows, packed, x.shape[1])
+    r_max = packed.shape[2]
+    out = torch.empty(plan.adapter_rows, r_max, dtype=torch.float32, device=x.device)
+    if plan.adapter_tiles:
+        block_k = block_k or (32 if x.is_cuda else 16)
+        check_tiles(block_k=block_k)
+        _segment_lowrank_kernel[(plan.adapter_tiles,)](
+            x, rows, packed, out, plan.tile_group, plan.tile_row0, plan.tile_rows, x.shape[1], r_max,
+            x.stride(0), x.stride(1), packed.stride(0), packed.stride(1), packed.stride(2),
+            BLOCK_M=plan.block_m, BLOCK_K=block_k, BLOCK_R=block_r(r_max))
+    return out
+
+
+def segment_gemm(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, u: torch.Tensor, packed: torch.Tensor,
+                 plan: SegmentPlan, *, bias: torch.Tensor | None = None, round_lowrank: bool = True,
+                 block_n: int | None = None, block_k: int | None = None) -> torch.Tensor:
+    """C (n, N) in x's dtype: C[rows[i]] = x[rows[i]] y + bias, plus u[i] V_g (V_g = packed[g]
+    (r_max, N), float32) for the rows i of adapter group g; x (n, K) and y (K, N) of one dtype
+    (float32 / float16 / bfloat16), any strides; u (adapter_rows, r_max) float32 from
+    :func:`segment_lowrank`.  ``round_lowrank``: C = fl(fl(x y + b) + fl(u V_g)), PEFT's
+    result[idx] += lora.to(result.dtype)."""
+    check_operands("the segment GEMM", ("x", x), ("y", y), (("u", u),))
+    k, n = y.shape
+    _check_segment_operands(x, rows, packed.transpose(1, 2), n)
+    if x.shape[1] != k or u.shape != (plan.adapter_rows, packed.shape[1]):
+        raise ValueError(f"shapes do not chain: x {tuple(x.shape)}, y {tuple(y.shape)}, u {tuple(u.shape)}, "
+                         f"packed {tuple(packed.shape)}")
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    block_n = block_n or (64 if x.is_cuda else 16)
+    block_k = block_k or (32 if x.is_cuda else 16)
+    check_tiles(block_n=block_n, block_k=block_k)
+    grid = (plan.tile_group.shape[0], triton.cdiv(n, block_n))
+    if grid[0]:
+        _segment_gemm_kernel[grid](x, y, rows, u, packed, out if bias is None else bias, out, plan.tile_group,
+                                   plan.tile_row0, plan.tile_rows, n, k, packed.shape[1], x.stride(0), x.stride(1),
+                                   y.stride(0), y.stride(1), packed.stride(0), packed.stride(1), packed.stride(2),
+                                   HAS_BIAS=bias is not None, ROUND_LOWRANK=round_lowrank,
+                                   IEEE=x.dtype == torch.float32, BLOCK_M=plan.block_m, BLOCK_N=block_n,
+                                   BLOCK_K=block_k, BLOCK_R=block_r(packed.shape[1]))
     return out

@@ -27,7 +27,7 @@ from typing import Optional
 from torch import nn
 
 from ..ops._policy import fallback_reason
-from ..ops.lowrank import lora_linear
+from ..ops.lowrank import lora_linear, lora_mixed_linear
 from ..peft import BridgeEntry, dropout_stream
 
 PHILOX_DROPOUT_NOTE = "dropout mask from fastadapt's Philox stream (nn.Dropout's distribution, not PEFT's bits)"
@@ -113,14 +113,54 @@ def lora_forward(layer, adapter: str, x):
     return lora_forward_adapters(layer, [adapter], x)
 
 
+def _lora_check_many(layer, adapters: list[str], x, adapter_names) -> Optional[str]:
+    """What a mixed-adapter batch (``adapter_names``) adds to the per-adapter checks."""
+    if adapter_names is None:
+        return None
+    if x.dim() < 2:
+        return "adapter_names with a 1-D x"
+    if any(layer.lora_B[a].bias is not None for a in adapters):
+        return "adapter_names with lora_bias=True"
+    if any(_dropout_p(layer.lora_dropout[a]) > 0 for a in adapters):
+        return "adapter_names with dropout in training"
+    return None
+
+
+def lora_forward_mixed(layer, adapters: list[str], x, adapter_names: list[str]):
+    """PEFT's ``lora.Linear._mixed_batch_forward``, fused: sample b of x gets adapter
+    ``adapter_names[b]`` when it is one of ``adapters`` (held by the layer), else the base layer alone
+    ("__base__", or an adapter the layer does not hold); PEFT's own argument checks first."""
+    layer._check_forward_args(x, adapter_names=adapter_names)
+    position = {a: i for i, a in enumerate(adapters)}
+    base = layer.get_base_layer()
+    return lora_mixed_linear(x, _weight(layer), base.bias, [layer.lora_A[a].weight for a in adapters],
+                             [layer.lora_B[a].weight for a in adapters], [layer.scaling[a] for a in adapters],
+                             [position.get(name, -1) for name in adapter_names])
+
+
+def lora_forward_many(layer, adapters: list[str], x, adapter_names=None):
+    """Several active adapters at once (one concatenated-rank branch), or a mixed-adapter batch."""
+    if adapter_names is None:
+        return lora_forward_adapters(layer, adapters, x)
+    return lora_forward_mixed(layer, adapters, x, adapter_names)
+
+
 def _lora_entry(method: str) -> BridgeEntry:
     return BridgeEntry(peft_class="peft.tuners.lora.layer.Linear", method=method, forward=lora_forward,
                        applies=_lora_applies, check=_lora_check, note=_lora_note, base_classes=BASE_CLASSES,
-                       autocast=True)
+                       autocast=True, **_many_fields(lora_forward_many, _lora_check_many))
+
+
+def _many_fields(forward_many, check_many) -> dict:
+    """The bridge's several-adapter fields, where fastadapt.peft.BridgeEntry has them (see the report)."""
+    import dataclasses
+    fields = {f.name for f in dataclasses.fields(BridgeEntry)}
+    return {"forward_many": forward_many, "check_many": check_many} if "forward_many" in fields else {}
 
 
 # PiSSA / OLoRA are LoRA with another init (PEFT rewrites the base weight to the residual at init):
 # the same fused forward, listed under its catalog name so accelerate(methods=["pissa"]) finds it.
 PEFT_BRIDGE = [_lora_entry("lora"), _lora_entry("pissa")]
 
-__all__ = ["PEFT_BRIDGE", "PHILOX_DROPOUT_NOTE", "lora_forward", "lora_forward_adapters"]
+__all__ = ["PEFT_BRIDGE", "PHILOX_DROPOUT_NOTE", "lora_forward", "lora_forward_adapters", "lora_forward_many",
+           "lora_forward_mixed"]

@@ -3,11 +3,15 @@
     LoRA       y = x W^T + b + s (x_d A^T) B^T                    x_d = mask o x (dropout)
                several active adapters: one branch of concatenated rank (A_1; A_2; ...),
                (s_1 B_1, s_2 B_2, ...), one mask per adapter with dropout
+               mixed-adapter batch (adapter_names): sample b gets adapter g(b), or none; rows grouped
+               by adapter, one thin product per group, the base GEMM once
 
 Ops (``torch.library`` custom ops, fastadapt.ops._registry; the torch implementation is the CPU
 path, "triton" the CUDA one; each module's docstring gives the gradient formulas and what is saved):
 
     fastadapt::lora_linear (+ _backward)      fastadapt.ops.lowrank_lora
+    fastadapt::lora_mixed_linear (+ _backward)  fastadapt.ops.lowrank_mixed (PEFT's adapter_names: each
+                                              sample of a batch with its own adapter, or none)
 
 Every public function here validates its inputs (ValueError / TypeError naming the parameter and a
 valid value), flattens the leading dims of x, and calls the op.  Dtypes follow PEFT's policy
@@ -35,13 +39,14 @@ from ._dropout_mask import draw_dropout_seed
 from .dropout import draw_dropout
 from ._policy import adapter_compute_dtype
 from .lowrank_lora import lora_linear_op
+from .lowrank_mixed import lora_mixed_linear_op
 
 METHODS = ("lora", "pissa")
 TRITON_METHODS = ("lora", "pissa")
 
 DROPOUT_STREAMS = ("philox", "torch")
 
-__all__ = ["METHODS", "TRITON_METHODS", "DROPOUT_STREAMS", "lora_linear"]
+__all__ = ["METHODS", "TRITON_METHODS", "DROPOUT_STREAMS", "lora_linear", "lora_mixed_linear"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,14 +137,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Union
     b_list = _as_list("lora_B", lora_B, count)
     scalings = [float(s) for s in _as_list("scaling", scaling, count)]
     ps = [_check_dropout(p, dropout_stream) for p in _as_list("dropout_p", dropout_p, count)]
-    ranks = []
-    for i, (a, b) in enumerate(zip(a_list, b_list)):
-        name = "lora_A" if count == 1 else f"lora_A[{i}]"
-        _validate.tensor(name, a, ndim=2)
-        r = _validate.positive_int("r", a.shape[0])
-        _validate.tensor(name, a, shape=(r, in_features))
-        _validate.tensor(name.replace("A", "B"), b, shape=(out_features, r))
-        ranks.append(r)
+    ranks = _check_lora_factors(a_list, b_list, in_features, out_features)
     adapter_dtype = adapter_compute_dtype("x", x, [(f"lora_A[{i}]", a) for i, a in enumerate(a_list)]
                                           + [(f"lora_B[{i}]", b) for i, b in enumerate(b_list)])
     if count == 1:
@@ -152,4 +150,60 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Union
     x2d = x.reshape(-1, in_features)
     seeds, bits = _mask_inputs(x2d, seg_ps, dropout_stream, adapter_dtype)
     y = lora_linear_op(x2d, weight, bias, a, b, s, seg_ranks, seg_ps, seeds, bits)[0]
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def _check_lora_factors(a_list, b_list, in_features: int, out_features: int) -> list[int]:
+    ranks = []
+    for i, (a, b) in enumerate(zip(a_list, b_list)):
+        name = "lora_A" if len(a_list) == 1 else f"lora_A[{i}]"
+        _validate.tensor(name, a, ndim=2)
+        r = _validate.positive_int("r", a.shape[0])
+        _validate.tensor(name, a, shape=(r, in_features))
+        _validate.tensor(name.replace("A", "B"), b, shape=(out_features, r))
+        ranks.append(r)
+    return ranks
+
+
+def _sample_rows(adapter_index: list[int], adapters: int, rows_per_sample: int) -> tuple[Tensor, list[int]]:
+    """(rows, counts): the row indices of a batch of len(adapter_index) samples of ``rows_per_sample``
+    rows each, grouped by the samples' adapter (0 .. adapters - 1, then -1: no adapter), on the CPU."""
+    index = torch.tensor(adapter_index, dtype=torch.int64)
+    order = torch.argsort(torch.where(index < 0, adapters, index), stable=True)
+    counts = torch.bincount(index[index >= 0], minlength=adapters).tolist()
+    rows = (order[:, None] * rows_per_sample + torch.arange(rows_per_sample)).reshape(-1)
+    return rows, [c * rows_per_sample for c in counts]
+
+
+def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Sequence[Tensor],
+                      lora_B: Sequence[Tensor], scaling: Sequence[float], adapter_index: Sequence[int]) -> Tensor:
+    """LoRA over a mixed-adapter batch as PEFT's ``adapter_names`` computes it, differentiable in x,
+    bias, lora_A and lora_B: sample b of x (its first dim) gets adapter ``adapter_index[b]``
+    (0 .. len(lora_A) - 1), or none for -1, y_b = x_b W^T + b + s_g (x_b A_g^T) B_g^T.
+
+    x (batch, ..., in); weight (out, in) frozen; bias (out,) or None; lora_A / lora_B / scaling: one
+    per adapter (ranks may differ); the adapters share x's dtype, or are float32 on a float16 /
+    bfloat16 x.  The low-rank term is rounded to y's dtype before it is added (PEFT's
+    ``result[idx] += lora.to(result.dtype)``).  No dropout (PEFT's model allows adapter_names in
+    eval only).  Returns (batch, ..., out) in x's dtype.
+    """
+    out_features, in_features = _check_base(x, weight, bias)
+    if x.dim() < 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}; a mixed-adapter batch needs x (batch, ..., in_features)")
+    a_list, b_list = list(lora_A), list(lora_B)
+    if not a_list or len(b_list) != len(a_list):
+        raise ValueError(f"lora_A has {len(a_list)} entries and lora_B {len(b_list)}: pass one of each per adapter")
+    scalings = [float(s) for s in _as_list("scaling", scaling, len(a_list))]
+    ranks = _check_lora_factors(a_list, b_list, in_features, out_features)
+    adapter_compute_dtype("x", x, [(f"lora_A[{i}]", a) for i, a in enumerate(a_list)]
+                          + [(f"lora_B[{i}]", b) for i, b in enumerate(b_list)])
+    index = [int(i) for i in adapter_index]
+    if len(index) != x.shape[0]:
+        raise ValueError(f"adapter_index has {len(index)} entries but x has {x.shape[0]} samples; pass one per sample")
+    if any(not -1 <= i < len(a_list) for i in index):
+        raise ValueError(f"adapter_index={index} must hold -1 (no adapter) or 0..{len(a_list) - 1}")
+    x2d = x.reshape(-1, in_features)
+    rows, counts = _sample_rows(index, len(a_list), x2d.shape[0] // max(x.shape[0], 1))
+    y = lora_mixed_linear_op(x2d, weight, bias, torch.cat(a_list), torch.cat(b_list, dim=1), scalings, ranks,
+                             rows.to(x.device, non_blocking=True), counts)[0]
     return y.reshape(*x.shape[:-1], out_features)
