@@ -77,7 +77,7 @@ MODELS = {
     "mlp": SweepModel((6, 5, 2), Targets(("0", "2"), (6, 5), (5, 2))),
     "units": SweepModel((1, 4, 1), Targets(("0", "2"), (1, 4), (4, 1)), bias=False),
     "conv1d": SweepModel((6, 5, 2), Targets(("0", "2"), (6, 5), (5, 2), fan_in_fan_out=True), conv1d=True),
-    "saved": SweepModel((6, 5, 2), Targets(("0",), (6,), (5,), modules_to_save=("2",))),
+    "saved": SweepModel((6, 4, 2), Targets(("0",), (6,), (4,), modules_to_save=("2",))),  # even widths: RoAd
 }
 
 
@@ -114,10 +114,11 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
         "dora-conv1d-r_above", "dora-saved-r_above", "delora-mlp-r_above", "delora-units-r_above",
         "delora-units-dropout_bias", "delora-saved-r_above")}
 KNOWN_FAILURES.update({
+    ("adapters", "fourierft-saved-n1"): "circulant family: FourierFT's float32 spectrum gradient (one coefficient: a "
+                                        "sum over every token and weight) is 2.5e-5 from float64 where PEFT's is "
+                                        "exact (table 1e-5)",
     ("shapes", "dora-*"): "F (dora_norm): for a 1-D x PEFT's DoRA returns (1, out_features), the fused forward "
                           "(out_features,)",
-    ("shapes", "psoft-*"): "E (cayley): an empty batch (x of shape (0, in_features)) raises in "
-                           "ops/cayley_svd.py (reshape of 0 elements), where PEFT's PSOFT returns (0, out_features)",
 })
 
 SCENARIOS = ("calls", "shapes", "adapters", "merge", "checkpoint")
@@ -231,6 +232,16 @@ def _assert_same_step(case: Case, expected_model, model, *, what: str, leading=(
             _assert_as_accurate(got, expected, truth[name], name=f"{what}: {name}")
 
 
+def _peft_runs(peft_model, x) -> bool:
+    """Whether PEFT's own forward takes ``x`` (the sweep matches PEFT where PEFT runs)."""
+    try:
+        with torch.no_grad():
+            peft_model(x)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _assert_served(report, calls_before: int, falls_back, layers: int, *, what: str) -> None:
     """The eval calls since ``calls_before`` fused calls ran fused (or fell back for the expected reason)."""
     if falls_back is None:
@@ -270,10 +281,7 @@ def test_input_shapes_and_inference_mode(case):
     peft_model.eval(), fused.eval()
     d_in = MODELS[case.model].sizes[0]
     for leading in ((), (0,), (1, 2, 1)):
-        try:
-            with torch.no_grad():
-                peft_model(randn(*leading, d_in, dtype=case.dtype))
-        except RuntimeError:
+        if not _peft_runs(peft_model, randn(*leading, d_in, dtype=case.dtype)):
             continue  # PEFT rejects this input shape: nothing to match
         _assert_same_step(case, peft_model, fused, what=f"x of leading dims {leading}", leading=leading)
     x = randn(4, d_in, dtype=case.dtype)
@@ -311,9 +319,10 @@ def test_second_adapter_and_set_adapter(case):
         peft_model.base_model.set_adapter(["default", "other"])
     except (ValueError, TypeError):
         pass  # this method keeps one active adapter
-    else:
-        fused.base_model.set_adapter(["default", "other"])
-        _assert_same_step(case, peft_model, fused, what="two active adapters")
+    else:  # (PEFT's own forward rejects some pairs, e.g. C3A's: nothing to match then)
+        if _peft_runs(peft_model, randn(2, 3, MODELS[case.model].sizes[0], dtype=case.dtype)):
+            fused.base_model.set_adapter(["default", "other"])
+            _assert_same_step(case, peft_model, fused, what="two active adapters")
         peft_model.base_model.set_adapter("default")
         fused.base_model.set_adapter("default")
     peft_model.delete_adapter("other")
@@ -346,8 +355,9 @@ def test_merge_unmerge_and_merge_and_unload(case):
 
 @pytest.mark.parametrize("case", _params("checkpoint"))
 def test_checkpoint_round_trip(case, tmp_path):
-    """save_pretrained of the accelerated model writes PEFT's files (same tensors, same config); the
-    checkpoint loaded by PeftModel.from_pretrained and accelerated trains like PEFT's model."""
+    """save_pretrained of the accelerated model writes PEFT's files (same tensors, same config); that
+    checkpoint loaded by PeftModel.from_pretrained and accelerated trains like PEFT's own checkpoint
+    loaded by plain PEFT (loading is PEFT's: PiSSA-like inits rewrite the base weight again there)."""
     peft_model, fused, report, falls_back = _build(case)
     peft_model.save_pretrained(tmp_path / "peft")
     fused.save_pretrained(tmp_path / "fused")
@@ -358,8 +368,11 @@ def test_checkpoint_round_trip(case, tmp_path):
         assert torch.equal(have[key], want[key]), key
     config = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "fused")]
     assert config[0] == config[1]
-    loaded = PeftModel.from_pretrained(MODELS[case.model].build(case.dtype), tmp_path / "fused", is_trainable=True)
-    loaded_report = fastadapt.accelerate(loaded, methods=[case.method])
-    peft_model.eval(), loaded.eval()
-    _assert_same_step(case, peft_model, loaded, what="loaded checkpoint")
+    loaded = {}
+    for name in ("peft", "fused"):
+        torch.manual_seed(0)  # randomized inits (PiSSA's fast SVD) draw the same numbers in both loads
+        loaded[name] = PeftModel.from_pretrained(MODELS[case.model].build(case.dtype), tmp_path / name,
+                                                 is_trainable=True).eval()
+    loaded_report = fastadapt.accelerate(loaded["fused"], methods=[case.method])
+    _assert_same_step(case, loaded["peft"], loaded["fused"], what="loaded checkpoint")
     _assert_served(loaded_report, 0, falls_back, 2 * len(MODELS[case.model].targets.names), what="loaded")
