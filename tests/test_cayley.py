@@ -65,6 +65,17 @@ def test_cayley_exact_and_neumann_equal_reference_and_gradcheck(block_size):
     assert torch.autograd.gradcheck(lambda p: ops.cayley_neumann(ops.skew(p, block_size), 4), (leaf,), fast_mode=True)
 
 
+def test_skew_adjoint_and_ssvd_core_gradcheck_float64():
+    """The skew map's adjoint (its own gradient is skew), and the SSVD / AntiPaSTO core for a float,
+    a 0-d and a per-sample alpha."""
+    grad_Q = randn(2, 5, 5, requires_grad=True, seed=190)
+    assert torch.autograd.gradcheck(cayley_maps.skew_adjoint_op, (grad_Q,))
+    packed = randn(ops.packed_size(4), scale=0.3, requires_grad=True, seed=191)
+    delta_s, S = randn(4, scale=0.1, requires_grad=True, seed=192), randn(4, seed=193).abs()
+    for alpha in (0.7, torch.tensor(-1.3, dtype=F64), torch.tensor([0.5, -2.0], dtype=F64)):
+        assert torch.autograd.gradcheck(lambda p, ds: ops.ssvd_core(p, ds, S, alpha), (packed, delta_s))
+
+
 def test_exact_cayley_stays_orthogonal_where_neumann_does_not():
     Q = ops.skew(randn(4, ops.packed_size(16), scale=0.15), 16)  # ||Q||_2 around 0.5-1
     exact = float(ops.orthogonality_error(ops.cayley(Q.float())))
@@ -752,35 +763,32 @@ def test_antipasto_per_sample_alpha_compiles_fullgraph(fresh_compile):
 # ----------------------------------------------------------------------------- autocast
 
 
-def _bridge_entry(case):
-    method = "oft" if case.startswith("oft") else "psoft"
-    return next(e for e in layers.PEFT_BRIDGE if e.method == method)
-
-
 @pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["oft_neumann", "oft_exact", "psoft", "psoft_neumann"])
 def test_autocast_runs_fused_with_peft_semantics(case, autocast_dtype):
     """Under torch.autocast (what Trainer's bf16=True / fp16=True does) on a float32 model the
-    bridge serves the call (its check passes) and its forward equals PEFT's under the same
-    autocast: the same output dtype (OFT: x's, float32; PSOFT: the autocast dtype), output and
-    every gradient within the autocast dtype's row of the table.  PEFT builds R in float32 (its
-    exact solve is not autocast; its Neumann powers are, which fastadapt keeps in float32) and
-    runs the rotation / adapter products and the base GEMM in the autocast dtype."""
+    bridge serves every call fused and equals PEFT under the same autocast: the same output dtype
+    (OFT: x's, float32; PSOFT: the autocast dtype), output and every gradient within the autocast
+    dtype's row of the table.  PEFT builds R in float32 (its exact solve is not autocast; its
+    Neumann powers are, which fastadapt keeps in float32) and runs the rotation / adapter products
+    and the base GEMM in the autocast dtype."""
     model, layer = _peft_model(case, 48, 40, F32, seed=130)
-    entry = _bridge_entry(case)
     params = _adapter_params(layer)
     x = randn(7, 9, 48, dtype=F32, seed=133)
 
-    def run(forward):
+    def run():
         xx = x.clone().requires_grad_()
         with torch.autocast("cpu", dtype=autocast_dtype):
-            y = forward(xx)
+            y = model(xx)
         return y, torch.autograd.grad(y, [xx, *params], randn(*y.shape, seed=134).to(y.dtype))
 
-    with torch.autocast("cpu", dtype=autocast_dtype):
-        assert entry.check(layer, "default", x) is None
-    expected, expected_grads = run(lambda xx: type(layer).forward(layer, xx))
-    actual, actual_grads = run(lambda xx: entry.forward(layer, "default", xx))
+    expected, expected_grads = run()
+    report = fastadapt.accelerate(model)
+    try:
+        actual, actual_grads = run()
+    finally:
+        fastadapt.revert(model)
+    assert report.fused_calls == 1 and not report.fallbacks, str(report)
     assert actual.dtype == expected.dtype
     assert_rel_close(actual, expected, autocast_dtype, name="output")
     for i, (a, e) in enumerate(zip(actual_grads, expected_grads)):

@@ -55,8 +55,8 @@ from torch import Tensor
 from ..testing import randn
 from . import cayley_monitor
 from ._registry import fused_op
-from .cayley_maps import (NeumannSeries, eye_like, inverse_transposed, packed_size, skew_adjoint_torch,
-                          skew_torch)
+from .cayley_maps import (NeumannSeries, eye_like, inverse_transposed, neumann_series, packed_size,
+                          skew_adjoint_torch, skew_torch)
 from .cayley_rotate import block_grad, rotate, rotate_
 
 KEEP_R_FRACTION = 32    # exact mode keeps R whole when it holds at most 1/32 as many numbers as x,
@@ -101,9 +101,8 @@ def _exact_dpacked_weight_side_torch(R: Tensor, P: Tensor) -> Tensor:
 
 
 def _neumann_torch(packed: Tensor, block_size: int, terms: int, monitored: bool):
-    series = NeumannSeries(skew_torch(packed, block_size), terms)
-    if monitored:
-        cayley_monitor.MONITOR.check(series.Q, series.R, terms, series.S)
+    Q = skew_torch(packed, block_size)
+    series = neumann_series(Q, terms) if monitored else NeumannSeries(Q, terms)
     return series.R, lambda grad_R: skew_adjoint_torch(series.adjoint(grad_R))
 
 
