@@ -66,8 +66,8 @@ def _empty_like(t: Tensor) -> Tensor:
 
 class Passes:
     """A backend's primitives: the two of the module docstring, and BOFT's scale epilogue
-    ``epilogue(h, s, b) = h o s + b`` with its gradients ``scale_grads(dy, h) = (sum_rows dy o h,
-    sum_rows dy)`` (fp32 arithmetic; a float32 s on a half h rounds once, as PEFT's float32
+    ``epilogue(h, s, b) = h o s + b`` with its gradients ``scale_grads(dy, h, need_bias) =
+    (sum_rows dy o h, sum_rows dy or empty)`` (fp32 arithmetic; a float32 s on a half h rounds once, as PEFT's float32
     epilogue).  This base class is the torch implementation of the epilogue."""
 
     def rotate(self, v: Tensor, B: Tensor, geometry, out_dtype: torch.dtype) -> Tensor:
@@ -82,9 +82,10 @@ class Passes:
         y = h.to(scale.dtype) * scale
         return (y if bias is None else y + bias).to(h.dtype)
 
-    def scale_grads(self, dy: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    def scale_grads(self, dy: Tensor, h: Tensor, need_bias: bool) -> tuple[Tensor, Tensor]:
         acc = acc_dtype(dy.dtype)
-        return torch.linalg.vecdot(_compute(dy, acc), _compute(h, acc), dim=0), dy.sum(0, dtype=acc)
+        ds = torch.linalg.vecdot(_compute(dy, acc), _compute(h, acc), dim=0)
+        return ds, dy.sum(0, dtype=acc) if need_bias else _empty_like(ds)
 
 
 _GRAD_ROWS = 512  # rows per accumulation step of the block gradient (as the cayley family measured)
@@ -147,11 +148,12 @@ class TritonPasses(Passes):
         from ..triton_kernels import butterfly as kernels
         return kernels.scale_forward(h, scale, bias)
 
-    def scale_grads(self, dy, h):
+    def scale_grads(self, dy, h, need_bias):
         if h.dtype == torch.float64:
-            return super().scale_grads(dy, h)
+            return super().scale_grads(dy, h, need_bias)
         from ..triton_kernels import butterfly as kernels
-        return kernels.scale_backward(dy, h)
+        ds, db = kernels.scale_backward(dy, h)   # one pass gives both sums
+        return ds, db if need_bias else _empty_like(ds)
 
 
 TORCH = TorchPasses()
@@ -230,7 +232,7 @@ def linear_forward(P: Passes, x, blocks, geometry, weight, scale, bias, weight_s
 def linear_backward(P: Passes, dy, x, blocks, geometry, weight, scale, pre, weight_side,
                     need_x, need_blocks, need_weight, need_scale, need_bias):
     if need_scale:   # pre = h exists only when s trains (keep_pre)
-        ds, db = P.scale_grads(dy, pre)
+        ds, db = P.scale_grads(dy, pre, need_bias)
     else:
         ds, db = _empty_like(x), dy.sum(0, dtype=acc_dtype(dy.dtype)) if need_bias else _empty_like(x)
     Ws = _scale_rows(weight, scale)
@@ -365,7 +367,7 @@ def butterfly_linear_backward_op(grad: Tensor, x: Tensor, blocks: list[Tensor], 
                                  need_blocks: bool, need_weight: bool, need_scale: bool,
                                  need_bias: bool) -> list[Tensor]:
     """[dx, dW, ds, db, dB_0, ..., dB_{K-1}] of butterfly_linear (empty where not needed; ds and db
-    in the accumulation dtype, db also computed whenever ds is: one pass gives both)."""
+    in the accumulation dtype)."""
     return linear_backward(TORCH, grad, x, blocks, geometry, weight, scale, pre, weight_side,
                            need_x, need_blocks, need_weight, need_scale, need_bias)
 
@@ -385,7 +387,7 @@ def _(grad, x, blocks, geometry, weight, scale, pre, weight_side, need_x, need_b
     acc = acc_dtype(grad.dtype)
     return [like(x, need_x), like(weight, need_weight),
             x.new_empty(weight.shape[0], dtype=acc) if need_scale else x.new_empty(0),
-            x.new_empty(weight.shape[0], dtype=acc) if (need_bias or need_scale) else x.new_empty(0),
+            x.new_empty(weight.shape[0], dtype=acc) if need_bias else x.new_empty(0),
             *(like(B, need_blocks) for B in blocks)]
 
 
