@@ -352,22 +352,38 @@ def test_half_base_as_accurate_as_peft(dtype, autocast_adapter_dtype):
             assert err <= max(1.5 * peft_err, 1e-6), f"{type(config).__name__} {name}: {err:.2e} vs PEFT {peft_err:.2e}"
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_fused_forwards_under_autocast_equal_peft(dtype):
-    """The bridge's forward functions called under torch.autocast equal PEFT's forward under the same
-    autocast, within the autocast dtype's row of the table."""
-    cases = [(BOFTConfig(target_modules=["0"], boft_block_size=4, boft_n_butterfly_factor=2), ["boft_R"],
-              layers.boft_forward),
-             (HRAConfig(target_modules=["0"], r=4), ["hra_u"], layers.hra_forward),
-             (RoadConfig(target_modules=["0"], variant="road_1", group_size=4), ["road_theta"], layers.road_forward)]
-    for config, names, forward in cases:
-        model, layer = _peft(config, 32, 16, names, dtype=F32, scale=0.2)
-        x = randn(24, 32, dtype=F32)
-        with torch.autocast("cpu", dtype=dtype):
-            expected = layer(x)
-            actual = forward(layer, "default", x)
-        assert actual.dtype == expected.dtype
-        assert_rel_close(actual, expected, dtype, name=type(config).__name__)
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["boft", "hra", "road"])
+def test_autocast_runs_fused_with_peft_semantics(method, autocast_dtype):
+    """Under torch.autocast on a float32 model the bridge serves every call fused and equals PEFT
+    under the same autocast: PEFT's output dtype (BOFT, HRA: x's; RoAd: the base output's), output
+    and every gradient within the autocast dtype's row of the table."""
+    config, names = {"boft": (BOFTConfig(target_modules=["0"], boft_block_size=4, boft_n_butterfly_factor=2),
+                              ["boft_R"]),
+                     "hra": (HRAConfig(target_modules=["0"], r=4), ["hra_u"]),
+                     "road": (RoadConfig(target_modules=["0"], variant="road_1", group_size=4), ["road_theta"])}[method]
+    model, _ = _peft(config, 32, 16, names, dtype=F32, scale=0.2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = randn(24, 32, dtype=F32)   # 24 rows > 16 outputs: BOFT rotates W
+
+    def run():
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            y = model(xx)
+        return y, torch.autograd.grad(y, [xx, *params], randn(*y.shape, seed=5).to(y.dtype))
+
+    expected, expected_grads = run()
+    report = fastadapt.accelerate(model)
+    try:
+        actual, actual_grads = run()
+    finally:
+        fastadapt.revert(model)
+    assert report.fused_calls == 1 and not report.fallbacks, str(report)
+    assert actual.dtype == expected.dtype
+    assert_rel_close(actual, expected, autocast_dtype, name="output")
+    for i, (a, e) in enumerate(zip(actual_grads, expected_grads)):
+        assert a.dtype == e.dtype
+        assert_rel_close(a, e, autocast_dtype, name=f"gradient {i} (x, then the adapter's)")
 
 
 def test_bridge_fallbacks_and_skips():

@@ -20,6 +20,9 @@ PEFT_BRIDGE serves ``peft.tuners.boft.layer.Linear``, ``peft.tuners.hra.layer.HR
 so training draws PEFT's random numbers and masks; PEFT's Conv2d layers (BOFT, HRA) are other
 classes and stay PEFT's; several active adapters, RoAd's mixed-adapter batches (adapter_names),
 merged layers and a quantized or Conv1D base run PEFT's forward (the bridge's common reasons);
+calls under torch.autocast run fused with PEFT's semantics (the ops cast x and W to the autocast
+dtype and keep the small adapter tensors in float32; BOFT and HRA return x's dtype, RoAd the
+base output's, as PEFT);
 dtypes outside PEFT's adapter dtype policy (fastadapt.ops._policy) run PEFT's forward, which
 then does whatever PEFT does with them.
 
@@ -447,11 +450,11 @@ def road_forward(layer, adapter: str, x):
 
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.boft.layer.Linear", method="boft", forward=boft_forward,
-                applies=lambda layer, a: a in layer.boft_R, check=boft_check),
+                applies=lambda layer, a: a in layer.boft_R, check=boft_check, autocast=True),
     BridgeEntry(peft_class="peft.tuners.hra.layer.HRALinear", method="hra", forward=hra_forward,
-                applies=lambda layer, a: a in layer.hra_u, check=hra_check),
+                applies=lambda layer, a: a in layer.hra_u, check=hra_check, autocast=True),
     BridgeEntry(peft_class="peft.tuners.road.layer.Linear", method="road", forward=road_forward,
-                applies=lambda layer, a: a in layer.road_theta, check=road_check),
+                applies=lambda layer, a: a in layer.road_theta, check=road_check, autocast=True),
 ]
 
 __all__ = ["BOFTLinear", "ETHERLinear", "GOFTLinear", "HRALinear", "PEFT_BRIDGE", "RoAdLinear", "TorchBlockDiagonal",
