@@ -28,6 +28,11 @@ import torch
 from ._policy import acc_dtype
 
 
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (``t`` itself when it has it: no dispatcher call on the hot path)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, *,
                  k_scale: Optional[torch.Tensor] = None, out_scale: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None, with_pre: bool = False, round_base: bool = False,
@@ -39,8 +44,8 @@ def lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: torch.Ten
     out_dtype = out_dtype or x.dtype
     bias_in_pre = bias is not None and bias_in_base
     if x.dtype == acc:  # float32 / float64: no rounding to place, the cheapest order
-        yk = y if k_scale is None else y * k_scale.to(y.dtype)[:, None]
-        u, v = u.to(acc), v.to(acc)
+        yk = y if k_scale is None else y * cast(k_scale, y.dtype)[:, None]
+        u, v = cast(u, acc), cast(v, acc)
         if residual is None:
             # C = x y + u v + b with nothing after it: the bias as the beta term as well
             bias_in_pre = bias_in_pre or (bias is not None and out_scale is None and not with_pre)
@@ -58,7 +63,7 @@ def lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: torch.Ten
             base = xk.to(acc) @ y.to(acc)
             if bias_in_pre:
                 base.add_(bias)
-        pre = torch.addmm(base, u.to(acc), v.to(acc))
+        pre = torch.addmm(base, cast(u, acc), cast(v, acc))
     bias_left = bias is not None and not bias_in_pre
     if with_pre and residual is None and out_scale is not None:   # DoRA's y from y_pre: one pass
         out = torch.addcmul(bias, pre, out_scale) if bias_left else pre * out_scale
@@ -67,17 +72,17 @@ def lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: torch.Ten
         if out_scale is not None:
             out.mul_(out_scale)
         if residual is not None:
-            out.add_(residual.to(acc) - base)
+            out.add_(cast(residual, acc) - base)
         if bias_left:
             out.add_(bias)
-    out = out.to(out_dtype)
-    return (out, pre.to(x.dtype)) if with_pre else out
+    out = cast(out, out_dtype)
+    return (out, cast(pre, x.dtype)) if with_pre else out
 
 
 def acc_matmul(a: torch.Tensor, b: torch.Tensor, *, mask_a=None, mask_b=None) -> torch.Tensor:
     """torch twin of the accumulation-dtype product (module docstring): (M, K) x (K, N)."""
-    acc = torch.promote_types(acc_dtype(a.dtype), acc_dtype(b.dtype))
-    a, b = a.to(acc), b.to(acc)
+    acc = acc_dtype(a.dtype) if a.dtype == b.dtype else torch.promote_types(acc_dtype(a.dtype), acc_dtype(b.dtype))
+    a, b = cast(a, acc), cast(b, acc)
     if mask_a is not None:
         a = mask_a.apply(a)
     if mask_b is not None:

@@ -45,6 +45,7 @@ from .. import _validate
 from ..reference.dora import check_magnitude
 from ..testing import randn
 from ._dropout_mask import draw_dropout_seed
+from ._lowrank_gemm import cast
 from ._policy import acc_dtype, adapter_compute_dtype
 from ._registry import fused_op
 from .dora_norm_delora import delora_component_scale, delora_linear_op
@@ -120,11 +121,11 @@ def dora_weight_norm_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling:
     or the cache.  No gradient (pass detached A and B): the norm is a constant, as in PEFT."""
     w_sq = WEIGHT_SQ_NORMS.get(weight) if weight_sq_norm is None else weight_sq_norm
     acc = w_sq.dtype
-    a, b = lora_A.to(acc), lora_B.to(acc)
-    cross = (_weight_times_a_t(weight, lora_A).to(acc) * b).sum(dim=1)   # rowsum((W A^T) o B)
-    quad = ((b @ (a @ a.T)) * b).sum(dim=1)                                 # rowsum((B (A A^T)) o B)
-    sq = w_sq + 2.0 * scaling * cross + scaling * scaling * quad
-    return sq.clamp_min(0).sqrt().clamp_min(NORM_EPS)
+    a, b = cast(lora_A, acc), cast(lora_B, acc)
+    # n^2 = ||W||^2 + s rowsum((2 W A^T + s B (A A^T)) o B), W A^T and B (A A^T) both (out, r)
+    t = torch.addmm(cast(_weight_times_a_t(weight, lora_A), acc), b, a @ a.T, beta=2.0, alpha=scaling)
+    sq = torch.add(w_sq, (t * b).sum(dim=1), alpha=scaling)
+    return sq.clamp_min_(0).sqrt_().clamp_min_(NORM_EPS)
 
 
 @dora_weight_norm_op.impl("triton")

@@ -43,6 +43,7 @@ from torch import Tensor
 from ..reference.dora import DELORA_NORM_CLAMP
 from ..testing import randn
 from . import _lowrank_gemm as gemm
+from ._lowrank_gemm import cast
 from ._dropout_mask import DropoutMask
 from ._policy import acc_dtype
 from ._registry import fused_op
@@ -67,9 +68,9 @@ def _mask(x, p, seed, bits) -> Optional[DropoutMask]:
 
 def _forward(k: gemm.Kernels, x, weight, bias, lora_A, lora_B, delora_lambda, w_norm, p, seed, bits):
     c, *_ = delora_component_scale(lora_A, lora_B, delora_lambda)
-    a_w = lora_A.to(c.dtype) * w_norm.to(c.dtype)                     # A o w
+    a_w = cast(lora_A, c.dtype) * cast(w_norm, c.dtype)                     # A o w
     u = k.acc_matmul(x, a_w.T, mask_a=_mask(x, p, seed, bits))          # x_d A_w^T
-    y = k.lowrank_gemm(x, weight.T, u, (lora_B.to(c.dtype) * c).T, bias=bias, round_base=True, bias_in_base=True)
+    y = k.lowrank_gemm(x, weight.T, u, (cast(lora_B, c.dtype) * c).T, bias=bias, round_base=True, bias_in_base=True)
     return [y, u]
 
 
@@ -77,7 +78,7 @@ def _backward(k: gemm.Kernels, dy, x, weight, bias, lora_A, lora_B, delora_lambd
     mask = _mask(x, p, seed, bits)
     c, a_norm, b_norm, a_live, b_live = delora_component_scale(lora_A, lora_B, delora_lambda)
     acc, r = c.dtype, lora_A.shape[0]
-    a_w = lora_A.to(acc) * w_norm.to(acc)
+    a_w = cast(lora_A, acc) * cast(w_norm, acc)
     t = k.acc_matmul(dy, lora_B)                                        # dY B (N, r)
     tc = t * c
     dx, d_a, d_b, d_lambda = (dy.new_empty(0) for _ in range(4))   # distinct tensors: outputs may not alias
@@ -88,13 +89,13 @@ def _backward(k: gemm.Kernels, dy, x, weight, bias, lora_A, lora_B, delora_lambd
     a_c, b_c = a_norm.clamp_min(DELORA_NORM_CLAMP), b_norm.clamp_min(DELORA_NORM_CLAMP)
     dc = torch.linalg.vecdot(t, u, dim=0)                               # (r,): sums over tokens in acc
     if needs[1]:
-        radial = (torch.where(a_live, -dc * c / a_c, 0) / a_c)[:, None] * lora_A.to(acc)
-        d_a = (k.acc_matmul(tc.T, x, mask_b=mask) * w_norm.to(acc) + radial).to(lora_A.dtype)
+        radial = (torch.where(a_live, -dc * c / a_c, 0) / a_c)[:, None] * cast(lora_A, acc)
+        d_a = cast(k.acc_matmul(tc.T, x, mask_b=mask) * cast(w_norm, acc) + radial, lora_A.dtype)
     if needs[2]:
-        radial = lora_B.to(acc) * (torch.where(b_live, -dc * c / b_c, 0) / b_c)
-        d_b = (k.acc_matmul(u.T, dy).T * c + radial).to(lora_B.dtype).contiguous()  # u^T dY: BLAS's faster layout
+        radial = cast(lora_B, acc) * (torch.where(b_live, -dc * c / b_c, 0) / b_c)
+        d_b = cast(k.acc_matmul(u.T, dy).T * c + radial, lora_B.dtype).contiguous()  # u^T dY: BLAS's faster layout
     if needs[3]:
-        d_lambda = (dc / (r * a_c * b_c)).sum().reshape(1).to(delora_lambda.dtype)
+        d_lambda = cast((dc / (r * a_c * b_c)).sum().reshape(1), delora_lambda.dtype)
     d_bias = dy.sum(dim=0) if needs[4] else dy.new_empty(0)
     return [dx, d_a, d_b, d_lambda, d_bias]
 

@@ -58,6 +58,7 @@ from torch import Tensor
 
 from ..testing import randn
 from . import _lowrank_gemm as gemm
+from ._lowrank_gemm import cast
 from ._dropout_mask import DropoutMask
 from ._policy import HALF_DTYPES, acc_dtype
 from ._registry import fused_op
@@ -95,9 +96,9 @@ _AUTOCAST_KEEP = ("lora_A", "lora_B", "magnitude", "norm")
 # Bodies (k: the kernel set)
 
 def _forward(k: DoraKernels, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute):
-    g = magnitude.to(norm.dtype) / norm                               # acc dtype: float32 / float64
+    g = cast(magnitude, norm.dtype) / norm                               # acc dtype: float32 / float64
     u = k.gemm.acc_matmul(x, lora_A.T)                                # x A^T
-    b_s = (lora_B.to(norm.dtype) * scaling).T
+    b_s = (cast(lora_B, norm.dtype) * scaling).T
     out = k.gemm.lowrank_gemm(x, weight.T, u, b_s, out_scale=g, bias=bias, with_pre=not recompute,
                               round_base=True)
     return [out, u] if recompute else [out[0], u, out[1]]
@@ -106,8 +107,8 @@ def _forward(k: DoraKernels, x, weight, bias, lora_A, lora_B, magnitude, norm, s
 def _forward_dropout(k: DoraKernels, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute, p,
                      seed, bits):
     mask = DropoutMask(p, seed, bits, lora_A.dtype)                  # PEFT drops x cast to the adapter dtype
-    g = magnitude.to(norm.dtype) / norm
-    b_s = (lora_B.to(norm.dtype) * scaling).T
+    g = cast(magnitude, norm.dtype) / norm
+    b_s = (cast(lora_B, norm.dtype) * scaling).T
     if x.dtype in HALF_DTYPES:  # PEFT's rounding points: the residual epilogue; x kept, the mask regenerated
         u = k.gemm.acc_matmul(x, lora_A.T, mask_a=mask)              # (mask o fl32(x)) A^T
         out = k.gemm.lowrank_gemm(mask.apply(x), weight.T, u, b_s, out_scale=g, with_pre=not recompute,
@@ -123,30 +124,30 @@ def _forward_dropout(k: DoraKernels, x, weight, bias, lora_A, lora_B, magnitude,
 def _dy_pass(k: DoraKernels, dy, u, lora_B, s_g, scaling, y_pre, x_or_dropped, weight):
     """(v, P, colsum(dY o y_pre)) from one read of dY; recompute (y_pre None): x W^T in row
     blocks for the colsum, its low-rank half s sum_k B_jk P_kj."""
-    b_s = lora_B.to(s_g.dtype) * s_g[:, None]
+    b_s = cast(lora_B, s_g.dtype) * s_g[:, None]
     if y_pre is not None:
         return k.row_pass(dy, u, b_s, y_pre)
     v = k.gemm.acc_matmul(dy, b_s)
     u_t_dy = k.gemm.acc_matmul(u.T, dy)
     dot = colsum_product_linear(dy, x_or_dropped(), weight, s_g.dtype)
-    return v, u_t_dy, dot + scaling * (lora_B.to(s_g.dtype) * u_t_dy.T).sum(dim=1)
+    return v, u_t_dy, dot + scaling * (cast(lora_B, s_g.dtype) * u_t_dy.T).sum(dim=1)
 
 
 def _param_grads(k: DoraKernels, needs, dy, x, v, u_t_dy, dot, lora_A, lora_B, magnitude, norm, s_g, mask=None):
     """[dA, dB, dm, db] (empty where not needed; dA from x and the mask)."""
     empty = dy.new_empty   # a distinct tensor per output: outputs may not alias
-    d_a = k.gemm.acc_matmul(v.T, x, mask_b=mask).to(lora_A.dtype) if needs[1] else empty(0)
-    d_b = (u_t_dy.T * s_g[:, None]).to(lora_B.dtype).contiguous() if needs[2] else empty(0)
-    d_m = (dot / norm).to(magnitude.dtype) if needs[3] else empty(0)
+    d_a = cast(k.gemm.acc_matmul(v.T, x, mask_b=mask), lora_A.dtype) if needs[1] else empty(0)
+    d_b = cast(u_t_dy.T * s_g[:, None], lora_B.dtype).contiguous() if needs[2] else empty(0)
+    d_m = cast(dot / norm, magnitude.dtype) if needs[3] else empty(0)
     d_bias = dy.sum(dim=0) if needs[4] else empty(0)
     return [d_a, d_b, d_m, d_bias]
 
 
 def _backward(k: DoraKernels, dy, x, weight, bias, lora_A, lora_B, magnitude, norm, u, y_pre, scaling, needs):
-    g = magnitude.to(norm.dtype) / norm
+    g = cast(magnitude, norm.dtype) / norm
     s_g = scaling * g
     v, u_t_dy, dot = _dy_pass(k, dy, u, lora_B, s_g, scaling, y_pre, lambda: x, weight)
-    dx = (k.gemm.lowrank_gemm(dy, weight, v, lora_A.to(norm.dtype), k_scale=g, round_base=True)  # v A + dY (g o W)
+    dx = (k.gemm.lowrank_gemm(dy, weight, v, cast(lora_A, norm.dtype), k_scale=g, round_base=True)  # v A + dY (g o W)
           if needs[0] else dy.new_empty(0))
     return [dx, *_param_grads(k, needs, dy, x, v, u_t_dy, dot, lora_A, lora_B, magnitude, norm, s_g)]
 
@@ -155,12 +156,12 @@ def _backward_dropout(k: DoraKernels, dy, x, weight, bias, lora_A, lora_B, magni
                       p, seed, bits, dropped, needs):
     """``dropped``: x is x_d already (float32 / float64); otherwise the mask is applied to x again."""
     mask = DropoutMask(p, seed, bits, lora_A.dtype)
-    g = magnitude.to(norm.dtype) / norm
+    g = cast(magnitude, norm.dtype) / norm
     s_g = scaling * g
     v, u_t_dy, dot = _dy_pass(k, dy, u, lora_B, s_g, scaling, y_pre, lambda: x if dropped else mask.apply(x), weight)
     dx = dy.new_empty(0)
     if needs[0]:  # dY W + mask o (v A + dY ((g - 1) o W)), the inner term in the accumulation dtype
-        inner = k.gemm.lowrank_gemm(dy, weight, v, lora_A.to(norm.dtype), k_scale=g - 1, round_base=True,
+        inner = k.gemm.lowrank_gemm(dy, weight, v, cast(lora_A, norm.dtype), k_scale=g - 1, round_base=True,
                                     out_dtype=norm.dtype)
         dx = mask.add_(dy @ weight, inner)
         del inner

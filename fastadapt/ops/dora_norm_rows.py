@@ -29,7 +29,10 @@ def dy_row_pass(dy: torch.Tensor, u: torch.Tensor, b_scaled: torch.Tensor, y_pre
     acc = u.dtype
     n, out_features = dy.shape
     rows = max(1, _DY_BLOCK_ELEMENTS // max(out_features, 1))
-    block_rows = min(rows, n)
+    if n <= rows:  # one block: the three products directly
+        dy_acc = dy if dy.dtype == acc else dy.to(acc)
+        return dy_acc @ b_scaled, u.T @ dy_acc, (dy_acc * y_pre).sum(dim=0)
+    block_rows = rows
     v = torch.empty(n, b_scaled.shape[1], dtype=acc, device=dy.device)
     u_t_dy = torch.zeros(u.shape[1], out_features, dtype=acc, device=dy.device)
     product = torch.empty(block_rows, out_features, dtype=acc, device=dy.device)
