@@ -17,7 +17,6 @@ from fastadapt.bench import saved_activation_ratio
 from fastadapt.layers import butterfly as layers
 from fastadapt.numerics import assert_rel_close, rel_error
 from fastadapt.ops import butterfly as ops
-from fastadapt.ops import butterfly_chain as chain_ops
 from fastadapt.reference import butterfly as ref
 from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
 

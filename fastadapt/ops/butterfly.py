@@ -60,9 +60,9 @@ from .cayley import cayley_packed
 METHODS = ("boft", "goft", "hra", "ether", "road")
 TRITON_METHODS = ("boft", "goft", "hra", "ether", "road")
 
-__all__ = ["ButterflyPlan", "boft_blocks", "boft_linear", "butterfly_rotate", "check_butterfly",
-           "ether_factors", "ether_linear", "goft_blocks", "goft_linear", "householder", "hra_factors",
-           "hra_linear", "pass_blocks", "plan", "road_coefficients", "road_linear", "road_rotate"]
+__all__ = ["ROAD_VARIANTS", "ButterflyPlan", "boft_blocks", "boft_linear", "butterfly_rotate", "check_butterfly",
+           "ether_factors", "ether_linear", "goft_blocks", "goft_linear", "goft_plan", "householder", "hra_factors",
+           "hra_linear", "pass_blocks", "plan", "road_coefficients", "road_linear", "road_rotate", "rotate_linear"]
 
 
 def _compute(t: Tensor, dtype: torch.dtype) -> Tensor:

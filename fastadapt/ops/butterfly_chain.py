@@ -34,6 +34,7 @@ butterfly_linear(x, blocks, geometry, W, s, b, weight_side, keep_pre) = (y, h) w
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Optional
 
 import torch
@@ -64,17 +65,19 @@ def _empty_like(t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # backends
 
-class Passes:
+class Passes(ABC):
     """A backend's primitives: the two of the module docstring, and BOFT's scale epilogue
     ``epilogue(h, s, b) = h o s + b`` with its gradients ``scale_grads(dy, h, need_bias) =
     (sum_rows dy o h, sum_rows dy or empty)`` (fp32 arithmetic; a float32 s on a half h rounds once, as PEFT's float32
     epilogue).  This base class is the torch implementation of the epilogue."""
 
+    @abstractmethod
     def rotate(self, v: Tensor, B: Tensor, geometry, out_dtype: torch.dtype) -> Tensor:
-        raise NotImplementedError
+        """One pass of v (N, d) with blocks B, the result in out_dtype."""
 
+    @abstractmethod
     def grad(self, v: Tensor, g: Tensor, geometry) -> Tensor:
-        raise NotImplementedError
+        """dB[g] = sum_rows v_g^T g_g, in the accumulation dtype."""
 
     def epilogue(self, h: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
         if scale.dtype == h.dtype and (bias is None or bias.dtype == h.dtype):
