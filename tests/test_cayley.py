@@ -880,7 +880,8 @@ def test_ssvd_and_antipasto_on_a_half_base(dtype, autocast_adapter_dtype):
 def _layer_grads(layer, x, alpha):
     x = x.clone().requires_grad_()
     y = layer(x, alpha)
-    grads = torch.autograd.grad(y, [x, layer.ssvd_R.weight, layer.ssvd_R.delta_s], randn(*y.shape, seed=163).to(y.dtype))
+    cotangent = randn(*y.shape, seed=163).to(y.dtype)
+    grads = torch.autograd.grad(y, [x, layer.ssvd_R.weight, layer.ssvd_R.delta_s], cotangent)
     return (y, *grads)
 
 

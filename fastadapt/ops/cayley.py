@@ -30,7 +30,7 @@ import torch
 
 from .. import _validate
 from . import _policy
-from .cayley_maps import (cayley_op, neumann_op, neumann_packed_op, cayley_packed_op, packed_size, skew_op)
+from .cayley_maps import cayley_op, cayley_packed_op, neumann_op, neumann_packed_op, packed_size, skew_op
 from .cayley_monitor import orthogonality_error
 from .cayley_oft import oft_linear_exact_op, oft_linear_neumann_op
 from .cayley_rotate import block_rotate_linear_op, block_rotate_op
@@ -40,8 +40,8 @@ METHODS = ("oft", "oftv2", "psoft", "ssvd", "antipasto")
 TRITON_METHODS = ("oft", "oftv2", "psoft", "ssvd", "antipasto")
 
 __all__ = ["METHODS", "TRITON_METHODS", "block_rotate", "block_rotate_linear", "cayley", "cayley_neumann",
-           "cayley_packed", "fused_oft_linear", "oft_linear", "oft_rotation_blocks", "orthogonality_error", "packed_size",
-           "psoft_core", "skew", "ssvd_core", "svd_rotation_linear"]
+           "cayley_packed", "fused_oft_linear", "oft_linear", "oft_rotation_blocks", "orthogonality_error",
+           "packed_size", "psoft_core", "skew", "ssvd_core", "svd_rotation_linear"]
 
 
 # ----------------------------------------------------------------------------------------------

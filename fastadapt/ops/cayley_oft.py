@@ -376,20 +376,25 @@ def _():
     yield from _oft_examples(None)
 
 
-def _backward_examples(kept_of):
-    W, dy = randn(5, 12, seed=72), randn(9, 5, seed=73)
+def _backward_examples():
+    """(dy, x, packed, W) of OFT layers with blocks of 4 and 5 outputs: x rotated (4 rows), W
+    rotated (9 rows), and the mixed layout (bf16 dy, x and W, fp32 packed)."""
+    W, packed = randn(5, 12, seed=72), randn(3, packed_size(4), scale=0.3, seed=73)
     for rows in (4, 9):
-        x = randn(rows, 12, seed=74)
-        packed = randn(3, packed_size(4), scale=0.3, seed=75)
-        yield (dy[:rows], x, packed, W, *kept_of(x, packed)), (True, True, False)
-        yield (dy[:rows], x, packed, W, *kept_of(x, packed)), (False, True, True)
+        yield randn(rows, 5, seed=74), randn(rows, 12, seed=75), packed, W
+    half = torch.bfloat16
+    yield randn(9, 5, dtype=half, seed=76), randn(9, 12, dtype=half, seed=77), packed.float(), W.to(half)
+
+
+_EXAMPLE_FLAGS = ((True, True, False), (False, True, True))  # (need_x, need_packed, need_weight)
 
 
 @oft_linear_exact_backward_op.example
 def _():
-    for args, flags in _backward_examples(lambda x, packed: (_exact_forward(_TORCH, x, packed, randn(5, 12, seed=76),
-                                                                            None, 4)[1], 4)):
-        yield (*args, *flags), {}
+    for dy, x, packed, W in _backward_examples():
+        kept = _exact_forward(_TORCH, x, packed, W, None, 4)[1]
+        for flags in _EXAMPLE_FLAGS:
+            yield (dy, x, packed, W, kept, 4, *flags), {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,7 +449,11 @@ def _neumann_autograd_backward(ctx, dy):
     return dx, dpacked, dW, _bias_grad(ctx, dy), None, None
 
 
-oft_linear_neumann_op.autograd(_neumann_autograd_backward, lambda ctx, inputs, output: _setup(ctx, inputs, output, ()))
+def _neumann_setup(ctx, inputs, output):
+    _setup(ctx, inputs, output, ())
+
+
+oft_linear_neumann_op.autograd(_neumann_autograd_backward, _neumann_setup)
 
 
 @oft_linear_neumann_op.example
@@ -455,7 +464,7 @@ def _():
 
 @oft_linear_neumann_backward_op.example
 def _():
-    for args, flags in _backward_examples(lambda x, packed: (4, 5)):
-        yield (*args, *flags), {}
-    for args, flags in _backward_examples(lambda x, packed: (4, 6)):
-        yield (*args, *flags), {}
+    for dy, x, packed, W in _backward_examples():
+        for terms in (5, 6):
+            for flags in _EXAMPLE_FLAGS:
+                yield (dy, x, packed, W, 4, terms, *flags), {}
