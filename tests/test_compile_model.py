@@ -30,11 +30,7 @@ from fastadapt.testing import peft_configs, perturb_, tiny_llama
 CONFIGS = peft_configs(Path(__file__).parent)
 
 # Known failures whose cause lies outside the bridge: (variant, dropout stream) -> "owner: cause".
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("dora_dropout", "philox"): "F (dora_norm): AOTAutograd's CSE (fx_graph_cse spares only aten's random ops) "
-                                "merges the input-less fastadapt::draw_dropout_seed calls of several layers into "
-                                "one draw, so compiled masks differ from eager's (passes with functorch cse=False)",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _cases():
