@@ -4,8 +4,9 @@ layers, PEFT bridge.
 Every comparison is a relative Frobenius error against the float64 references of
 fastadapt.reference.hadamard or PEFT's own layer, within fastadapt.numerics' one tolerance table.
 LoHa's two algorithms ("tiles": merged weight / G = dY^T X contracted; "khatri_rao": rank-r^2 thin
-GEMMs) are each forced through ``hadamard_loha.loha_plan`` so that both run at the tests' small
-shapes, whatever the cost model would pick there.
+GEMMs) and LoKr's two forward / dx algorithms ("tiles": merged weight; "reshape": reshape and
+matmul) are each forced through ``loha_plan`` / ``lokr_plan`` so that all run at the tests' small
+shapes, whatever the cost models would pick there.
 """
 import copy
 
@@ -17,7 +18,7 @@ import fastadapt
 from fastadapt.layers import hadamard as layers
 from fastadapt.numerics import assert_rel_close, rel_error, tolerance
 from fastadapt.ops import hadamard as ops
-from fastadapt.ops import hadamard_loha
+from fastadapt.ops import hadamard_loha, hadamard_lokr
 from fastadapt.ops.hadamard_loha import LohaPlan, loha_plan
 from fastadapt.reference.hadamard import LoHa, LoKr
 from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
@@ -33,6 +34,13 @@ def loha_algorithm(request, monkeypatch):
     """Force one LoHa plan for every call of the test."""
     plan = PLANS[request.param]
     monkeypatch.setattr(hadamard_loha, "loha_plan", lambda *args, **kwargs: plan)
+    return request.param
+
+
+@pytest.fixture(params=hadamard_lokr.MODES)
+def lokr_algorithm(request, monkeypatch):
+    """Force one LoKr forward / dx algorithm ("tiles" or "reshape") for every call of the test."""
+    monkeypatch.setattr(hadamard_lokr, "lokr_plan", lambda *args, **kwargs: request.param)
     return request.param
 
 
@@ -112,7 +120,7 @@ def test_loha_torch_path_every_dtype_against_float64(loha_algorithm, dtype, d_in
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LOKR_LAYOUTS, ids=_lokr_id)
-def test_lokr_torch_path_every_dtype_against_float64(dtype, layout):
+def test_lokr_torch_path_every_dtype_against_float64(lokr_algorithm, dtype, layout):
     d_in, d_out, r, both, factor = layout
     ref = _lokr_reference(d_in, d_out, r, seed=d_in + d_out, decompose_both=both, decompose_factor=factor)
     x = noncontig(randn(9, 41, d_in, seed=2))
@@ -133,12 +141,12 @@ def test_float32_adapter_on_half_base_torch_path(loha_algorithm, dtype):
     """PEFT's default layout: x, W, bias half, the adapter float32."""
     x = randn(3, 17, 24, seed=3)
     _assert_fused_equals_reference(_loha_reference(24, 16, 4, seed=5), x, dtype, F32, grad_scale=2.0)
-    if loha_algorithm == "tiles":   # LoKr has one algorithm
+    if loha_algorithm == "tiles":   # LoKr's own plan: "reshape" for this layout
         _assert_fused_equals_reference(_lokr_reference(24, 16, 1, seed=6, decompose_both=True), x, dtype, F32,
                                        grad_scale=2.0)
 
 
-def test_strided_weight_and_1d_input():
+def test_strided_weight_and_1d_input(lokr_algorithm):
     """A transposed weight view (same values, other strides) and a 1-D x."""
     for ref in (_loha_reference(20, 12, 3, seed=7), _lokr_reference(20, 12, 2, seed=8)):
         x = randn(5, 20, seed=9)
@@ -149,6 +157,15 @@ def test_strided_weight_and_1d_input():
             assert_rel_close(a, e)
         params = {n: p.detach() for n, p in _params(ref).items()}
         assert_rel_close(_call(ref, x[0], ref.weight, ref.bias, params), expected[0][0], name="1-D x")
+
+
+def test_lokr_factor_gradients_over_several_token_chunks():
+    """More tokens than one chunk of the factor-gradient loop (float64, both sides factored)."""
+    ref = _lokr_reference(512, 64, 1, seed=25, decompose_both=True)
+    n = 2 * (hadamard_lokr._CHUNK_ELEMENTS // 512) + 3
+    x, cotangent = randn(n, 512, seed=26), randn(n, 64, seed=27)
+    for a, e in zip(_fused(ref, x, cotangent, F64, F64), _truth(ref, x, cotangent)):
+        assert_rel_close(a, e)
 
 
 def test_gradcheck_float64(loha_algorithm):
@@ -166,10 +183,11 @@ def test_gradcheck_float64(loha_algorithm):
 
 
 def test_plan_at_the_benchmark_shapes():
-    """The cost model's choices where they are measured or predicted (benchmarks/NOTES.md, hadamard):
-    CPU fp32 d = 1024, N = 2048: Khatri-Rao factor gradients up to r = 16 (at r = 16 the two ways
-    tie within 1 % by FLOPs and measured time), the merged weight for the forward; CUDA bf16
-    d = 4096, N = 8192: tiles except at small r."""
+    """The cost models' choices where they are measured or predicted (benchmarks/NOTES.md, hadamard):
+    LoHa at CPU fp32 d = 1024, N = 2048: Khatri-Rao factor gradients up to r = 16 (at r = 16 the two
+    ways tie within 1 % by FLOPs and measured time), the merged weight for the forward; CUDA bf16
+    d = 4096, N = 8192: tiles except at small r.  LoKr: the merged weight at the standard shapes, the
+    reshaped products for a few tokens and for PEFT's float32 adapter on a half base."""
     cpu = lambda r, n=2048: loha_plan(n, 1024, 1024, r, backend="torch", half_inputs=False)  # noqa: E731
     assert cpu(16) == LohaPlan("tiles", "tiles", "khatri_rao")
     assert cpu(4) == LohaPlan("tiles", "khatri_rao", "khatri_rao")     # v = dY A is there: dx's term is cheap
@@ -178,6 +196,11 @@ def test_plan_at_the_benchmark_shapes():
     gpu = lambda r: loha_plan(8192, 4096, 4096, r, backend="triton", half_inputs=True)  # noqa: E731
     assert gpu(16) == LohaPlan("tiles", "tiles", "tiles")
     assert gpu(4).factor_grads == "khatri_rao"
+    lokr = hadamard_lokr.lokr_plan
+    assert lokr(2048, (32, 32), (32, 32), backend="torch", mixed=False) == "tiles"
+    assert lokr(16, (32, 32), (32, 32), backend="torch", mixed=False) == "reshape"
+    assert lokr(2048, (32, 32), (32, 32), backend="torch", mixed=True) == "reshape"   # PEFT's rounding points
+    assert lokr(8192, (64, 64), (64, 64), backend="triton", mixed=False) == "tiles"
 
 
 # ----------------------------------------------------------------------------- Triton kernels (interpreter on CPU)
@@ -214,12 +237,12 @@ def test_loha_triton_rank_above_one_chunk(triton_backend, device):
 
 @pytest.mark.parametrize("dtype", TRITON_DTYPES)
 @pytest.mark.parametrize("layout", [LOKR_LAYOUTS[1], LOKR_LAYOUTS[4]], ids=_lokr_id)
-def test_lokr_triton_kernels_against_float64(triton_backend, device, dtype, layout):
+def test_lokr_triton_kernels_against_float64(triton_backend, lokr_algorithm, device, dtype, layout):
     d_in, d_out, r, both, factor = layout
     ref = _lokr_reference(d_in, d_out, r, seed=32, decompose_both=both, decompose_factor=factor).to(device)
     x = noncontig(randn(2, 19, d_in, seed=17, device=device))
     _assert_fused_equals_reference(ref, x, dtype, grad_scale=1.0 if dtype == F32 else 2.0)
-    if dtype == F16:   # float32 term after the rounded half GEMM (gemm_residual_forward)
+    if dtype == F16:   # PEFT's float32 adapter (its plan is "reshape": the residual epilogue)
         _assert_fused_equals_reference(ref, x, dtype, F32, grad_scale=2.0)
 
 

@@ -7,26 +7,34 @@ Folding a row x (I,) into X (c, d), X[u, v] = x[u d + v], and a row of y (O,) in
 
     y_t  = x_t W^T + b + s vec(w1 X_t w2^T)
     dx_t = dY_t W + s vec(w1^T dY_t w2)          (dY_t folded into (a, b))
-    d w1 = s sum_t dY_t (X_t w2^T)^T = s sum_t dY_t Z_t^T,     Z_t = X_t w2^T (c, b)
+    d w1 = s sum_t (dY_t w2) X_t^T = s sum_t V_t X_t^T,       V_t = dY_t w2 (a, d)
     d w2 = s sum_t (w1^T dY_t)^T X_t = s sum_t Q_t^T X_t,      Q_t = w1^T dY_t (c, b)
 
-CPU (reshape and matmul): Z = X w2^T is one (N c, d) x (d, b) GEMM, w1 Z_t one batched (a, c) x (c, b)
-product, and the base GEMM adds s times that term as its beta input (y written once); backward forms
-Q by one batched product, dx = dY W + s Q w2 (again as beta), d w2 = Q^T X as one (b, N c) x (N c, d)
-GEMM, d w1 from Z recomputed.  FLOPs beside the layer's 2 N O I per GEMM: 2 N (c d b + a c b) forward
-and about three times that in backward; at d = 1024 (a = b = c = d = 32) that is 3 % of a GEMM per
-product.  CUDA: with one dtype the forward and dx are the merged GEMM kernel
-(fastadapt.triton_kernels.hadamard) generating each kron(w1, w2) tile from two gathers on chip; with
-PEFT's float32 adapter on a half base the float32 term is formed as on CPU (cuBLAS) and joins the
-half base GEMM after its rounding, in the kernel's epilogue (PEFT's rounding points, one read of the
-N x O float32 term); d w1, d w2 as on CPU.
+The forward and dx run one of two ways, chosen per shape by :func:`lokr_plan`:
+
+"reshape" (reshape and matmul): Z = X w2^T is one (N c, d) x (d, b) GEMM and w1 Z_t one batched
+(a, c) x (c, b) product; the base GEMM takes s times that term as its beta input (y written once),
+or, on a half base, the half base product is rounded where PEFT's is and the float32 term joins it
+(PEFT's rounding points).  dx likewise from Q, which d w2 then reuses.  2 N (c d b + a c b) FLOPs
+per direction beside the layer's 2 N O I.
+"tiles" (the merged weight where the GEMM uses it): y = x (W + s kron(w1, w2))^T + b and
+dx = dY (W + s kron(w1, w2)).  CPU: W + s kron(w1, w2) written through the (a, b, c, d) view of W by
+one broadcast product (a transient O x I tensor, one pass); CUDA: the merged GEMM kernel
+(fastadapt.triton_kernels.hadamard) generates each kron tile from two gathers on chip.
+PEFT's float32 adapter on a half base always runs "reshape" (PEFT's rounding points: on CUDA the
+float32 term joins the half base GEMM after its rounding, in the kernel's epilogue); otherwise CUDA
+runs "tiles" and the CPU picks by cost (at d = 1024, N = 2048: one pass over W against two thin
+products per token; measured in benchmarks/NOTES.md, hadamard).
+d w1 and d w2 always by reshape and matmul, over chunks of tokens (no N x I temporary): V = dY w2 one
+(t a, b) x (b, d) GEMM and sum_t V_t X_t^T one batched product summed over the chunk's tokens;
+d w2 += Q^T X one (b, t c) x (t c, d) GEMM.
 
 Saved for backward: x and the parameters (w1 / w2, or the a x c / b x d products formed from their
-factors): bytes(x) of activations plus a c + b d elements.  Precision: the kron term accumulates in
-float32 (float64 for float64) from x converted to it; on a half base the base GEMM runs in the half
-dtype and is rounded where PEFT's is, the float32 term joins and the sum is rounded once, or
-with a half adapter on its half base the merged tile W + s kron(w1, w2) is rounded to the half dtype
-before the tensor-core dot (CUDA; PEFT rounds its half dW and its half x dW^T there).
+factors): bytes(x) of activations plus a c + b d elements.  Precision: the kron term and the factor
+gradients accumulate in float32 (float64 for float64) from x and dY converted to it; a merged weight
+W + s kron(w1, w2) is summed in float32 and rounded to W's dtype once (PEFT rounds its half dW and
+its half x dW^T for a half adapter; for a float32 or float64 layer the merged and the two-GEMM forms
+differ by float rounding only).
 """
 from __future__ import annotations
 
@@ -38,12 +46,48 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..testing import randn
-from ._policy import acc_dtype
+from ._policy import acc_dtype, is_mixed
 from ._registry import fused_op
+from .hadamard_loha import CPU_PASS
+
+
+MODES = ("tiles", "reshape")
+# The reshape path's batched (a, c) x (c, b) products run at ~0.8 of MKL's GEMM rate on CPU (measured,
+# benchmarks/NOTES.md hadamard); a merged-weight pass costs CPU_PASS multiply-adds per weight element.
+CPU_RESHAPE_SLOWDOWN = 1.25
+
+
+def lokr_plan(tokens: int, w1_shape: tuple, w2_shape: tuple, *, backend: str, mixed: bool) -> str:
+    """"tiles" or "reshape" for the forward and dx of one call, from the sizes only (module docstring).
+    ``mixed``: PEFT's float32 adapter on a half base (always "reshape": PEFT's rounding points);
+    ``backend``: "triton" generates the kron tiles in the GEMM (no cost but two gathers per element);
+    "torch" compares one merged-weight pass, 2 CPU_PASS O I, with the reshaped products,
+    CPU_RESHAPE_SLOWDOWN N (c d b + a c b)."""
+    if mixed:
+        return "reshape"
+    if backend == "triton":
+        return "tiles"
+    (a, c), (b, d) = w1_shape, w2_shape
+    reshape = CPU_RESHAPE_SLOWDOWN * tokens * (c * d * b + a * c * b)
+    return "tiles" if 2 * CPU_PASS * a * b * c * d < reshape else "reshape"
 
 
 def _compute_dtype(x: Tensor, w1: Tensor) -> torch.dtype:
     return torch.promote_types(acc_dtype(x.dtype), acc_dtype(w1.dtype))
+
+
+def _plan(k: "_Kernels", a: Tensor, w1: Tensor, w2: Tensor) -> str:
+    return lokr_plan(a.shape[0], tuple(w1.shape), tuple(w2.shape), backend=k.backend,
+                     mixed=is_mixed(a.dtype, w1.dtype))
+
+
+def merged(weight: Tensor, w1: Tensor, w2: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+    """W + scaling kron(w1, w2) (O, I) summed in the accumulation dtype through the (a, b, c, d) view
+    of W by one broadcast product, rounded to ``dtype`` once."""
+    acc = _compute_dtype(weight, w1)
+    (a, c), (b, d) = w1.shape, w2.shape
+    term = w1.to(acc)[:, None, :, None] * w2.to(acc)[None, :, None, :]
+    return torch.add(weight.to(acc).reshape(a, b, c, d), term, alpha=scaling).view(a * b, c * d).to(dtype)
 
 
 def kron_rows(x: Tensor, w1: Tensor, w2: Tensor) -> Tensor:
@@ -62,81 +106,101 @@ def _input_grad_term(dy: Tensor, w1: Tensor, w2: Tensor, acc: torch.dtype) -> tu
     return (q.view(n * c, b) @ w2.to(acc)).view(n, c * d), q
 
 
-def _forward_torch(x, weight, bias, w1, w2, scaling):
+def _forward_torch(x, weight, bias, w1, w2, scaling, plan):
+    if plan == "tiles":
+        return F.linear(x, merged(weight, w1, w2, scaling, x.dtype), bias)
     acc = _compute_dtype(x, w1)
     term = kron_rows(x.to(acc), w1.to(acc), w2.to(acc))
-    if x.dtype == acc:   # the term as BLAS's beta input: y written once
-        y = torch.addmm(term, x, weight.T, beta=scaling)
+    if x.dtype == acc:   # the term as BLAS's beta input, the output written once
+        y = term.addmm_(x, weight.T, beta=scaling)
         return y if bias is None else y.add_(bias)
     # half base: PEFT's rounded F.linear(x, W, b), the float32 term added, the sum rounded once
     return F.linear(x, weight, bias).to(acc).add_(term, alpha=scaling).to(x.dtype)
 
 
-def _input_grad_torch(dy, weight, w1, w2, scaling):
+def _input_grad_torch(dy, weight, w1, w2, scaling, plan):
+    """(dx, Q or None): Q = w1^T dY_t where the reshape path formed it (d w2 reuses it)."""
+    if plan == "tiles":
+        return dy @ merged(weight, w1, w2, scaling, dy.dtype), None
     acc = _compute_dtype(dy, w1)
     term, q = _input_grad_term(dy, w1, w2, acc)
     if dy.dtype == acc:
-        return torch.addmm(term, dy, weight, beta=scaling), q
+        return term.addmm_(dy, weight, beta=scaling), q
     return (dy @ weight).to(acc).add_(term, alpha=scaling).to(dy.dtype), q
 
 
-def _forward_triton(x, weight, bias, w1, w2, scaling):
+def _forward_triton(x, weight, bias, w1, w2, scaling, plan):
     if x.dtype == torch.float64:
-        return _forward_torch(x, weight, bias, w1, w2, scaling)
+        return _forward_torch(x, weight, bias, w1, w2, scaling, plan)
     from ..triton_kernels import hadamard as kernels
-    if x.dtype == w1.dtype:      # one dtype: kron(w1, w2) tiles generated inside the GEMM
+    if plan == "tiles":      # kron(w1, w2) tiles generated inside the GEMM
         return kernels.lokr_gemm_forward(x, weight.T, w1.T, w2.T, scaling, bias=bias)
-    # PEFT's float32 adapter on a half base: its float32 term, added after the rounded base GEMM
-    term = kron_rows(x.float(), w1, w2)
+    term = kron_rows(x.float(), w1.float(), w2.float())   # added after the rounded base GEMM
     return kernels.gemm_residual_forward(x, weight.T, term, scaling, bias=bias)
 
 
-def _input_grad_triton(dy, weight, w1, w2, scaling):
+def _input_grad_triton(dy, weight, w1, w2, scaling, plan):
     if dy.dtype == torch.float64:
-        return _input_grad_torch(dy, weight, w1, w2, scaling)
+        return _input_grad_torch(dy, weight, w1, w2, scaling, plan)
     from ..triton_kernels import hadamard as kernels
-    if dy.dtype == w1.dtype:
+    if plan == "tiles":
         return kernels.lokr_gemm_forward(dy, weight, w1, w2, scaling), None
     term, q = _input_grad_term(dy, w1, w2, torch.float32)
     return kernels.gemm_residual_forward(dy, weight, term, scaling), q
 
 
 class _Kernels(NamedTuple):
+    backend: str                     # the cost model lokr_plan uses
     forward: Callable
     input_grad: Callable
 
 
-TORCH = _Kernels(_forward_torch, _input_grad_torch)
+TORCH = _Kernels("torch", _forward_torch, _input_grad_torch)
 
 
 @functools.lru_cache(maxsize=None)
 def _triton() -> _Kernels:
-    return _Kernels(_forward_triton, _input_grad_triton)
+    return _Kernels("triton", _forward_triton, _input_grad_triton)
+
+
+# Tokens per chunk of the factor-gradient products: 2^18 elements of x (1 MiB float32), so that a
+# chunk's V, Q and batched products stay in cache and no N x I temporary is made.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _factor_grads(dy, x, w1, w2, scaling, q, needs) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """(d w1, d w2) in the accumulation dtype (module docstring); ``q`` = w1^T dY_t if already formed."""
+    """(d w1, d w2) in the accumulation dtype (module docstring), over chunks of tokens; ``q`` =
+    w1^T dY_t if already formed."""
     acc = _compute_dtype(x, w1)
     n = x.shape[0]
     (a, c), (b, d) = w1.shape, w2.shape
-    xs = x.to(acc).reshape(n * c, d)
-    dys = dy.to(acc).reshape(n, a, b)
-    d_w1 = d_w2 = None
-    if needs[1]:
-        z = (xs @ w2.to(acc).T).view(n, c, b)
-        d_w1 = torch.bmm(dys, z.transpose(1, 2)).sum(dim=0).mul_(scaling)
-    if needs[2]:
-        if q is None:
-            q = torch.bmm(w1.to(acc).T.expand(n, c, a), dys)
-        d_w2 = (q.view(n * c, b).T @ xs).mul_(scaling)
-    return d_w1, d_w2
+    w1, w2 = w1.to(acc), w2.to(acc)
+    d_w1 = torch.zeros(a, c, dtype=acc, device=x.device) if needs[1] else None
+    d_w2 = torch.zeros(b, d, dtype=acc, device=x.device) if needs[2] else None
+    rows = max(1, min(n, _CHUNK_ELEMENTS // max(c * d, 1)))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        t = stop - start
+        xs = x[start:stop].to(acc).reshape(t, c, d)
+        dys = dy[start:stop].to(acc).reshape(t, a, b)
+        if needs[1]:
+            v = (dys.reshape(t * a, b) @ w2).view(t, a, d)
+            d_w1 += torch.bmm(v, xs.transpose(1, 2)).sum(dim=0)
+        if needs[2]:
+            qs = torch.bmm(w1.T.expand(t, c, a), dys) if q is None else q[start:stop]
+            d_w2.addmm_(qs.reshape(t * c, b).T, xs.reshape(t * c, d))
+    return (None if d_w1 is None else d_w1.mul_(scaling)), (None if d_w2 is None else d_w2.mul_(scaling))
+
+
+def _forward(k: _Kernels, x, weight, bias, w1, w2, scaling):
+    return k.forward(x, weight, bias, w1, w2, scaling, _plan(k, x, w1, w2))
 
 
 def _backward(k: _Kernels, dy, x, weight, w1, w2, scaling, needs):
     out = [dy.new_empty(0) for _ in range(4)]         # distinct tensors: outputs may not alias
     q = None
     if needs[0]:
-        out[0], q = k.input_grad(dy, weight, w1, w2, scaling)
+        out[0], q = k.input_grad(dy, weight, w1, w2, scaling, _plan(k, dy, w1, w2))
     if needs[1] or needs[2]:
         d_w1, d_w2 = _factor_grads(dy, x, w1, w2, scaling, q, needs)
         if needs[1]:
@@ -155,12 +219,12 @@ def _backward(k: _Kernels, dy, x, weight, w1, w2, scaling, needs):
 def lokr_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], w1: Tensor, w2: Tensor,
                    scaling: float) -> Tensor:
     """y = x (W + scaling kron(w1, w2))^T + bias for 2-D x (module docstring)."""
-    return TORCH.forward(x, weight, bias, w1, w2, scaling)
+    return _forward(TORCH, x, weight, bias, w1, w2, scaling)
 
 
 @lokr_linear_op.impl("triton")
 def _(*args):
-    return _triton().forward(*args)
+    return _forward(_triton(), *args)
 
 
 @lokr_linear_op.fake
@@ -214,12 +278,9 @@ lokr_linear_op.autograd(_backward_entry, _setup_context)
 
 @fused_op("lokr_merged_weight", autocast=False)
 def lokr_merged_weight_op(weight: Tensor, w1: Tensor, w2: Tensor, scaling: float) -> Tensor:
-    """W + scaling kron(w1, w2) (O, I) in W's dtype, summed in the accumulation dtype, written through
-    the (a, b, c, d) view of W by one broadcast product (not differentiable: merge and unmerge)."""
-    acc = _compute_dtype(weight, w1)
-    (a, c), (b, d) = w1.shape, w2.shape
-    term = w1.to(acc)[:, None, :, None] * w2.to(acc)[None, :, None, :]
-    return torch.add(weight.to(acc).view(a, b, c, d), term, alpha=scaling).view(a * b, c * d).to(weight.dtype)
+    """W + scaling kron(w1, w2) (O, I) in W's dtype, summed in the accumulation dtype (not
+    differentiable: merge and unmerge)."""
+    return merged(weight, w1, w2, scaling, weight.dtype)
 
 
 @lokr_merged_weight_op.fake
