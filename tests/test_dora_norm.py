@@ -650,9 +650,12 @@ def saved_ratio(fn, x, params):
     return sum(storages.values()) / (x.numel() * x.element_size())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("kind", ["dora", "dora_recompute", "dora_dropout", "dora_dropout_torch",
-                                  "dora_dropout_recompute", "delora", "delora_dropout", "delora_dropout_torch"])
+KINDS = ["dora", "dora_recompute", "dora_dropout", "dora_dropout_torch", "dora_dropout_recompute", "delora",
+         "delora_dropout", "delora_dropout_torch"]
+
+
+@pytest.mark.parametrize("backend, kind", [("torch", kind) for kind in KINDS] +
+                         [("triton", kind) for kind in ("dora", "dora_dropout_recompute", "delora_dropout")])
 def test_saved_activation_bytes(monkeypatch, device, backend, kind):
     """Exactly x (+ y_pre unless recompute) + u (N x r) + DoRA's norm (out,), plus the mask: an
     int64 seed for the Philox stream (never the mask), 1 bit per element of x for nn.Dropout's
@@ -943,9 +946,10 @@ def test_seeded_dropout_kernels(device, dtype):
     assert_rel_close(out, expected, dtype, name="out += mask o inner")
 
 
-@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("method, bias, recompute", [("dora", True, False), ("dora", False, True),
-                                                     ("delora", True, False), ("delora", False, False)])
+@pytest.mark.parametrize("dtype, method, bias, recompute", [
+    (torch.float32, "dora", True, False), (torch.float32, "dora", False, True), (torch.float32, "delora", False, False),
+    (torch.float16, "dora", False, False), (torch.float16, "delora", True, False),
+    *(pytest.param(torch.bfloat16, method, True, False, marks=KERNEL_DTYPES[2].marks) for method in ("dora", "delora"))])
 def test_triton_dropout_equals_peft_with_the_same_mask(monkeypatch, device, dtype, method, bias, recompute):
     """Dropout 0.1 in training on the triton backend: no fallback, the Philox mask regenerated in
     forward and backward (never saved), and PEFT's output and gradients for that mask."""
