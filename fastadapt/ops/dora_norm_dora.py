@@ -8,7 +8,7 @@ g = m / n, x_d = mask o x (dropout), u = x_d A^T (N, r).  Two ops, one per algor
     y_pre = x W^T + s u B^T,     y = g o y_pre + b
 ``fastadapt::dora_linear_dropout`` (PEFT corrects the base output of the un-dropped x: two GEMMs
 with W):
-    y_pre = x_d W^T + s u B^T,   y = (x - x_d) W^T + b + g o y_pre
+    y_pre = x_d W^T + s u B^T,   y = x W^T + b + (g - 1) o x_d W^T + g o s u B^T
 each with its backward op (dY (N, out)):
     v   = dY (s g o B)                                   (N, r)
     dx  = v A + dY (g o W)                               no dropout
@@ -23,8 +23,11 @@ bytes(x) for float32 x, u (N, r) being float32 on a half x.  ``recompute=True`` 
 only (1 + r/in) and backward recomputes y_pre's column sum from x W^T in row blocks (one more
 GEMM with W), its low-rank half from P: colsum(dY o s u B^T)_j = s sum_k B_jk P_kj.  With
 dropout the mask is not saved: a Philox seed (a CPU scalar) regenerates it, or nn.Dropout's bits
-(1 bit per element, 1/32 of bytes(x) for float32) are kept.  Gradients are never written into
-saved tensors; y_pre being saved (not the output), the output may be modified in place.
+(1 bit per element, 1/32 of bytes(x) for float32) are kept; on float32 / float64 the op keeps x_d
+instead of x (the same bytes: dA and recompute read it, only dx regenerates the mask), on a half
+base x itself (dA = v^T (mask o fl32(x)), exact, as PEFT's float32 x_d).  Gradients are never
+written into saved tensors; y_pre being saved (not the output), the output may be modified in
+place.
 
 Precision.  float32 / float64 run in their own dtype.  A float16 / bfloat16 base (x, W, b) keeps
 the adapter path in float32 whatever the adapter's dtype (PEFT's default float32 adapter, or one
@@ -37,8 +40,8 @@ with dropout (half):
     u  = (mask o fl32(x)) A^T,    B0 = fl32(fl_h(fl_h(mask o x) W^T))
     y  = fl_h((fl32(fl_h(x W^T + b)) - B0) + g o (B0 + s u B^T))
     dx = fl_h(fl32(fl_h(dY W)) + mask o (fl32(fl_h(fl_h(fl32(dY) o (g - 1)) W)) + v A))
-On float32 / float64 the dropout forward takes the cheaper y = (x - x_d) W^T + b + g o y_pre
-(x_d and x - x_d from one pass over x).  g is never folded into a half W.
+On float32 / float64 the dropout forward takes the cheaper y = x W^T + b + s u B^T + (g - 1) o y_pre
+(no x - x_d tensor, no residual pass).  g is never folded into a half W.
 
 Backends.  Each op's body is written once against a kernel set (``DoraKernels``): the torch set
 (CPU: BLAS with the base GEMM accumulating onto the low-rank term, the row-block loop of
@@ -257,8 +260,9 @@ dora_linear_op.autograd(_backward_entry, _setup_context)
 def dora_linear_dropout_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                            magnitude: Tensor, norm: Tensor, scaling: float, recompute: bool, p: float,
                            seed: Optional[Tensor], bits: Optional[Tensor]) -> list[Tensor]:
-    """[y, u, y_pre] ([y, u] with recompute) of DoRA with dropout p; the mask: Philox of ``seed``
-    or nn.Dropout's ``bits`` drawn on x cast to the adapter dtype (module docstring)."""
+    """[y, u, y_pre] ([y, u] with recompute), then x_d on float32 / float64 (kept for backward
+    instead of x), of DoRA with dropout p; the mask: Philox of ``seed`` or nn.Dropout's ``bits``
+    drawn on x cast to the adapter dtype (module docstring)."""
     return _forward_dropout(TORCH, x, weight, bias, lora_A, lora_B, magnitude, norm, scaling, recompute, p, seed,
                             bits)
 
