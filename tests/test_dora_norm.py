@@ -694,10 +694,10 @@ def test_magnitude_length_mismatch_names_parameter_and_shapes():
 
 def test_bad_arguments_name_the_parameter():
     w, x = randn(6, 9), randn(2, 9)
-    with pytest.raises(ValueError, match="r=7"):
-        ops.dora_weight_norm(w, randn(7, 9), randn(6, 7), 1.0)
-    with pytest.raises(ValueError, match="r=7"):
-        ops.delora_linear(x, w, None, randn(7, 9), randn(6, 7), randn(1), randn(9))
+    with pytest.raises(ValueError, match=r"lora_B has shape \(6, 4\); expected \(6, 3\)"):
+        ops.dora_weight_norm(w, randn(3, 9), randn(6, 4), 1.0)
+    with pytest.raises(ValueError, match=r"delora_A has shape \(3, 8\); expected \(3, 9\)"):
+        ops.delora_linear(x, w, None, randn(3, 8), randn(6, 3), randn(1), randn(9))
     a, b, m = randn(3, 9), randn(6, 3), randn(6)
     with pytest.raises(ValueError, match="dropout_stream='numpy'.*'philox', 'torch'"):
         ops.dora_linear(x, w, None, a, b, m, 1.0, dropout_p=0.1, dropout_stream="numpy")
@@ -707,6 +707,29 @@ def test_bad_arguments_name_the_parameter():
         ops.dora_linear(x.float(), w.float(), None, a.half(), b.half(), m.half(), 1.0)
     with pytest.raises(ValueError, match="weight requires grad"):
         ops.dora_linear(x, w.requires_grad_(), None, a, b, m, 1.0)
+
+
+@pytest.mark.parametrize("method", ["dora", "delora"])
+def test_rank_above_the_layer_sizes_and_1d_input_equal_peft(method):
+    """PEFT accepts r above min(in_features, out_features) (here r = 8 on a 2-unit layer) and a 1-D
+    x (PEFT's DoRA then returns (1, out_features)): the fused path runs both, equal to PEFT."""
+    if method == "dora":
+        model, layer = dora_model(8, d_out=2, dropout=0.1)
+    else:
+        model = get_peft_model(linear_model(D_IN, 2), DeloraConfig(r=8, delora_lambda=5, init_weights=False,
+                                                                   target_modules=["0"]))
+        layer = model.base_model.model[0]
+    params = dora_params(layer) if method == "dora" else delora_params(layer)
+    model.train()
+    for x in (randn(5, D_IN, requires_grad=True), randn(D_IN, requires_grad=True)):
+        dy = randn(*model(x).shape)
+        expected = run(model, params, x, dy)
+        report = fastadapt.accelerate(model, dropout="torch")
+        got = run(model, params, x, dy)
+        fastadapt.revert(model)
+        assert report.fused_calls == 1 and not report.fallbacks
+        assert got[0].shape == expected[0].shape
+        assert_all_close(got, expected, ["output", "x", "A", "B", "m or lambda"])
 
 
 def test_nan_in_adapter_gives_nan_not_hang():

@@ -97,12 +97,14 @@ def dora_forward(layer, adapter: str, x):
     """PEFT's ``lora.Linear.forward`` with use_dora for one active adapter, fused.
 
     Saves x, u and y_pre by default; x and u only after :func:`set_recompute` (see
-    fastadapt.ops.dora_norm_dora for what each mode saves and costs).
+    fastadapt.ops.dora_norm_dora for what each mode saves and costs).  A 1-D x gives PEFT's
+    (1, out_features) (its DoRA broadcasts against the (1, out_features) scale m / n).
     """
-    return dora_linear(x, _dora_weight(layer), layer.get_base_layer().bias, layer.lora_A[adapter].weight,
-                       layer.lora_B[adapter].weight, layer.lora_magnitude_vector[adapter].weight,
-                       layer.scaling[adapter], dropout_p=_dropout_p(layer, layer.lora_dropout[adapter]),
-                       recompute=layer.__dict__.get(_RECOMPUTE_ATTR, False), dropout_stream=dropout_stream(layer))
+    y = dora_linear(x, _dora_weight(layer), layer.get_base_layer().bias, layer.lora_A[adapter].weight,
+                    layer.lora_B[adapter].weight, layer.lora_magnitude_vector[adapter].weight,
+                    layer.scaling[adapter], dropout_p=_dropout_p(layer, layer.lora_dropout[adapter]),
+                    recompute=layer.__dict__.get(_RECOMPUTE_ATTR, False), dropout_stream=dropout_stream(layer))
+    return y.unsqueeze(0) if x.ndim == 1 else y
 
 
 def set_recompute(model: nn.Module, recompute: bool = True) -> int:

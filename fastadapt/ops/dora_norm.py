@@ -156,7 +156,7 @@ def _check_lora(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     _validate.tensor("weight", weight, ndim=2)
     out_features, in_features = weight.shape
     _validate.tensor("lora_A", lora_A, ndim=2)
-    _validate.rank(lora_A.shape[0], in_features, out_features)
+    _validate.positive_int("r", lora_A.shape[0])  # PEFT accepts r above min(in_features, out_features): so do we
     _validate.tensor("lora_A", lora_A, shape=(lora_A.shape[0], in_features))
     _validate.tensor("lora_B", lora_B, shape=(out_features, lora_A.shape[0]))
 
@@ -254,7 +254,7 @@ def delora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     """
     out_features, in_features = _check_base(x, weight, bias)
     _validate.tensor("delora_A", delora_A, ndim=2)
-    r = _validate.rank(delora_A.shape[0], in_features, out_features)
+    r = _validate.positive_int("r", delora_A.shape[0])  # any r, as PEFT
     _validate.tensor("delora_A", delora_A, shape=(r, in_features))
     _validate.tensor("delora_B", delora_B, shape=(out_features, r))
     _validate.tensor("delora_lambda", delora_lambda, shape=(1,))
