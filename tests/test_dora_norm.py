@@ -521,15 +521,19 @@ def test_autocast_adapter_on_half_base_matches_peft(mode, dtype):
         assert_rel_close(got, true, dtype, scale=sc, name=f"fused {name}")
 
 
-@pytest.mark.parametrize("method, dropout", [("dora", 0.0), ("dora", 0.1), ("delora", 0.0), ("delora", 0.1)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_torch_autocast_matches_peft(method, dropout, dtype):
+@pytest.mark.parametrize("method, dropout, dtype, backend", [
+    *((m, p, dt, "torch") for m, p in (("dora", 0.0), ("dora", 0.1), ("delora", 0.0), ("delora", 0.1))
+      for dt in (torch.bfloat16, torch.float16)),
+    ("dora", 0.1, torch.float16, "triton"), ("delora", 0.0, torch.float16, "triton")])
+def test_torch_autocast_matches_peft(monkeypatch, method, dropout, dtype, backend):
     """A float32 model under torch.autocast("cpu", dtype) (what HF Trainer's bf16=True / fp16=True
     does): the fused forward of the layer runs with x, W and b in the autocast dtype and the
     float32 adapter as it is; its output has PEFT's dtype under the same autocast (the autocast
     dtype for lora.Linear, x's dtype for DeloraLinear), and the output and every gradient of both
     PEFT and fused are within the autocast dtype's table of the float64 truth (same mask;
-    dlambda scaled by its condition number)."""
+    dlambda scaled by its condition number).  Also through the Triton implementations (the
+    interpreter, float16: the CUDA autocast path runs the same registration)."""
+    monkeypatch.setenv("FASTADAPT_BACKEND", backend)
     build, reference = (dora_model, DoRA) if method == "dora" else (delora_model, DeLoRA)
     model, layer = build(16, dropout=dropout, dtype=torch.float32)
     model.train()
