@@ -7,6 +7,8 @@ fastadapt/ops/cayley.py and fastadapt/layers/cayley.py run them today.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from benchmarks.compile_report import FEATURES, FLOAT_DTYPES, HALF_DTYPES, ROWS, Variant, mock_tensor
 from benchmarks.roofline import Method, Shape, Step, base_steps, gemm, small
 
@@ -46,14 +48,15 @@ def variants() -> dict[str, list[Variant]]:
                               num_warps=C._tile_warps(BLOCK))
         return build
 
-    def rotate(b, transposed):
+    def rotate(b, transposed, split=False):
         BLOCK = C._block_width(b)
 
         def build(dtype):
             r_strides = (b * b, 1, b) if transposed else (b * b, b, 1)   # dx runs on R^T (a view)
-            args = (mock_tensor(dtype), mock_tensor(dtype), mock_tensor(dtype), ROWS, b, FEATURES, 1, *r_strides,
+            r_dtype = "float32" if split else dtype   # split: PEFT's float32 R on a half x
+            args = (mock_tensor(dtype), mock_tensor(r_dtype), mock_tensor(dtype), ROWS, b, FEATURES, 1, *r_strides,
                     FEATURES)
-            return args, dict(BLOCK_M=16 if BLOCK >= 128 else 64, BLOCK=BLOCK, IEEE=dtype == "float32")
+            return args, dict(BLOCK_M=16 if BLOCK >= 128 else 64, BLOCK=BLOCK, IEEE=dtype == "float32", SPLIT=split)
         return build
 
     def rotate_grid(b):
@@ -73,10 +76,12 @@ def variants() -> dict[str, list[Variant]]:
             return args, dict(BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=dtype == "float32", num_warps=C._tile_warps(BLOCK))
         return build, (n, triton.cdiv(ROWS, rows_per_split))
 
-    def svd_core(r):
+    def svd_core(r, split=False):
         def build(dtype):
-            args = (*(mock_tensor(dtype) for _ in range(5)), ROWS, FEATURES, r, FEATURES, 1, FEATURES, 1, r, 1, r)
-            return args, dict(IEEE=dtype == "float32", **C.svd_core_tiles(r))
+            adapter = "float32" if split else dtype   # split: PEFT's float32 A, C (and z, u) on a half x
+            args = (mock_tensor(dtype), *(mock_tensor(adapter) for _ in range(4)), ROWS, FEATURES, r, FEATURES, 1,
+                    FEATURES, 1, r, 1, r)
+            return args, dict(IEEE=dtype == "float32", SPLIT=split, **C.svd_core_tiles(r))
         return build
 
     # The tile kernels compute in fp32 whatever the parameter dtype (it only changes the load and
@@ -106,6 +111,10 @@ def variants() -> dict[str, list[Variant]]:
         out["_block_rotate_fwd_kernel"].append(Variant(f"b={b} y = x R", rotate(b, False), grid=grid, standard=True))
         out["_block_rotate_fwd_kernel"].append(Variant(f"b={b} dx = dy R^T", rotate(b, True), grid=grid,
                                                        standard=True))
+        for what, transposed in (("y = x R", False), ("dx = dy R^T", True)):
+            out["_block_rotate_fwd_kernel"].append(Variant(
+                f"b={b} {what}, float32 R split in two half products", rotate(b, transposed, split=True),
+                HALF_DTYPES, grid=grid, standard=True))
         build, grid = rotate_weight(b)
         out["_block_rotate_bwd_weight_kernel"].append(Variant(f"b={b} dR", build, grid=grid, standard=True))
     for r in (32, 128):
@@ -114,6 +123,9 @@ def variants() -> dict[str, list[Variant]]:
             f"r={r}", svd_core(r), grid=grid, standard=r == 32,
             ieee_reason="the r x r core product u = z C^T stays IEEE fp32 on the fp32 accumulator z "
                         "(2 N r^2 FLOPs: r / d of z = x A^T's)"))
+        out["_svd_core_fwd_kernel"].append(Variant(
+            f"r={r}, float32 A and C split in two half products", svd_core(r, split=True), HALF_DTYPES, grid=grid,
+            standard=r == 32, ieee_reason="u = z C^T on the fp32 z, as above"))
     return out
 
 
@@ -125,7 +137,8 @@ GPU_TARGETS = {32: 1.12}      # DESIGN section 7: OFT b=32 GPU bf16 <= 1.12 (no 
 
 
 def _cayley_steps(n: int, b: int, neumann: bool) -> list[Step]:
-    """packed -> R and dL/dR -> dL/dpacked: one program per block, fp32 (B, B) tiles (B = b here)."""
+    """packed -> R and dL/dR -> dL/dpacked: one program per block, fp32 (B, B) tiles (B = b here).
+    Neumann mode keeps no R: its backward reruns the forward launch before the adjoint's."""
     packed_and_r = n * (b * (b - 1) // 2 + b * b) * 4
     if neumann:   # forward: 3 tile products; backward closed form: 5
         forward = Step(f"R = Neumann-5(Q), {n} blocks", packed_and_r, fp32_flops=n * 3 * 2 * b ** 3,
@@ -133,12 +146,23 @@ def _cayley_steps(n: int, b: int, neumann: bool) -> list[Step]:
         backward = Step(f"dL/dpacked, Neumann-5 adjoint, {n} blocks", packed_and_r + n * b * b * 4,
                         fp32_flops=n * 5 * 2 * b ** 3, kernel="_cayley_bwd_kernel", programs=n)
         monitor = small("Neumann divergence monitor (skew, norms, copy to host)", 8, 4 * n * b * b * 4)
-        return [forward, monitor, backward]
+        rerun = dataclasses.replace(forward, what=f"R = Neumann-5(Q) rerun in the backward, {n} blocks")
+        return [forward, monitor, rerun, backward]
     forward = Step(f"R = cayley(Q) by elimination, {n} blocks", packed_and_r, fp32_flops=n * 4 * b ** 3,
                    kernel="_cayley_fwd_kernel", programs=n, latency_s=b * ELIMINATION_STEP_S)
     backward = Step(f"dL/dpacked = skew(2 N^T G N^T), {n} blocks", 2 * packed_and_r, fp32_flops=n * 2 * 2 * b ** 3,
                     kernel="_cayley_bwd_kernel", programs=n)
     return [forward, small("negate packed (R = cayley(-Q)) and its gradient", 2), backward]
+
+
+def _cayley_forward_steps(n: int, b: int, neumann: bool) -> list[Step]:
+    """The forward's share of :func:`_cayley_steps` (R, and the negation or the monitor)."""
+    return _cayley_steps(n, b, neumann)[:2]
+
+
+def _cayley_backward_steps(n: int, b: int, neumann: bool) -> list[Step]:
+    """The backward's share (Neumann: the rerun of R, then dL/dpacked)."""
+    return _cayley_steps(n, b, neumann)[2:]
 
 
 def _block_grad_steps(s: Shape, b: int, elem: int) -> list[Step]:
@@ -156,51 +180,54 @@ def _block_grad_steps(s: Shape, b: int, elem: int) -> list[Step]:
             small("sum the dR partials, cast", 2, partial + 2 * n * b * b * 4)]
 
 
-def _rotate(what: str, rows: int, d: int, b: int, elem: int, out_elem: int | None = None) -> Step:
+def _rotate(what: str, rows: int, d: int, b: int, elem: int, out_elem: int | None = None,
+            split: bool = False) -> Step:
+    """The block rotation kernel over ``rows`` x d: IEEE fp32 dots (FFMA) for fp32 data, half
+    tensor-core dots for half data; ``split``: a float32 R on half data, two half dots."""
     flops = 2.0 * rows * d * b
     fp32 = elem == 4
-    return Step(what, rows * d * (elem + (out_elem or elem)), tensor_flops=0.0 if fp32 else flops,
+    return Step(what, rows * d * (elem + (out_elem or elem)), tensor_flops=0.0 if fp32 else flops * (2 if split else 1),
                 fp32_flops=flops if fp32 else 0.0, kernel="_block_rotate_fwd_kernel")
 
 
 def _oft_fp32_adapter(s: Shape, b: int, neumann: bool) -> tuple:
-    """PEFT's default (fp32 oft_R on a bf16 base): the bridge's mixed path, x cast to fp32 and
-    rotated by an IEEE fp32 dot (fastadapt/layers/cayley.py _oft_forward), then the base."""
+    """PEFT's default (fp32 oft_R on a bf16 base): the oft_linear ops in the mixed layout
+    (fastadapt/ops/cayley_oft.py): R in fp32; forward rotates W when N > d_out, else x, R split
+    into two bf16 operands (two tensor-core dots), rounded once to bf16; backward (x side, as for
+    any half x) g = dY W, dR from x and g (half dots, fp32 accumulation, fp32 out), dx = g R^T
+    (split again).  No fp32 copy of x or of the gradient."""
     e, n = s.elem, s.d_in // b
-    x_elems = s.n * s.d_in
     base_fwd, base_bwd = base_steps(s)
+    rotate_fwd = (_rotate("W' = W R_bd^T (fp32 R, split)", s.d_out, s.d_in, b, e, split=True) if s.n > s.d_out
+                  else _rotate("x R_bd (fp32 R, split)", s.n, s.d_in, b, e, split=True))
     return tuple([
-        *_cayley_steps(n, b, neumann)[:-1],
-        Step("x.to(float32)", x_elems * (e + 4)),
-        _rotate("x R_bd (fp32)", s.n, s.d_in, b, 4),
-        Step("rotated.to(bf16)", x_elems * (4 + e)),
+        *_cayley_forward_steps(n, b, neumann),
+        rotate_fwd,
         base_fwd,
         base_bwd,
-        Step("grad to float32", x_elems * (e + 4)),
-        _rotate("dx = g R_bd^T (fp32)", s.n, s.d_in, b, 4),
-        *_block_grad_steps(s, b, 4),
-        Step("dx.to(bf16)", x_elems * (4 + e)),
-        _cayley_steps(n, b, neumann)[-1],
+        *_block_grad_steps(s, b, e),
+        _rotate("dx = g R_bd^T (fp32 R, split)", s.n, s.d_in, b, e, split=True),
+        *_cayley_backward_steps(n, b, neumann),
     ])
 
 
 def _oft_same_dtype(s: Shape, b: int, neumann: bool) -> tuple:
-    """packed in the input dtype (autocast_adapter_dtype=False): oft_linear's triton path
-    (_BlockRotateLinear): forward rotates W when N > d_out, else x; backward g = dY W, dR from x
-    and g, dx = g R^T (bf16 never takes the orthogonal weight-side shortcut)."""
+    """packed in the input dtype (autocast_adapter_dtype=False): the oft_linear ops' triton
+    implementation: forward rotates W when N > d_out, else x; backward g = dY W, dR from x and g,
+    dx = g R^T (bf16 never takes the orthogonal weight-side shortcut)."""
     e, n = s.elem, s.d_in // b
     base_fwd, base_bwd = base_steps(s)
     weight_side = s.n > s.d_out
     rotate_fwd = (_rotate("W' = W R_bd^T", s.d_out, s.d_in, b, e) if weight_side
                   else _rotate("x R_bd", s.n, s.d_in, b, e))
     return tuple([
-        *_cayley_steps(n, b, neumann)[:-1],
+        *_cayley_forward_steps(n, b, neumann),
         rotate_fwd,
         base_fwd,
         base_bwd,
         *_block_grad_steps(s, b, e),
         _rotate("dx = g R_bd^T", s.n, s.d_in, b, e),
-        _cayley_steps(n, b, neumann)[-1],
+        *_cayley_backward_steps(n, b, neumann),
     ])
 
 
@@ -232,12 +259,13 @@ def roofline(shape: Shape) -> list[Method]:
             case = f"oft_b{b}{'' if neumann else '_exact'}"
             out.append(Method(f"OFT b={b} {mode}, fp32 oft_R (PEFT default)", case,
                               _oft_fp32_adapter(shape, b, neumann), GPU_TARGETS.get(b),
-                              note="the bridge's mixed path: x cast to fp32, the rotation an IEEE fp32 dot on "
-                                   "CUDA cores, fp32 copies of x (saved) and of the gradient"))
+                              note="the oft_linear ops' mixed layout: the fp32 R split into two bf16 operands "
+                                   "(two tensor-core dots per rotation), no fp32 copies"))
             out.append(Method(f"OFT b={b} {mode}, bf16 oft_R", f"{case} (autocast_adapter_dtype=False)",
                               _oft_same_dtype(shape, b, neumann), GPU_TARGETS.get(b),
                               note="no benchmark case runs this dtype yet: the fused bf16 path as the kernels give it"))
     out.append(Method("PSOFT r=32, bf16 psoft_R", "psoft_r32 (autocast_adapter_dtype=False)", _psoft(shape),
-                      note="the benchmark's psoft_r32 keeps PEFT's fp32 psoft_R on the bf16 base, which the bridge "
-                           "sends to PEFT's forward (mixed dtypes): this row is the fused path it would take"))
+                      note="the same-dtype path; the benchmark's psoft_r32 keeps PEFT's fp32 psoft_R, A, B on the "
+                           "bf16 base, which runs fused in the mixed layout (svd_core with A split into two bf16 "
+                           "operands, the rank-r update added in fp32 and rounded once): not modelled here"))
     return out

@@ -1071,6 +1071,31 @@ def test_triton_backend_oft_layer_output_and_gradients(neumann, dtype, adapter_d
     assert {"block_rotate_forward", "block_rotate_backward_weight"} <= set(launches)
 
 
+HALF_KERNEL_DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    INTERPRETED, reason="the Triton interpreter has no bf16 arithmetic"))]
+
+
+@triton_missing
+@pytest.mark.parametrize("dtype", HALF_KERNEL_DTYPES)
+def test_triton_float32_adapter_on_half_x_is_a_float32_product(dtype, device):
+    """PEFT's float32 R / A on a half x: the kernels split the float32 operand into two half ones
+    (two tensor-core products).  svd_core's z = x A^T (stored in float32) meets the fp32 row; the
+    rotation's half output is the float64 product rounded once (an R rounded to the half dtype
+    would change the rounding of most entries)."""
+    from fastadapt.triton_kernels import cayley as kernels
+    x = randn(37, 64, seed=200).to(dtype)
+    A, C = randn(24, 64, scale=0.2, seed=201), randn(24, 24, scale=0.2, seed=202)
+    z, u = kernels.svd_core_forward(x.to(device), A.float().to(device), C.float().to(device))
+    assert z.dtype == u.dtype == F32
+    assert_rel_close(z, x.double() @ A.float().double().T, F32, scale=2.0, name="z")
+    assert_rel_close(u, x.double() @ A.float().double().T @ C.float().double().T, F32, scale=2.0, name="u")
+    R = ref.cayley(ref.skew(randn(4, ops.packed_size(16), scale=0.1, seed=203), 16)).float()
+    y = kernels.block_rotate_forward(x.to(device), R.to(device))
+    exact = torch.einsum("mnk,nkc->mnc", x.double().unflatten(1, (4, 16)), R.double()).flatten(1).to(dtype)
+    mismatched = (y.cpu() != exact).double().mean()
+    assert mismatched < 0.02, f"{float(mismatched):.1%} of the outputs round differently from the float64 product"
+
+
 @triton_missing
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("r", [5, 100])  # one column chunk of C^T, and four (BLOCK_R = 128, 16 rows per program)

@@ -53,6 +53,14 @@ Math (b = block size, n = number of blocks, M = rows of the flattened input):
     features and multiplied by C^T before it leaves the program, so the only writes are z and u
     (N x r each; z is what the backward needs for dC).  The output y = x W^T + bias + u B^T is
     then one GEMM plus one rank-r update into the same buffer: no N x d temporary.
+
+    Float32 adapter on a half x (PEFT's default on a bf16 / fp16 base: R or A in float32).  PEFT
+    multiplies in float32.  An IEEE fp32 tl.dot runs on CUDA cores (~1/15 of the tensor-core
+    rate), so the float32 operand F is split in registers, F = F_hi + F_lo with F_hi = fl_h(F)
+    and F_lo = fl_h(F - F_hi), and x F = x F_hi + x F_lo: two half tensor-core products
+    accumulated in fp32.  x is exact in its half dtype, every product is exact in fp32, and
+    F_hi + F_lo carries 2p bits of F (p = 8 for bf16, 11 for fp16): a relative error of
+    2^-17 / 2^-23 per term, far below the half rounding of the output that follows.
 """
 from __future__ import annotations
 
@@ -186,9 +194,12 @@ def _cayley_bwd_kernel(src_ptr, g_ptr, out_ptr, b, stride_sn, stride_gn, stride_
 @triton.jit
 def _block_rotate_fwd_kernel(x_ptr, r_ptr, y_ptr, M, b,
                              stride_xm, stride_xk, stride_rn, stride_rk, stride_rc, stride_ym,
-                             BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
-    """y[m, i b:(i+1) b] = x[m, i b:(i+1) b] @ R_i for a tile of BLOCK_M rows and block i; IEEE: an
-    IEEE float32 product (float32 R, x converted on load when half), else in x's half dtype."""
+                             BLOCK_M: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr,
+                             SPLIT: tl.constexpr = False):
+    """y[m, i b:(i+1) b] = x[m, i b:(i+1) b] @ R_i for a tile of BLOCK_M rows and block i.  IEEE:
+    float32 x and R, an IEEE float32 product; SPLIT: a float32 R on a half x (PEFT's float32
+    adapter), R = R_hi + R_lo in x's dtype and two half tensor-core products (module docstring);
+    else one product in x's half dtype."""
     pid_m = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -199,7 +210,11 @@ def _block_rotate_fwd_kernel(x_ptr, r_ptr, y_ptr, M, b,
     R = tl.load(r_ptr + block * stride_rn + offs_k[:, None] * stride_rk + offs_k[None, :] * stride_rc,
                 mask=(offs_k[:, None] < b) & (offs_k[None, :] < b), other=0.0)
     if IEEE:
-        acc = tl.dot(x.to(tl.float32), R.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(x, R, input_precision="ieee")
+    elif SPLIT:
+        R_hi = R.to(x.dtype)
+        acc = tl.dot(x, (R - R_hi.to(tl.float32)).to(x.dtype))
+        acc = tl.dot(x, R_hi, acc)
     else:
         acc = tl.dot(x, R.to(x.dtype))
     tl.store(y_ptr + offs_m[:, None] * stride_ym + col[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -237,11 +252,12 @@ def _block_rotate_bwd_weight_kernel(x_ptr, g_ptr, part_ptr, M, b, rows_per_split
 def _svd_core_fwd_kernel(x_ptr, a_ptr, c_ptr, z_ptr, u_ptr, M, K, r,
                          stride_xm, stride_xk, stride_ar, stride_ak, stride_ci, stride_cj, stride_zm,
                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
-                         CORE_CHUNK: tl.constexpr):
+                         CORE_CHUNK: tl.constexpr, SPLIT: tl.constexpr = False):
     """z = x A^T (fp32 over K) and u = z C^T for BLOCK_M rows; u by CORE_CHUNK columns at a time
     (C^T loaded per column chunk: a whole (BLOCK_R, BLOCK_R) fp32 IEEE product at BLOCK_R = 128
-    spilled ~14-18 KB per thread in the sm_90 compile).  IEEE: float32 A (x converted on load when
-    half: PEFT's float32 adapter), IEEE products; else x A^T in x's half dtype."""
+    spilled ~14-18 KB per thread in the sm_90 compile).  IEEE: float32 x and A, IEEE products;
+    SPLIT: a float32 A on a half x (PEFT's float32 adapter), A = A_hi + A_lo in x's dtype, two
+    half tensor-core products; else x A^T in x's half dtype.  u = z C^T is IEEE fp32 on the fp32 z."""
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
@@ -253,7 +269,11 @@ def _svd_core_fwd_kernel(x_ptr, a_ptr, c_ptr, z_ptr, u_ptr, M, K, r,
         at = tl.load(a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                      mask=(offs_k[:, None] < K) & (offs_r[None, :] < r), other=0.0)
         if IEEE:
-            z += tl.dot(x.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+            z += tl.dot(x, at, input_precision="ieee")
+        elif SPLIT:
+            at_hi = at.to(x.dtype)
+            z = tl.dot(x, (at - at_hi.to(tl.float32)).to(x.dtype), z)
+            z = tl.dot(x, at_hi, z)
         else:
             z += tl.dot(x, at.to(x.dtype))
     mask = (offs_m[:, None] < M) & (offs_r[None, :] < r)
@@ -349,31 +369,32 @@ def cayley_backward(R_or_packed: torch.Tensor, grad_R: torch.Tensor, block_size:
 
 
 def _check_adapter_dtype(what: str, x: torch.Tensor, adapter_name: str, adapter: torch.Tensor) -> bool:
-    """``adapter`` in x's dtype, or float32 on a half x (PEFT's float32 adapter); True when the
-    products then run in float32 (IEEE)."""
+    """``adapter`` in x's dtype, or float32 on a half x (PEFT's float32 adapter); True for the
+    latter, whose products run split (SPLIT: two half products of x with adapter_hi, adapter_lo)."""
     if adapter.dtype != x.dtype and not (adapter.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
         raise TypeError(f"{adapter_name} is {adapter.dtype} but x is {x.dtype}; {what} takes {adapter_name} in x's "
                         "dtype, or float32 on a float16 / bfloat16 x")
-    return adapter.dtype == torch.float32
+    return adapter.dtype != x.dtype
 
 
 def block_rotate_forward(x2d: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """y = x R_bd: x (M, n b) any strides, R (n or 1, b, b) any strides (a transposed view gives
-    x R_bd^T), R in x's dtype or float32 on a half x (then an IEEE float32 product).  Returns a
-    contiguous (M, n b) tensor in x's dtype."""
+    x R_bd^T), R in x's dtype or float32 on a half x (then R = R_hi + R_lo, two half products).
+    Returns a contiguous (M, n b) tensor in x's dtype."""
     M, d = x2d.shape
     b = R.shape[-1]
     n = d // b
     if R.shape[-2] != b or d % b or R.shape[0] not in (1, n):
         raise ValueError(f"R {tuple(R.shape)} does not tile x {tuple(x2d.shape)}")
-    f32 = _check_adapter_dtype("block_rotate_forward", x2d, "R", R)
+    split = _check_adapter_dtype("block_rotate_forward", x2d, "R", R)
     y = torch.empty(M, d, dtype=x2d.dtype, device=x2d.device)
     BLOCK = _block_width(b)
     BLOCK_M = 16 if BLOCK >= 128 else 64
     grid = (triton.cdiv(M, BLOCK_M), n)
     _block_rotate_fwd_kernel[grid](x2d, R, y, M, b, x2d.stride(0), x2d.stride(1),
                                    0 if R.shape[0] == 1 else R.stride(0), R.stride(1), R.stride(2), y.stride(0),
-                                   BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=f32)
+                                   BLOCK_M=BLOCK_M, BLOCK=BLOCK, IEEE=x2d.dtype == torch.float32,
+                                   SPLIT=split)
     return y
 
 
@@ -409,7 +430,7 @@ def svd_core_forward(x2d: torch.Tensor, A: torch.Tensor, C: torch.Tensor):
     r = A.shape[0]
     if A.shape[1] != K or C.shape != (r, r):
         raise ValueError(f"A {tuple(A.shape)} and C {tuple(C.shape)} do not chain with x {tuple(x2d.shape)}")
-    f32 = _check_adapter_dtype("svd_core_forward", x2d, "A", A)
+    split = _check_adapter_dtype("svd_core_forward", x2d, "A", A)
     if C.dtype != A.dtype:
         raise TypeError(f"C is {C.dtype} but A is {A.dtype}; svd_core_forward takes A and C of one dtype")
     z = torch.empty(M, r, dtype=A.dtype, device=x2d.device)
@@ -417,7 +438,7 @@ def svd_core_forward(x2d: torch.Tensor, A: torch.Tensor, C: torch.Tensor):
     tiles = svd_core_tiles(r)
     _svd_core_fwd_kernel[(triton.cdiv(M, tiles["BLOCK_M"]),)](
         x2d, A, C, z, u, M, K, r, x2d.stride(0), x2d.stride(1), A.stride(0), A.stride(1),
-        C.stride(0), C.stride(1), z.stride(0), IEEE=f32, **tiles)
+        C.stride(0), C.stride(1), z.stride(0), IEEE=x2d.dtype == torch.float32, SPLIT=split, **tiles)
     return z, u
 
 

@@ -15,7 +15,8 @@ Math (b = block size, n = d / b blocks, x (M, n b), R (n or 1 shared, b, b)):
 
 Mixed precision (PEFT's float32 adapter on a half base): x half, R float32.  The rotation runs in
 float32 and rounds once to x's dtype (PEFT casts x to the adapter's dtype, rotates, casts back);
-dR accumulates in R's dtype.
+dR accumulates in R's dtype.  The Triton kernel splits R into two half operands and runs two
+tensor-core products (2p bits of R: fastadapt.triton_kernels.cayley).
 
 Torch building blocks (also used by fastadapt.ops.cayley_oft): ``rotate`` (one bmm writing the
 (M, n, b) output through a strided view, no transposed copies), ``rotate_`` (in place, a row

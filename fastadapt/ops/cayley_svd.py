@@ -16,7 +16,8 @@ Dtype layouts (fastadapt.ops._policy): one dtype throughout, or PEFT's mixed lay
 bias half with A, B and C float32 (PEFT casts x to the adapter's dtype, runs the adapter path in
 float32 and adds it to the half base output in float32, rounding the sum once): z, u, du, dz and
 the adapter gradients in float32, the half operands converted a row chunk at a time (no float32
-copy of x or dy), the base GEMMs in the half dtype.
+copy of x or dy), the base GEMMs in the half dtype (the Triton svd_core kernel splits A into two
+half operands for tensor-core products: fastadapt.triton_kernels.cayley).
 
 Ops: svd_rotation_linear -> (y, z) (torch; triton: z and u from one kernel for a shared core,
 z kept in registers between the two products), svd_rotation_linear_backward (GEMMs: the torch
