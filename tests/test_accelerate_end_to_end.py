@@ -88,7 +88,8 @@ def test_training_follows_peft_and_checkpoint_loads_in_plain_peft(name, backend,
     monkeypatch.setenv("FASTADAPT_BACKEND", backend)
     with triton_launches() as launched:
         got = _train(fused_model, batches)
-    assert bool(launched) == (backend == "triton"), sorted(set(launched))
+    has_kernels = fastadapt.methods()[variant.method].triton  # the method declares Triton kernels
+    assert bool(launched) == (backend == "triton" and has_kernels), sorted(set(launched))
     assert report.fused_calls == report.num_patched * len(batches) and not report.fallbacks, str(report)
     assert_rel_close(got, expected, name="losses")
     trained = {n: p for n, p in reference.named_parameters() if p.requires_grad}
@@ -127,7 +128,7 @@ def test_half_base_with_float32_adapter_on_the_triton_path_follows_peft(name, mo
     monkeypatch.setenv("FASTADAPT_BACKEND", "triton")
     with triton_launches() as launched:
         got = _train(triton_path, batches)
-    assert launched, "no Triton kernel ran"
+    assert launched or not fastadapt.methods()[variant.method].triton, "no Triton kernel ran"
     assert report.fused_calls == report.num_patched * len(batches) and not report.fallbacks, str(report)
     assert_rel_close(got, expected, torch.float16, name="losses")
     reference = dict(torch_path.named_parameters())

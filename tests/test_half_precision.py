@@ -102,7 +102,8 @@ def test_fused_is_as_accurate_as_peft_against_float64(variant, dtype, autocast, 
     monkeypatch.setenv("FASTADAPT_BACKEND", backend)
     with triton_launches() as launched:
         fused_errors = _mean_errors(fused, truths, batches)
-    assert bool(launched) == (backend == "triton"), sorted(set(launched))
+    has_kernels = fastadapt.methods()[variant.method].triton  # the method declares Triton kernels
+    assert bool(launched) == (backend == "triton" and has_kernels), sorted(set(launched))
     assert report.fused_calls == report.num_patched * BATCHES and not report.fallbacks, str(report)
     table = tolerance(dtype)
     worse = {name: f"{err:.2e} vs PEFT {peft_errors[name]:.2e}" for name, err in fused_errors.items()
