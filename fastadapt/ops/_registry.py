@@ -32,6 +32,10 @@ What the registration gives every op, with nothing else to write:
   arguments cast to the *current* autocast dtype (torch.library.register_autocast would fix one
   dtype per device) and autocast switched off inside, as a matmul does; ``autocast_keep`` names
   arguments left as they are (e.g. a float32 norm cache).
+- Eager speed.  Outside tracing an op call skips the dispatcher: the implementation runs
+  directly (under an autograd.Function made from the same setup_context / backward when
+  gradients are needed), so a fused layer pays no more host time than plain torch calls
+  (:meth:`FusedOp.__call__` says when the registered op runs instead).
 - opcheck.  ``tests/test_op_registry.py`` runs ``torch.library.opcheck`` (schema, fake kernel,
   autograd registration, aliasing) on the examples of every op of every ops module; an op
   without examples fails that test.
@@ -46,13 +50,20 @@ import inspect
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
+from torch._library import utils
+from torch._library.autograd import supports_tensorlist
+from torch._library.utils import fill_defaults
 
 from ..backend import select
 
 NAMESPACE = "fastadapt"
 _LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 _AUTOCAST_KEYS = {"cpu": torch._C.DispatchKey.AutocastCPU, "cuda": torch._C.DispatchKey.AutocastCUDA}
+# What autocast casts (torch's own rule for matmuls: float64 is left alone).
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
 _OPS: dict[str, "FusedOp"] = {}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)   # other tensor types (fake, subclasses) take the dispatcher
+
 
 
 def _first_device(args) -> torch.device:
@@ -80,6 +91,8 @@ class FusedOp:
         self.name = name
         self.implementations: dict[str, Callable] = {"torch": schema_fn}
         self._examples: Optional[Callable[[], Iterator]] = None
+        self._eager_function = None
+        self._num_params = len(inspect.signature(schema_fn).parameters)
         params = list(inspect.signature(schema_fn).parameters)
 
         @functools.wraps(schema_fn)
@@ -99,7 +112,32 @@ class FusedOp:
         _OPS[name] = self
 
     def __call__(self, *args, **kwargs):
-        return self.default(*args, **kwargs)
+        """Eager calls skip the dispatcher (about 2-4x a bare autograd.Function's host time per
+        call, which dominates small layers): the implementation runs directly, under an
+        autograd.Function built from the same setup_context and backward when gradients are
+        needed.  Everything else takes the registered op: torch.compile / export tracing, autocast,
+        an active dispatch mode (fake tensors, opcheck), tensor subclasses, functorch transforms,
+        keyword arguments, an op without autograd called on inputs that require grad."""
+        if (kwargs or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._functorch.maybe_current_level() is not None):
+            return self.default(*args, **kwargs)
+        tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(t, torch.Tensor)]
+        if torch.overrides.has_torch_function(tensors) or any(type(t) not in _PLAIN for t in tensors):
+            return self.default(*args)
+        for t in tensors:
+            if t.device.type in _AUTOCAST_KEYS and torch.is_autocast_enabled(t.device.type):
+                return self.default(*args)
+        if len(args) != self._num_params:
+            args, _ = fill_defaults(self.default._schema, args, {})
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            if self._eager_function is None:
+                return self.default(*args)   # no autograd registered: the dispatcher raises its error
+            return self._eager_function.apply(*args)
+        return self._run(*args)
+
+    def _run(self, *args):
+        backend = select(self.name, _first_device(args), tuple(self.implementations))
+        return self.implementations[backend](*args)
 
     def __repr__(self) -> str:
         return f"FusedOp({NAMESPACE}::{self.name}, backends={sorted(self.implementations)})"
@@ -125,6 +163,19 @@ class FusedOp:
         ``ctx.mark_non_differentiable`` on auxiliary outputs (tensors kept for backward) and
         ``ctx.set_materialize_grads(False)`` so that no zeros are made for them."""
         self.custom_op.register_autograd(backward, setup_context=setup_context)
+        run = self._run
+
+        def forward(ctx, *args):
+            output = run(*args)
+            setup_context(ctx=ctx, inputs=args, output=output)
+            return output
+
+        function = type(f"Eager_{self.name}", (torch.autograd.Function,),
+                        {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+        schema = self.default._schema
+        if any(utils.is_tensorlist_like_type(a.type) for a in (*schema.arguments, *schema.returns)):
+            function = supports_tensorlist(function)
+        self._eager_function = function
 
     def example(self, fn: Callable[[], Iterator]) -> Callable:
         """Decorator: ``fn()`` yields (args, kwargs) for opcheck, small CPU tensors."""
@@ -139,7 +190,7 @@ class FusedOp:
 
         def kernel(_keyset, *args):
             dtype = torch.get_autocast_dtype(device_type)
-            cast = [a.to(dtype) if (i not in keep and isinstance(a, torch.Tensor) and a.is_floating_point()
+            cast = [a.to(dtype) if (i not in keep and isinstance(a, torch.Tensor) and a.dtype in _AUTOCAST_FROM
                                     and a.device.type == device_type) else a
                     for i, a in enumerate(args)]
             with torch._C._ExcludeDispatchKeyGuard(excluded):
