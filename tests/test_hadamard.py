@@ -141,7 +141,7 @@ def test_float32_adapter_on_half_base_torch_path(loha_algorithm, dtype):
     """PEFT's default layout: x, W, bias half, the adapter float32."""
     x = randn(3, 17, 24, seed=3)
     _assert_fused_equals_reference(_loha_reference(24, 16, 4, seed=5), x, dtype, F32, grad_scale=2.0)
-    if loha_algorithm == "tiles":   # LoKr's own plan: "reshape" for this layout
+    if loha_algorithm == "tiles":   # LoKr: its own plan
         _assert_fused_equals_reference(_lokr_reference(24, 16, 1, seed=6, decompose_both=True), x, dtype, F32,
                                        grad_scale=2.0)
 
@@ -186,21 +186,24 @@ def test_plan_at_the_benchmark_shapes():
     """The cost models' choices where they are measured or predicted (benchmarks/NOTES.md, hadamard):
     LoHa at CPU fp32 d = 1024, N = 2048: Khatri-Rao factor gradients up to r = 16 (at r = 16 the two
     ways tie within 1 % by FLOPs and measured time), the merged weight for the forward; CUDA bf16
-    d = 4096, N = 8192: tiles except at small r.  LoKr: the merged weight at the standard shapes, the
-    reshaped products for a few tokens and for PEFT's float32 adapter on a half base."""
-    cpu = lambda r, n=2048: loha_plan(n, 1024, 1024, r, backend="torch", half_inputs=False)  # noqa: E731
+    d = 4096, N = 8192: with PEFT's float32 adapter tiles except at small r, with a bf16 adapter
+    (tensor-core thin GEMMs) Khatri-Rao up to about r^2 = d / 4.  LoKr: the merged weight at the
+    standard shapes and always on CUDA, the reshaped products for a few tokens on CPU."""
+    cpu = lambda r, n=2048: loha_plan(n, 1024, 1024, r, backend="torch", layout="float")  # noqa: E731
     assert cpu(16) == LohaPlan("tiles", "tiles", "khatri_rao")
-    assert cpu(4) == LohaPlan("tiles", "khatri_rao", "khatri_rao")     # v = dY A is there: dx's term is cheap
+    assert cpu(4) == LohaPlan("tiles", "tiles", "khatri_rao")
+    assert cpu(1) == LohaPlan("khatri_rao", "khatri_rao", "khatri_rao")
     assert cpu(32) == LohaPlan("tiles", "tiles", "tiles")
     assert cpu(16, n=16).forward == "khatri_rao"     # a few tokens: no merged weight
-    gpu = lambda r: loha_plan(8192, 4096, 4096, r, backend="triton", half_inputs=True)  # noqa: E731
-    assert gpu(16) == LohaPlan("tiles", "tiles", "tiles")
-    assert gpu(4).factor_grads == "khatri_rao"
+    gpu = lambda r, layout: loha_plan(8192, 4096, 4096, r, backend="triton", layout=layout)  # noqa: E731
+    assert gpu(16, "mixed") == LohaPlan("tiles", "tiles", "tiles")      # PEFT's float32 adapter: fp32 thin GEMMs
+    assert gpu(4, "mixed").factor_grads == "khatri_rao"
+    assert gpu(16, "half") == LohaPlan("khatri_rao", "khatri_rao", "khatri_rao")   # tensor-core thin GEMMs
+    assert gpu(64, "half") == LohaPlan("tiles", "tiles", "tiles")
     lokr = hadamard_lokr.lokr_plan
-    assert lokr(2048, (32, 32), (32, 32), backend="torch", mixed=False) == "tiles"
-    assert lokr(16, (32, 32), (32, 32), backend="torch", mixed=False) == "reshape"
-    assert lokr(2048, (32, 32), (32, 32), backend="torch", mixed=True) == "reshape"   # PEFT's rounding points
-    assert lokr(8192, (64, 64), (64, 64), backend="triton", mixed=False) == "tiles"
+    assert lokr(2048, (32, 32), (32, 32), backend="torch") == "tiles"
+    assert lokr(16, (32, 32), (32, 32), backend="torch") == "reshape"
+    assert lokr(8, (64, 64), (64, 64), backend="triton") == "tiles"
 
 
 # ----------------------------------------------------------------------------- Triton kernels (interpreter on CPU)
@@ -242,7 +245,7 @@ def test_lokr_triton_kernels_against_float64(triton_backend, lokr_algorithm, dev
     ref = _lokr_reference(d_in, d_out, r, seed=32, decompose_both=both, decompose_factor=factor).to(device)
     x = noncontig(randn(2, 19, d_in, seed=17, device=device))
     _assert_fused_equals_reference(ref, x, dtype, grad_scale=1.0 if dtype == F32 else 2.0)
-    if dtype == F16:   # PEFT's float32 adapter (its plan is "reshape": the residual epilogue)
+    if dtype == F16:   # PEFT's float32 adapter
         _assert_fused_equals_reference(ref, x, dtype, F32, grad_scale=2.0)
 
 
@@ -256,8 +259,6 @@ def test_triton_launchers_reject_bad_operands(triton_backend):
         kernels.loha_gemm_forward(x, w, factor, factor.T, factor, factor.T[:, :16], 1.0)
     with pytest.raises(ValueError, match="kron"):
         kernels.lokr_gemm_forward(x, w, randn(4, 4, dtype=F32, seed=21), randn(4, 4, dtype=F32, seed=22), 1.0)
-    with pytest.raises(TypeError, match="residual"):
-        kernels.gemm_residual_forward(x.half(), w.half(), randn(8, 16, dtype=F16, seed=23), 1.0)
     with pytest.raises(ValueError, match="w1b"):
         kernels.loha_factor_grads_backward(randn(8, 32, dtype=F32, seed=24), x, factor, factor, factor, factor.T, 1.0)
 

@@ -36,8 +36,11 @@ its measured constants (benchmarks/NOTES.md, hadamard).
 Saved for backward: x and the parameters (bytes(x) of activations); u, v, G and the merged weight
 are recomputed.  Precision: the adapter's products accumulate in float32 (float64 for float64); on a
 half base with PEFT's float32 adapter the Khatri-Rao thin GEMMs and G run in float32 on half values
-(no half rounding of u, v or G), the merged weight is rounded to the half dtype once (a weight
-rounding where PEFT rounds its base product; see fastadapt.ops.hadamard for the contract).
+(no half rounding of u, v or G), and the Khatri-Rao term joins the half base product after its
+rounding (PEFT's rounding points); the merged weight is rounded to the half dtype once (a weight
+rounding where PEFT rounds its base product; see fastadapt.ops.hadamard for the contract).  A half
+adapter on its half base runs the Khatri-Rao thin GEMMs on CUDA in that dtype (tensor cores, each
+product rounded to it, as PEFT rounds its half dW and G); on CPU in float32.
 """
 from __future__ import annotations
 
@@ -67,60 +70,72 @@ class LohaPlan:
 
 # Cost model, in units of one fused multiply-add at the rate of the layer's own GEMM.
 # CPU (MKL, measured single-threaded at d = 1024, N = 2048, benchmarks/NOTES.md hadamard): thin GEMMs
-# down to an inner or outer size of 16 run at the square GEMM's rate; an elementwise pass over an
-# O x I float32 tensor costs as much as ~12 multiply-adds per element (memory bound).
+# down to an inner or outer size of 16 run at the square GEMM's rate; an elementwise pass over a
+# float32 tensor (a merged weight, or the Khatri-Rao term BLAS accumulates onto) costs as much as
+# ~12 multiply-adds per element (memory bound).
 CPU_PASS = 12.0
 # CUDA (H200, model; no GPU measurement yet): tensor cores run half dots ~15x faster than the
 # CUDA-core IEEE fp32 dots (989 vs 67 TFLOP/s dense); the merged GEMM regenerates each weight tile
 # for every BLOCK_M = 128 tokens; the rank-r products pad r to a tile of at least 16.
 CUDA_FP32_SLOWDOWN = 15.0
 CUDA_BLOCK_M = 128
+# Dtype layouts (fastadapt.ops._policy): one float32 / float64 dtype, a half adapter on its half base,
+# or PEFT's float32 adapter on a half base.
+LAYOUTS = ("float", "half", "mixed")
+
+
+def layout_of(x: Tensor, adapter: Tensor) -> str:
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return "float"
+    return "half" if adapter.dtype == x.dtype else "mixed"
 
 
 def _block_r(r: int) -> int:
     return max(16, 1 << (r - 1).bit_length())
 
 
-def loha_plan(tokens: int, in_features: int, out_features: int, r: int, *, backend: str,
-              half_inputs: bool) -> LohaPlan:
+def loha_plan(tokens: int, in_features: int, out_features: int, r: int, *, backend: str, layout: str) -> LohaPlan:
     """The cheaper way ("tiles" or "khatri_rao") for the forward, dx and the factor gradients of one
     call, from the sizes only (no tensor is read).  ``backend``: "torch" (CPU costs) or "triton"
-    (CUDA costs); ``half_inputs``: x / dY are float16 / bfloat16 (tensor-core dots on CUDA).
+    (CUDA costs); ``layout``: one of LAYOUTS (on CUDA: which products run on tensor cores).
 
     Costs (multiply-adds at the rate of the layer's GEMM; CPU: every GEMM at one rate plus
-    ``CPU_PASS`` per element of an O x I pass; CUDA: float32 products of the Khatri-Rao path run
-    ``CUDA_FP32_SLOWDOWN`` x slower than half tensor-core dots, the tiles' rank-r products are redone
-    per BLOCK_M tokens):
+    ``CPU_PASS`` per element of a memory-bound pass; CUDA: float32 products run
+    ``CUDA_FP32_SLOWDOWN`` x slower than half tensor-core dots -- the whole layer for a float32 base,
+    the Khatri-Rao thin GEMMs and the tiles' contractions for PEFT's float32 adapter on a half base --
+    and the tiles' rank-r products are redone per BLOCK_M tokens):
 
         forward, tiles:   CPU 2 O I r + 3 CPU_PASS O I       CUDA 2 N O I R / BLOCK_M
-        forward, KR:      N r^2 (I + O)                       (x slowdown on CUDA)
-        factors, tiles:   N O I + 6 O I r (+ 4 CPU_PASS O I)  (the 6 O I r in fp32 on CUDA)
-        factors, KR:      2 N r^2 (I + O)                     (x slowdown on CUDA)
+        forward, KR:      N r^2 (I + O)  (+ CPU_PASS N O: the term's own pass on CPU)
+        factors, tiles:   N O I + 6 O I r (+ 4 CPU_PASS O I on CPU)
+        factors, KR:      2 N r^2 (I + O)
         dx: as the forward, except that with Khatri-Rao factor gradients v = dY A is already there
-            and dx's Khatri-Rao term costs N r^2 I.
+            and dx's Khatri-Rao term costs N r^2 I (+ CPU_PASS N I).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}; valid choices: {list(LAYOUTS)}")
     n, i, o = tokens, in_features, out_features
     r2 = r * r
     if backend == "torch":
-        slow = 1.0
+        thin, out_pass = 1.0, CPU_PASS
         tiles_weight = 2.0 * o * i * r + 3 * CPU_PASS * o * i
         tiles_factors = n * o * i + 6.0 * o * i * r + 4 * CPU_PASS * o * i
     else:
-        slow = CUDA_FP32_SLOWDOWN
-        main = 1.0 if half_inputs else CUDA_FP32_SLOWDOWN
+        main = CUDA_FP32_SLOWDOWN if layout == "float" else 1.0
+        thin, out_pass = (1.0 if layout == "half" else CUDA_FP32_SLOWDOWN), 0.0
         tiles_weight = 2.0 * n * o * i * _block_r(r) / CUDA_BLOCK_M * main
-        tiles_factors = n * o * i * main + 6.0 * o * i * r * CUDA_FP32_SLOWDOWN
-    kr_forward = n * r2 * (i + o) * slow
-    factor_grads = "khatri_rao" if 2.0 * n * r2 * (i + o) * slow < tiles_factors else "tiles"
-    kr_input_grad = n * r2 * (i if factor_grads == "khatri_rao" else i + o) * slow
+        tiles_factors = n * o * i * main + 6.0 * o * i * r * (main if layout == "half" else CUDA_FP32_SLOWDOWN)
+    kr_forward = n * r2 * (i + o) * thin + out_pass * n * o
+    factor_grads = "khatri_rao" if 2.0 * n * r2 * (i + o) * thin < tiles_factors else "tiles"
+    kr_input_grad = n * r2 * (i if factor_grads == "khatri_rao" else i + o) * thin + out_pass * n * i
     return LohaPlan(forward="khatri_rao" if kr_forward < tiles_weight else "tiles",
                     input_grad="khatri_rao" if kr_input_grad < tiles_weight else "tiles",
                     factor_grads=factor_grads)
 
 
-def _plan(kernels: "_Kernels", x: Tensor, weight: Tensor, r: int) -> LohaPlan:
-    return loha_plan(x.shape[0], weight.shape[1], weight.shape[0], r, backend=kernels.backend,
-                     half_inputs=x.dtype in (torch.float16, torch.bfloat16))
+def _plan(kernels: "_Kernels", x: Tensor, weight: Tensor, w1a: Tensor) -> LohaPlan:
+    return loha_plan(x.shape[0], weight.shape[1], weight.shape[0], w1a.shape[1], backend=kernels.backend,
+                     layout=layout_of(x, w1a))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +189,21 @@ def _triton_merged_gemm(a, y, l1, r1, l2, r2, scale, bias=None):
     return kernels.loha_gemm_forward(a, y, l1, r1, l2, r2, scale, bias=bias)
 
 
+def _torch_thin_matmuls(dtype: Optional[torch.dtype]) -> Callable:
+    """The Khatri-Rao thin GEMMs on CPU: always in the accumulation dtype (float32 / float64)."""
+    return gemm.acc_matmul
+
+
+def _triton_thin_matmuls(dtype: Optional[torch.dtype]) -> Callable:
+    """The Khatri-Rao thin GEMMs on CUDA.  ``dtype``: the half dtype of a half adapter on its half base:
+    tensor-core products in it (cuBLAS), each product rounded to it as PEFT's half dW and G are; None
+    (float32 layers, PEFT's float32 adapter on a half base): IEEE float32 products, half tiles
+    converted on load (fastadapt.ops._lowrank_gemm)."""
+    if dtype is not None:
+        return lambda a, b: (a.to(dtype) @ b.to(dtype)).float()
+    return gemm.triton().acc_matmul
+
+
 def _triton_factor_grads_tiles(dy, x, w1a, w1b, w2a, w2b, scale):
     if x.dtype == torch.float64:
         return factor_grads_tiles_torch(dy, x, w1a, w1b, w2a, w2b, scale)
@@ -185,15 +215,15 @@ class _Kernels(NamedTuple):
     backend: str                     # the cost model loha_plan uses
     merged_gemm: Callable
     factor_grads_tiles: Callable
-    acc_matmul: Callable
+    thin_matmuls: Callable           # thin_matmuls(half dtype or None) -> the Khatri-Rao products' matmul
 
 
-TORCH = _Kernels("torch", merged_gemm_torch, factor_grads_tiles_torch, gemm.acc_matmul)
+TORCH = _Kernels("torch", merged_gemm_torch, factor_grads_tiles_torch, _torch_thin_matmuls)
 
 
 @functools.lru_cache(maxsize=None)
 def _triton() -> _Kernels:
-    return _Kernels("triton", _triton_merged_gemm, _triton_factor_grads_tiles, gemm.triton().acc_matmul)
+    return _Kernels("triton", _triton_merged_gemm, _triton_factor_grads_tiles, _triton_thin_matmuls)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -208,12 +238,28 @@ def khatri_rao_factors(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor,
     return a, b
 
 
+def _thin(k: _Kernels, x: Tensor, w1a: Tensor) -> Callable:
+    return k.thin_matmuls(x.dtype if layout_of(x, w1a) == "half" else None)
+
+
+def add_to_base(a: Tensor, y: Tensor, term: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """a y (+ bias) + term: BLAS accumulates the base product onto the term when ``a`` has its dtype;
+    on a half ``a`` the base product is rounded where PEFT's half GEMM rounds it, the term (float32)
+    joins and the sum is rounded once."""
+    if a.dtype == term.dtype:
+        out = term.addmm_(a, y)
+        return out if bias is None else out.add_(bias)
+    base = a @ y if bias is None else torch.addmm(bias, a, y)
+    return base.to(term.dtype).add_(term).to(a.dtype)
+
+
 def _forward(k: _Kernels, x, weight, bias, w1a, w1b, w2a, w2b, scaling):
-    if _plan(k, x, weight, w1a.shape[1]).forward == "tiles":
+    if _plan(k, x, weight, w1a).forward == "tiles":
         return k.merged_gemm(x, weight.T, w1b.T, w1a.T, w2b.T, w2a.T, scaling, bias)
+    thin = _thin(k, x, w1a)
     a_kr, b_kr = khatri_rao_factors(w1a, w1b, w2a, w2b, _compute_dtype(x, w1a))
-    u = k.acc_matmul(x, b_kr.T)
-    return gemm.lowrank_gemm(x, weight.T, u, a_kr.T.mul(scaling), bias=bias, round_base=True, bias_in_base=True)
+    term = thin(thin(x, b_kr.T), a_kr.T.mul(scaling))           # s (x B^T) A^T
+    return add_to_base(x, weight.T, term, bias)
 
 
 def _contract_khatri_rao(m_a: Tensor, m_b: Tensor, w1a, w1b, w2a, w2b, scaling) -> list[Tensor]:
@@ -226,7 +272,8 @@ def _contract_khatri_rao(m_a: Tensor, m_b: Tensor, w1a, w1b, w2a, w2b, scaling) 
 
 
 def _backward(k: _Kernels, dy, x, weight, w1a, w1b, w2a, w2b, scaling, needs):
-    plan = _plan(k, x, weight, w1a.shape[1])
+    plan = _plan(k, x, weight, w1a)
+    thin = _thin(k, x, w1a)
     factors = (w1a, w1b, w2a, w2b)
     out = [dy.new_empty(0) for _ in range(6)]         # distinct tensors: outputs may not alias
     v = a_kr = b_kr = None
@@ -234,9 +281,9 @@ def _backward(k: _Kernels, dy, x, weight, w1a, w1b, w2a, w2b, scaling, needs):
         a_kr, b_kr = khatri_rao_factors(*factors, _compute_dtype(x, w1a))
     if any(needs[1:5]):
         if plan.factor_grads == "khatri_rao":
-            u = k.acc_matmul(x, b_kr.T)                 # (N, r^2)
-            v = k.acc_matmul(dy, a_kr)                  # (N, r^2)
-            grads = _contract_khatri_rao(k.acc_matmul(dy.T, u), k.acc_matmul(v.T, x), *factors, scaling)
+            u = thin(x, b_kr.T)                         # (N, r^2)
+            v = thin(dy, a_kr)                          # (N, r^2)
+            grads = _contract_khatri_rao(thin(dy.T, u), thin(v.T, x), *factors, scaling)
         else:
             grads = k.factor_grads_tiles(dy, x, *factors, scaling)
         for j, (g, f) in enumerate(zip(grads, factors), start=1):
@@ -246,8 +293,8 @@ def _backward(k: _Kernels, dy, x, weight, w1a, w1b, w2a, w2b, scaling, needs):
         if plan.input_grad == "tiles":
             out[0] = k.merged_gemm(dy, weight, w1a, w1b, w2a, w2b, scaling)
         else:
-            v = k.acc_matmul(dy, a_kr) if v is None else v
-            out[0] = gemm.lowrank_gemm(dy, weight, v, b_kr.mul(scaling), round_base=True)
+            v = thin(dy, a_kr) if v is None else v
+            out[0] = add_to_base(dy, weight, thin(v, b_kr.mul(scaling)), None)
     if needs[5]:
         out[5] = dy.sum(dim=0)
     return out

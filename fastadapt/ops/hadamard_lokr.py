@@ -20,21 +20,21 @@ per direction beside the layer's 2 N O I.
 "tiles" (the merged weight where the GEMM uses it): y = x (W + s kron(w1, w2))^T + b and
 dx = dY (W + s kron(w1, w2)).  CPU: W + s kron(w1, w2) written through the (a, b, c, d) view of W by
 one broadcast product (a transient O x I tensor, one pass); CUDA: the merged GEMM kernel
-(fastadapt.triton_kernels.hadamard) generates each kron tile from two gathers on chip.
-PEFT's float32 adapter on a half base always runs "reshape" (PEFT's rounding points: on CUDA the
-float32 term joins the half base GEMM after its rounding, in the kernel's epilogue); otherwise CUDA
-runs "tiles" and the CPU picks by cost (at d = 1024, N = 2048: one pass over W against two thin
-products per token; measured in benchmarks/NOTES.md, hadamard).
-d w1 and d w2 always by reshape and matmul, over chunks of tokens (no N x I temporary): V = dY w2 one
-(t a, b) x (b, d) GEMM and sum_t V_t X_t^T one batched product summed over the chunk's tokens;
-d w2 += Q^T X one (b, t c) x (t c, d) GEMM.
+(fastadapt.triton_kernels.hadamard) generates each kron tile from two gathers on chip, always
+(against the reshaped products' four N x d passes).  The CPU picks by cost (at d = 1024, N = 2048
+one pass over W against two thin products per token; measured in benchmarks/NOTES.md, hadamard).
+d w1 and d w2 always by reshape and matmul: V = dY w2 one (t a, b) x (b, d) GEMM and sum_t V_t X_t^T
+one batched product summed over the tokens; d w2 += Q^T X one (b, t c) x (t c, d) GEMM; on CPU over
+chunks of tokens (no N x I temporary), on CUDA in one chunk and, for half activations, in their half
+dtype on tensor cores (float32 sums of the per-token products).
 
 Saved for backward: x and the parameters (w1 / w2, or the a x c / b x d products formed from their
-factors): bytes(x) of activations plus a c + b d elements.  Precision: the kron term and the factor
-gradients accumulate in float32 (float64 for float64) from x and dY converted to it; a merged weight
-W + s kron(w1, w2) is summed in float32 and rounded to W's dtype once (PEFT rounds its half dW and
-its half x dW^T for a half adapter; for a float32 or float64 layer the merged and the two-GEMM forms
-differ by float rounding only).
+factors): bytes(x) of activations plus a c + b d elements.  Precision: the kron term and the CPU's
+factor gradients accumulate in float32 (float64 for float64) from x and dY converted to it; a merged
+weight W + s kron(w1, w2) is summed in float32 and rounded to W's dtype once (a weight rounding where
+PEFT rounds its base product; PEFT's float32 adapter on a half base included).  On CUDA the factor
+gradients of half activations take w1 / w2 in the half dtype (a float32 adapter's factors rounded
+for these products: one unit of the half dtype, the tolerance table's bound).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..testing import randn
-from ._policy import acc_dtype, is_mixed
+from ._policy import HALF_DTYPES, acc_dtype
 from ._registry import fused_op
 from .hadamard_loha import CPU_PASS
 
@@ -57,14 +57,11 @@ MODES = ("tiles", "reshape")
 CPU_RESHAPE_SLOWDOWN = 1.25
 
 
-def lokr_plan(tokens: int, w1_shape: tuple, w2_shape: tuple, *, backend: str, mixed: bool) -> str:
+def lokr_plan(tokens: int, w1_shape: tuple, w2_shape: tuple, *, backend: str) -> str:
     """"tiles" or "reshape" for the forward and dx of one call, from the sizes only (module docstring).
-    ``mixed``: PEFT's float32 adapter on a half base (always "reshape": PEFT's rounding points);
-    ``backend``: "triton" generates the kron tiles in the GEMM (no cost but two gathers per element);
-    "torch" compares one merged-weight pass, 2 CPU_PASS O I, with the reshaped products,
-    CPU_RESHAPE_SLOWDOWN N (c d b + a c b)."""
-    if mixed:
-        return "reshape"
+    ``backend``: "triton" generates the kron tiles in the GEMM (two gathers per weight element per
+    token tile: always "tiles"); "torch" compares one merged-weight pass, 2 CPU_PASS O I, with the
+    reshaped products, CPU_RESHAPE_SLOWDOWN N (c d b + a c b)."""
     if backend == "triton":
         return "tiles"
     (a, c), (b, d) = w1_shape, w2_shape
@@ -77,8 +74,7 @@ def _compute_dtype(x: Tensor, w1: Tensor) -> torch.dtype:
 
 
 def _plan(k: "_Kernels", a: Tensor, w1: Tensor, w2: Tensor) -> str:
-    return lokr_plan(a.shape[0], tuple(w1.shape), tuple(w2.shape), backend=k.backend,
-                     mixed=is_mixed(a.dtype, w1.dtype))
+    return lokr_plan(a.shape[0], tuple(w1.shape), tuple(w2.shape), backend=k.backend)
 
 
 def merged(weight: Tensor, w1: Tensor, w2: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
@@ -130,65 +126,61 @@ def _input_grad_torch(dy, weight, w1, w2, scaling, plan):
 
 
 def _forward_triton(x, weight, bias, w1, w2, scaling, plan):
-    if x.dtype == torch.float64:
+    if x.dtype == torch.float64 or plan == "reshape":
         return _forward_torch(x, weight, bias, w1, w2, scaling, plan)
-    from ..triton_kernels import hadamard as kernels
-    if plan == "tiles":      # kron(w1, w2) tiles generated inside the GEMM
-        return kernels.lokr_gemm_forward(x, weight.T, w1.T, w2.T, scaling, bias=bias)
-    term = kron_rows(x.float(), w1.float(), w2.float())   # added after the rounded base GEMM
-    return kernels.gemm_residual_forward(x, weight.T, term, scaling, bias=bias)
+    from ..triton_kernels import hadamard as kernels    # kron(w1, w2) tiles generated inside the GEMM
+    return kernels.lokr_gemm_forward(x, weight.T, w1.T, w2.T, scaling, bias=bias)
 
 
 def _input_grad_triton(dy, weight, w1, w2, scaling, plan):
-    if dy.dtype == torch.float64:
+    if dy.dtype == torch.float64 or plan == "reshape":
         return _input_grad_torch(dy, weight, w1, w2, scaling, plan)
     from ..triton_kernels import hadamard as kernels
-    if plan == "tiles":
-        return kernels.lokr_gemm_forward(dy, weight, w1, w2, scaling), None
-    term, q = _input_grad_term(dy, w1, w2, torch.float32)
-    return kernels.gemm_residual_forward(dy, weight, term, scaling), q
+    return kernels.lokr_gemm_forward(dy, weight, w1, w2, scaling), None
 
 
 class _Kernels(NamedTuple):
     backend: str                     # the cost model lokr_plan uses
     forward: Callable
     input_grad: Callable
+    grads_in_half: bool              # the factor-gradient products in the activations' half dtype
 
 
-TORCH = _Kernels("torch", _forward_torch, _input_grad_torch)
+TORCH = _Kernels("torch", _forward_torch, _input_grad_torch, False)
 
 
 @functools.lru_cache(maxsize=None)
 def _triton() -> _Kernels:
-    return _Kernels("triton", _forward_triton, _input_grad_triton)
+    return _Kernels("triton", _forward_triton, _input_grad_triton, True)
 
 
-# Tokens per chunk of the factor-gradient products: 2^18 elements of x (1 MiB float32), so that a
-# chunk's V, Q and batched products stay in cache and no N x I temporary is made.
+# Tokens per chunk of the factor-gradient products on CPU: 2^18 elements of x (1 MiB float32), so that
+# a chunk's V, Q and batched products stay in cache and no N x I temporary is made (CUDA: one chunk).
 _CHUNK_ELEMENTS = 1 << 18
 
 
-def _factor_grads(dy, x, w1, w2, scaling, q, needs) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """(d w1, d w2) in the accumulation dtype (module docstring), over chunks of tokens; ``q`` =
-    w1^T dY_t if already formed."""
+def _factor_grads(dy, x, w1, w2, scaling, q, needs, in_half) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(d w1, d w2) in the accumulation dtype (module docstring); ``q`` = w1^T dY_t if already formed.
+    ``in_half``: the products run in x's half dtype (tensor cores on CUDA) with float32 sums."""
     acc = _compute_dtype(x, w1)
+    work = x.dtype if in_half and x.dtype in HALF_DTYPES else acc
     n = x.shape[0]
     (a, c), (b, d) = w1.shape, w2.shape
-    w1, w2 = w1.to(acc), w2.to(acc)
+    w1, w2 = w1.to(work), w2.to(work)
     d_w1 = torch.zeros(a, c, dtype=acc, device=x.device) if needs[1] else None
     d_w2 = torch.zeros(b, d, dtype=acc, device=x.device) if needs[2] else None
-    rows = max(1, min(n, _CHUNK_ELEMENTS // max(c * d, 1)))
-    for start in range(0, n, rows):
+    rows = n if x.is_cuda else max(1, min(n, _CHUNK_ELEMENTS // max(c * d, 1)))
+    for start in range(0, n, max(rows, 1)):
         stop = min(n, start + rows)
         t = stop - start
-        xs = x[start:stop].to(acc).reshape(t, c, d)
-        dys = dy[start:stop].to(acc).reshape(t, a, b)
+        xs = x[start:stop].to(work).reshape(t, c, d)
+        dys = dy[start:stop].to(work).reshape(t, a, b)
         if needs[1]:
             v = (dys.reshape(t * a, b) @ w2).view(t, a, d)
-            d_w1 += torch.bmm(v, xs.transpose(1, 2)).sum(dim=0)
+            d_w1 += torch.bmm(v, xs.transpose(1, 2)).sum(dim=0, dtype=acc)
         if needs[2]:
-            qs = torch.bmm(w1.T.expand(t, c, a), dys) if q is None else q[start:stop]
-            d_w2.addmm_(qs.reshape(t * c, b).T, xs.reshape(t * c, d))
+            qs = torch.bmm(w1.T.expand(t, c, a), dys) if q is None else q[start:stop].to(work)
+            d_w2 += (qs.reshape(t * c, b).T @ xs.reshape(t * c, d)).to(acc)
     return (None if d_w1 is None else d_w1.mul_(scaling)), (None if d_w2 is None else d_w2.mul_(scaling))
 
 
@@ -202,7 +194,7 @@ def _backward(k: _Kernels, dy, x, weight, w1, w2, scaling, needs):
     if needs[0]:
         out[0], q = k.input_grad(dy, weight, w1, w2, scaling, _plan(k, dy, w1, w2))
     if needs[1] or needs[2]:
-        d_w1, d_w2 = _factor_grads(dy, x, w1, w2, scaling, q, needs)
+        d_w1, d_w2 = _factor_grads(dy, x, w1, w2, scaling, q, needs, k.grads_in_half)
         if needs[1]:
             out[1] = d_w1.to(w1.dtype)
         if needs[2]:
