@@ -8,6 +8,10 @@ layer patched by ``fastadapt.accelerate``, where the method is bridged), "lycori
 has the method (its dropout drops the adapter's output, PEFT's its input).  Reference: the same
 PEFT layer copied to float64 (eval mode, so dropout is inactive).
 
+Other methods at PEFT's default size: VeRA r = 256 (shared projections), AdaLoRA init_r = 16, VB-LoRA
+r = 4 (256 vectors of length 256, top-2), IA3 on the input (feedforward) and on the output, MiSS r =
+64, SHiRA r = 32 (random mask), RandLoRA r = 32.
+
 Several adapters: "lora_r16_2adapters" has two r = 16 adapters active at once (PEFT loops over
 them; the fused path runs one rank-32 branch).  "lora_r16_mixed4" is a mixed-adapter batch: the
 tokens form 8 sequences, each served by one of 4 adapters (PEFT's ``adapter_names``: one sub-batch
@@ -18,7 +22,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import AdaLoraConfig, IA3Config, LoraConfig, MissConfig, RandLoraConfig, ShiraConfig, VBLoRAConfig, \
+    VeraConfig, get_peft_model
 from torch import nn
 
 from fastadapt.bench import Adapter, Case, CaseSetup, peft_layer_case, train_adapter_
@@ -93,6 +98,51 @@ def _build_several(adapters: int, mixed: bool):
     return build
 
 
+def _vera_config(rank: int, targets) -> VeraConfig:
+    return VeraConfig(r=rank, target_modules=targets)
+
+
+class _AdaLoraConfig(AdaLoraConfig):
+    """AdaLoraConfig with a default total_step: fastadapt.bench.cases.config_summary compares a config
+    with its class's default instance, which PEFT's AdaLoraConfig refuses to build without one."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("total_step", 100)
+        super().__init__(**kwargs)
+
+
+def _adalora_config(rank: int, targets) -> AdaLoraConfig:
+    return _AdaLoraConfig(init_r=rank, target_r=rank // 2, lora_alpha=2 * rank, target_modules=targets)
+
+
+def _vblora_config(rank: int, targets) -> VBLoRAConfig:
+    return VBLoRAConfig(r=rank, num_vectors=256, vector_length=256, topk=2, target_modules=targets)
+
+
+def _ia3_config(feedforward: bool):
+    def config(size: int, targets) -> IA3Config:
+        return IA3Config(target_modules=targets, feedforward_modules=targets if feedforward else [])
+    return config
+
+
+def _miss_config(rank: int, targets) -> MissConfig:
+    return MissConfig(r=rank, target_modules=targets)
+
+
+def _shira_config(rank: int, targets) -> ShiraConfig:
+    return ShiraConfig(r=rank, target_modules=targets)
+
+
+def _randlora_config(rank: int, targets) -> RandLoraConfig:
+    return RandLoraConfig(r=rank, target_modules=targets)
+
+
+def _build_method(method: str, config, size: int):
+    def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
+        return peft_layer_case(d, n, dtype, device, config(size, ["0"]), fused=_fused_arms(method))
+    return build
+
+
 CASES = [
     Case("lora_r16", "lowrank", _build_lora(0.0), notes="PEFT LoRA r=16 vs frozen Linear"),
     Case("lora_r16_dropout0.1", "lowrank", _build_lora(0.1), notes="PEFT LoRA r=16, lora_dropout=0.1"),
@@ -101,6 +151,23 @@ CASES = [
     Case("lora_r16_mixed4", "lowrank", _build_several(MIXED_ADAPTERS, True),
          notes=f"mixed-adapter batch: {MIXED_SEQUENCES} sequences over {MIXED_ADAPTERS} LoRA r=16 adapters "
                "(adapter_names)"),
+    Case("vera_r256", "lowrank", _build_method("vera", _vera_config, 256), notes="PEFT VeRA r=256 (its default)"),
+    Case("adalora_r16", "lowrank", _build_method("adalora", _adalora_config, 16), notes="PEFT AdaLoRA init_r=16"),
+    Case("vblora_r4", "lowrank", _build_method("vblora", _vblora_config, 4),
+         notes="PEFT VB-LoRA r=4, 256 vectors of length 256, top-2"),
+    Case("ia3_feedforward", "lowrank", _build_method("ia3", _ia3_config(True), 0), notes="PEFT IA3 scaling the input"),
+    Case("ia3_output", "lowrank", _build_method("ia3", _ia3_config(False), 0), notes="PEFT IA3 scaling the output"),
+    Case("miss_r64", "lowrank", _build_method("miss", _miss_config, 64), notes="PEFT MiSS r=64 (its default)"),
+    Case("shira_r32", "lowrank", _build_method("shira", _shira_config, 32), notes="PEFT SHiRA r=32 (random mask)"),
+    Case("randlora_r32", "lowrank", _build_method("randlora", _randlora_config, 32),
+         notes="PEFT RandLoRA r=32 (its default; n = d / 32 bases: a full-rank update)"),
 ]
 
-ADAPTERS = [Adapter("lora", _lora_config, "r", sizes=tuple(range(1, 513)), default=RANK)]
+ADAPTERS = [
+    Adapter("lora", _lora_config, "r", sizes=tuple(range(1, 513)), default=RANK),
+    Adapter("vera", _vera_config, "r", sizes=tuple(range(1, 1025)), default=256),
+    Adapter("adalora", _adalora_config, "r", sizes=tuple(range(2, 513)), default=16),
+    Adapter("miss", _miss_config, "r", sizes=tuple(range(1, 513)), default=64),
+    Adapter("shira", _shira_config, "r", sizes=tuple(range(1, 257)), default=32),
+    Adapter("randlora", _randlora_config, "r", sizes=tuple(range(1, 513)), default=32),
+]

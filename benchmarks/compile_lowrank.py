@@ -6,6 +6,8 @@ autotune config; the low-rank operands in the base dtype, or PEFT's float32 adap
 The LoRA forward and the rest of its backward run the shared blocks (compile_lowrank_gemm.py).
 ``_segment_lowrank_kernel`` / ``_segment_gemm_kernel``: a mixed-adapter batch (4 adapters of rank 16
 over the 8192 rows), with the launcher's CUDA tiles (64-row tiles within one adapter's rows).
+``_sampled_product_kernel``: SHiRA r = 16's weight gradient (K = 16 (4096 + 4096) positions).
+``_randlora_scale_grad_kernel``: RandLoRA r = 32's lambda / gamma gradients (n = 128 bases).
 """
 from __future__ import annotations
 
@@ -50,7 +52,36 @@ def variants() -> dict[str, list[Variant]]:
                         standard=standard, ieee_reason=MIXED_REASON) if fp32_adapter else
                 Variant(name, masked_dx(config, False), grid=grid, standard=standard))
     out.update(_segment_variants())
+    out.update(_shira_randlora_variants())
     return out
+
+
+SHIRA_RANK, RANDLORA_RANK = 16, 32
+
+
+def _shira_randlora_variants() -> dict[str, list[Variant]]:
+    from fastadapt.triton_kernels import lowrank as L
+    f = mock_tensor
+    k = SHIRA_RANK * 2 * FEATURES
+    split, per_split = L.sampled_split(ROWS, k, L.SAMPLED_TILES["BLOCK_K"], L.SAMPLED_TILES["BLOCK_T"])
+
+    def sampled(dtype):
+        args = (f(dtype), f(dtype), f("int64"), f("int64"), f("float32"), k, ROWS, per_split, FEATURES, 1, FEATURES, 1)
+        return args, dict(L.SAMPLED_TILES)
+
+    n_bases = FEATURES // RANDLORA_RANK
+
+    def scale_grad(dtype):
+        args = (f("float32"), f(dtype), f(dtype), f(dtype), f("float32"), f("float32"), RANDLORA_RANK, n_bases, FEATURES)
+        return args, dict(BLOCK_D=128)
+
+    return {
+        "_sampled_product_kernel": [Variant(f"dw: K = {k} positions over {ROWS} tokens", sampled,
+                                            grid=(triton.cdiv(k, L.SAMPLED_TILES["BLOCK_K"]), split), standard=True)],
+        "_randlora_scale_grad_kernel": [Variant(f"dlambda, dgamma: r={RANDLORA_RANK}, n={n_bases}", scale_grad,
+                                                grid=(n_bases, triton.cdiv(FEATURES, 128)), scope="parameters",
+                                                standard=True)],
+    }
 
 
 MIXED_ADAPTERS = 4

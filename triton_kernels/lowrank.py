@@ -29,6 +29,14 @@ adapter: y (and dx) in one GEMM pass with each tile's own low-rank term in its e
 products run in IEEE fp32 (u and t stay float32, PEFT's float32 adapter path); ``round_lowrank``
 rounds the base product and the low-rank term to the output dtype before adding them (PEFT's
 ``result[idx] += lora.to(result.dtype)``).  Tiles of rows without an adapter skip the low-rank dot.
+
+SHiRA's weight gradient (``_sampled_product_kernel``): dw_k = sum_t dY[t, p_k] x[t, q_k] for its K
+positions, K dot products over the tokens gathered column by column, split over token chunks whose
+float32 partial sums the launcher adds: 2 N K FLOPs instead of the 2 N out in of dY^T x.
+
+RandLoRA's scale gradients (``_randlora_scale_grad_kernel``): from dA_s (r, n, d), one read gives
+dgamma[b, j] = sum_i dA_s[i, b, j] lambda[i, b] A[i, j] and dlambda[i, b] = sum_j dA_s[i, b, j] A[i, j]
+gamma[b, j] (partial sums per column tile, added by the launcher).
 """
 from __future__ import annotations
 
@@ -323,3 +331,103 @@ def segment_gemm(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, u: torch.
                                    IEEE=x.dtype == torch.float32, BLOCK_M=plan.block_m, BLOCK_N=block_n,
                                    BLOCK_K=block_k, BLOCK_R=block_r(packed.shape[1]))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# SHiRA's weight gradient: K sampled dot products over the tokens, no (out, in) product
+
+@triton.jit
+def _sampled_product_kernel(DY, X, ROWS, COLS, PART, K, T, T_PER_SPLIT, stride_dyt, stride_dyo, stride_xt,
+                            stride_xi, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    """PART[s, k] = sum over the tokens of split s of DY[t, ROWS[k]] X[t, COLS[k]] (fp32)."""
+    pid_s = tl.program_id(1).to(tl.int64)
+    ks = (tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    k_ok = ks < K
+    rows = tl.load(ROWS + ks, mask=k_ok, other=0).to(tl.int64)
+    cols = tl.load(COLS + ks, mask=k_ok, other=0).to(tl.int64)
+    t_first = pid_s * T_PER_SPLIT
+    t_end = tl.minimum(t_first + T_PER_SPLIT, T)
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for t0 in range(0, T_PER_SPLIT, BLOCK_T):
+        ts = t_first + t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        ok = (ts < t_end)[:, None] & k_ok[None, :]
+        dy = tl.load(DY + ts[:, None] * stride_dyt + rows[None, :] * stride_dyo, mask=ok, other=0.0)
+        x = tl.load(X + ts[:, None] * stride_xt + cols[None, :] * stride_xi, mask=ok, other=0.0)
+        acc += tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0)
+    tl.store(PART + pid_s * K + ks, acc, mask=k_ok)
+
+
+SAMPLED_TILES = {"BLOCK_K": 64, "BLOCK_T": 32}
+
+
+def sampled_split(tokens: int, k: int, block_k: int, block_t: int) -> tuple[int, int]:
+    """(splits, tokens per split) of the sampled product: about 264 programs (two waves of 132 SMs),
+    no split shorter than 256 tokens, whole token tiles per split."""
+    blocks = triton.cdiv(k, block_k)
+    split = max(1, min(triton.cdiv(tokens, 256), triton.cdiv(264, max(blocks, 1))))
+    per_split = triton.cdiv(triton.cdiv(tokens, split), block_t) * block_t
+    return triton.cdiv(tokens, per_split), per_split
+
+
+def sampled_product(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """v (K,) float32: v_k = sum_t dy[t, rows[k]] x[t, cols[k]] for dy (T, out) and x (T, in) of one
+    dtype (float32 / float16 / bfloat16), any strides; rows / cols (K,) int64 in range (checked by
+    the caller).  The token reduction is split in chunks whose partial sums are added here
+    (deterministic)."""
+    if dy.dtype not in (torch.float32, torch.float16, torch.bfloat16) or x.dtype != dy.dtype:
+        raise TypeError(f"dy is {dy.dtype} and x is {x.dtype}; sampled_product takes two float32 / float16 / "
+                        "bfloat16 tensors of one dtype")
+    if dy.ndim != 2 or x.ndim != 2 or dy.shape[0] != x.shape[0] or rows.shape != cols.shape or rows.ndim != 1:
+        raise ValueError(f"dy {tuple(dy.shape)}, x {tuple(x.shape)}, rows {tuple(rows.shape)}, cols "
+                         f"{tuple(cols.shape)}: expected (T, out), (T, in) and two (K,) index vectors")
+    k, tokens = rows.shape[0], x.shape[0]
+    tiles = SAMPLED_TILES if x.is_cuda else {"BLOCK_K": 16, "BLOCK_T": 16}
+    split, per_split = sampled_split(tokens, k, tiles["BLOCK_K"], tiles["BLOCK_T"])
+    part = torch.zeros(split, k, dtype=torch.float32, device=x.device)
+    if k and tokens:
+        _sampled_product_kernel[(triton.cdiv(k, tiles["BLOCK_K"]), split)](
+            dy, x, rows, cols, part, k, tokens, per_split, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
+            **tiles)
+    return part[0] if split == 1 else part.sum(dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# RandLoRA: the gradients of lambda and gamma from dA_s in one read
+
+@triton.jit
+def _randlora_scale_grad_kernel(DAS, A, LAM, GAMMA, DGAMMA, DLAM_PART, R, NB, D, BLOCK_D: tl.constexpr):
+    """For base b and a tile of columns j: dgamma[b, j] = sum_i (dA_s[i, b, j] lambda[i, b]) A[i, j] (i in
+    order, as torch sums a leading dim) and the tile's part of dlambda[i, b] = sum_j dA_s[i, b, j] A[i, j]
+    gamma[b, j] (fp32)."""
+    b = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    js = (tile * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
+    j_ok = js < D
+    gamma = tl.load(GAMMA + b * D + js, mask=j_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(0, R):
+        d = tl.load(DAS + (i * NB + b) * D + js, mask=j_ok, other=0.0)
+        a = tl.load(A + i * D + js, mask=j_ok, other=0.0).to(tl.float32)
+        lam = tl.load(LAM + i * NB + b).to(tl.float32)
+        acc += d * lam * a
+        tl.store(DLAM_PART + (tile * R + i) * NB + b, tl.sum(d * a * gamma, axis=0))
+    tl.store(DGAMMA + b * D + js, acc, mask=j_ok)
+
+
+def randlora_scale_grad(d_a_s: torch.Tensor, lora_A: torch.Tensor, lam: torch.Tensor,
+                        gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dlambda (r, n), dgamma (n, d)) float32 from dA_s (r, n, d) float32 contiguous, A (r, 1, d),
+    lambda (r, n), gamma (n, d) (float32 / float16 / bfloat16)."""
+    r, nb, d = d_a_s.shape
+    if d_a_s.dtype != torch.float32 or not d_a_s.is_contiguous():
+        raise TypeError(f"d_a_s is {d_a_s.dtype} (contiguous: {d_a_s.is_contiguous()}); pass a contiguous float32 tensor")
+    if lora_A.shape != (r, 1, d) or lam.shape != (r, nb) or gamma.shape != (nb, d):
+        raise ValueError(f"shapes do not match dA_s {tuple(d_a_s.shape)}: A {tuple(lora_A.shape)}, lambda "
+                         f"{tuple(lam.shape)}, gamma {tuple(gamma.shape)}")
+    block_d = 128 if d_a_s.is_cuda else 16
+    tiles = triton.cdiv(d, block_d)
+    d_gamma = torch.empty(nb, d, dtype=torch.float32, device=d_a_s.device)
+    part = torch.empty(tiles, r, nb, dtype=torch.float32, device=d_a_s.device)
+    _randlora_scale_grad_kernel[(nb, tiles)](d_a_s, lora_A.contiguous(), lam.contiguous(), gamma.contiguous(), d_gamma,
+                                             part, r, nb, d, BLOCK_D=block_d)
+    return part.sum(dim=0), d_gamma

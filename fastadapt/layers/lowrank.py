@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from ..ops._policy import fallback_reason
-from ..ops.lowrank import lora_linear, lora_mixed_linear
+from ..ops.lowrank import ia3_linear, lora_linear, lora_mixed_linear, miss_linear, randlora_linear, shira_linear, \
+    vera_linear
 from ..peft import BridgeEntry, dropout_stream
 
 PHILOX_DROPOUT_NOTE = "dropout mask from fastadapt's Philox stream (nn.Dropout's distribution, not PEFT's bits)"
@@ -158,9 +160,252 @@ def _many_fields(forward_many, check_many) -> dict:
     return {"forward_many": forward_many, "check_many": check_many} if "forward_many" in fields else {}
 
 
+def _not_mixed(layer, adapters, x, adapter_names) -> Optional[str]:
+    return None if adapter_names is None else "adapter_names (PEFT has mixed-adapter batches for LoRA only)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods on LoRA's branch: each one's factors (A, B, scaling) built from its parameters by small
+# differentiable ops per call (parameter-sized), then the fused LoRA op
+
+def _branch_forward(layer, adapters: list[str], x, factors, dropouts: nn.ModuleDict, output_in_x_dtype: bool):
+    """y = x W^T + b + sum_a s_a (x_a A_a^T) B_a^T for the factors(layer, a) = (A_a, B_a, s_a)."""
+    a_list, b_list, scalings = zip(*(factors(layer, a) for a in adapters))
+    y = lora_linear(x, _weight(layer), layer.get_base_layer().bias, list(a_list), list(b_list), list(scalings),
+                    dropout_p=[_dropout_p(dropouts[a]) for a in adapters], dropout_stream=dropout_stream(layer))
+    return y.to(x.dtype) if output_in_x_dtype else y
+
+
+def _branch_entry(peft_class: str, method: str, factors, dropouts: str, adapter_tensors, held: str,
+                  check=None, output_in_x_dtype: bool = False) -> BridgeEntry:
+    """A bridge entry for a method on LoRA's branch: ``factors(layer, adapter) -> (A, B, s)``,
+    ``dropouts`` the name of its dropout ModuleDict, ``adapter_tensors(layer, adapter)`` the tensors
+    PEFT's dtype policy applies to, ``held`` the container of its adapters, ``check`` extra reasons,
+    ``output_in_x_dtype``: PEFT returns x's dtype (under autocast too)."""
+    def entry_check(layer, adapter, x):
+        return (_base_reason(layer, x, adapter_tensors(layer, adapter), casts_x=True)
+                or (None if check is None else check(layer, adapter, x))
+                or _dropout_reason(layer, getattr(layer, dropouts)[adapter], x))
+
+    def forward(layer, adapter, x):
+        return _branch_forward(layer, [adapter], x, factors, getattr(layer, dropouts), output_in_x_dtype)
+
+    def forward_many(layer, adapters, x, adapter_names):
+        return _branch_forward(layer, adapters, x, factors, getattr(layer, dropouts), output_in_x_dtype)
+
+    return BridgeEntry(peft_class=peft_class, method=method, forward=forward,
+                       applies=lambda layer, adapter: adapter in getattr(layer, held), check=entry_check,
+                       note=lambda layer, adapter, x: _dropout_note(layer, getattr(layer, dropouts)[adapter]),
+                       base_classes=BASE_CLASSES, autocast=True, **_many_fields(forward_many, _not_mixed))
+
+
+# VeRA: y = x W^T + b + lambda_b o ((lambda_d o (x_d A^T)) B^T) with the shared frozen projections
+# sliced to the layer (A = vera_A[:, :in], B = vera_B[:out, :]): fastadapt::vera_linear (B' =
+# lambda_b B lambda_d formed inside the op, never saved).  PEFT returns x's dtype.
+
+def _vera_sliced(layer, adapter):
+    return layer.vera_A[adapter][:, :layer.in_features], layer.vera_B[adapter][:layer.out_features, :]
+
+
+def _vera_forward_many(layer, adapters, x, adapter_names=None):
+    sliced = [_vera_sliced(layer, a) for a in adapters]
+    y = vera_linear(x, _weight(layer), layer.get_base_layer().bias, [a for a, _ in sliced], [b for _, b in sliced],
+                    [layer.vera_lambda_b[a] for a in adapters], [layer.vera_lambda_d[a] for a in adapters],
+                    dropout_p=[_dropout_p(layer.vera_dropout[a]) for a in adapters],
+                    dropout_stream=dropout_stream(layer))
+    return y.to(x.dtype)
+
+
+def _vera_tensors(layer, adapter):
+    return (layer.vera_A[adapter], layer.vera_B[adapter], layer.vera_lambda_b[adapter], layer.vera_lambda_d[adapter])
+
+
+def _vera_check(layer, adapter, x):
+    r = layer.vera_lambda_d[adapter].shape[0]
+    if layer.vera_A[adapter].shape[0] != r or layer.vera_B[adapter].shape[1] != r:
+        return "shared projections of another rank than the adapter's (PEFT's forward does not broadcast them)"
+    return (_base_reason(layer, x, _vera_tensors(layer, adapter), casts_x=True)
+            or _dropout_reason(layer, layer.vera_dropout[adapter], x))
+
+
+# AdaLoRA: y = x W^T + b + (x_d (A o E)^T B^T) scaling / (ranknum + 1e-5), ranknum a tensor (the
+# factor is folded into B by a tensor op: no host read of ranknum).  A half adapter's factors are
+# formed in float32 (the op then runs PEFT's float32-adapter layout): B's product with the factor and
+# the gradients through it (E's, and ranknum's where PEFT leaves it trainable) are not rounded.
+
+def _adalora_factors(layer, adapter):
+    a, e, b, ranknum = (layer.lora_A[adapter], layer.lora_E[adapter], layer.lora_B[adapter], layer.ranknum[adapter])
+    if a.dtype in (torch.float16, torch.bfloat16):
+        a, e, b, ranknum = a.float(), e.float(), b.float(), ranknum.float()
+    return a * e, b * (layer.scaling[adapter] / (ranknum + 1e-5)), 1.0
+
+
+def _adalora_tensors(layer, adapter):
+    return (layer.lora_A[adapter], layer.lora_E[adapter], layer.lora_B[adapter])
+
+
+def _adalora_check(layer, adapter, x):
+    return "r=0 (an empty AdaLoRA adapter)" if layer.lora_A[adapter].shape[0] == 0 else None
+
+
+# VB-LoRA: A and B assembled from the shared vector bank by the top-k softmax mixtures of their
+# logits (PEFT's assembly, parameter-sized, without its host-side check: see _vblora_check), then
+# LoRA's branch without scaling.  PEFT returns x's dtype.
+
+def _vblora_mix(logits, bank, topk: int):
+    top, indices = logits.topk(topk, dim=-1)
+    return (torch.softmax(top, dim=-1).unsqueeze(-1) * bank[indices]).sum(-2)
+
+
+def _vblora_factors(layer, adapter):
+    logits_a, logits_b = layer.vblora_logits_A[adapter], layer.vblora_logits_B[adapter]
+    bank, topk = layer.vblora_vector_bank[adapter].to(logits_a.device), layer.topk[adapter]
+    a = _vblora_mix(logits_a, bank, topk).reshape(logits_a.shape[0], -1)
+    b = _vblora_mix(logits_b, bank, topk).transpose(1, 2).reshape(-1, logits_b.shape[1])
+    return a, b, 1.0
+
+
+def _vblora_tensors(layer, adapter):
+    return (layer.vblora_vector_bank[adapter], layer.vblora_logits_A[adapter], layer.vblora_logits_B[adapter])
+
+
+def _vblora_check(layer, adapter, x):
+    # PEFT raises for infinite logits in training (a save_only_topk_weights checkpoint): its forward
+    # runs there and raises.  The check reads one element on the host (eager calls only).
+    logits = layer.vblora_logits_A[adapter]
+    if layer.training and not torch.compiler.is_compiling() and bool(logits[0, 0].isinf().any()):
+        return "infinite VB-LoRA logits in training (PEFT raises)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# IA3: peft.tuners.ia3.layer.Linear (feed-forward: the input scaled; otherwise the output)
+
+def _ia3_vector(layer, adapters):
+    l = layer.ia3_l[adapters[0]].flatten()
+    for adapter in adapters[1:]:
+        l = l * layer.ia3_l[adapter].flatten()     # PEFT multiplies the active adapters' vectors
+    return l
+
+
+def _ia3_check(layer, adapter, x) -> Optional[str]:
+    return _base_reason(layer, x, (layer.ia3_l[adapter],), casts_x=False)
+
+
+def _ia3_forward_many(layer, adapters, x, adapter_names=None):
+    base = layer.get_base_layer()
+    return ia3_linear(x, _weight(layer), base.bias, _ia3_vector(layer, adapters), feedforward=layer.is_feedforward)
+
+
+# ----------------------------------------------------------------------------------------------
+# MiSS: peft.tuners.miss.layer.MissLinear, modes "default" and "mini" ("bat" runs PEFT's forward)
+
+def _miss_applies(layer, adapter) -> bool:
+    return adapter in layer.miss_block and layer.miss_fn != "bat"
+
+
+def _miss_check(layer, adapter, x) -> Optional[str]:
+    if layer.quantization_backend is not None:
+        return "quantized base"
+    return (_base_reason(layer, x, (layer.miss_block[adapter],), casts_x=True)
+            or _dropout_reason(layer, layer.miss_dropout[adapter], x))
+
+
+def _miss_forward(layer, adapter, x):
+    block = layer.miss_block[adapter]
+    if layer.miss_fn == "mini":
+        block = block.repeat(1, layer.out_features // layer.miss_mini_r[adapter])
+    y = miss_linear(x, layer.get_base_layer().weight, layer.get_base_layer().bias, block,
+                    dropout_p=_dropout_p(layer.miss_dropout[adapter]), dropout_stream=dropout_stream(layer))
+    return y.to(x.dtype)     # PEFT returns x's dtype (under autocast too)
+
+
+# ----------------------------------------------------------------------------------------------
+# SHiRA: peft.tuners.shira.layer.Linear
+
+_SHIRA_CHECKED = "_fastadapt_shira_checked"
+
+
+def _shira_indices(layer, adapter):
+    """The adapter's positions on the weight's device (PEFT moves them there the same way), range
+    checked once per index tensor in eager calls (fastadapt.ops.lowrank_shira.check_indices)."""
+    indices = layer.shira_indices[adapter].to(layer.shira_weight[adapter].device)
+    layer.shira_indices[adapter] = indices
+    if torch.compiler.is_compiling():
+        return indices, False
+    checked = layer.__dict__.setdefault(_SHIRA_CHECKED, {})
+    fresh = checked.get(adapter) is not indices
+    checked[adapter] = indices
+    return indices, fresh
+
+
+def _shira_check(layer, adapter, x) -> Optional[str]:
+    if layer.quantization_backend is not None:
+        return "quantized base"
+    return _base_reason(layer, x, (layer.shira_weight[adapter],), casts_x=False)
+
+
+def _shira_forward(layer, adapter, x):
+    base = layer.get_base_layer()
+    indices, check = _shira_indices(layer, adapter)
+    return shira_linear(x, base.weight, base.bias, layer.shira_weight[adapter], indices, layer.scaling[adapter],
+                        check=check)
+
+
+# ----------------------------------------------------------------------------------------------
+# RandLoRA: peft.tuners.randlora.layer.Linear
+
+def _randlora_bases(layer, adapter):
+    d, big = min(layer.in_features, layer.out_features), max(layer.in_features, layer.out_features)
+    n = layer.num_bases
+    return layer.randlora_A[adapter][:, :n, :d], layer.randlora_B[adapter][:big, :n, :]
+
+
+def _randlora_check(layer, adapter, x) -> Optional[str]:
+    a, b = _randlora_bases(layer, adapter)
+    if a.shape[1] != 1:
+        return "randlora_A with several bases (PEFT's UniqueBaseGrad sums the gradient over them)"
+    if tuple(layer.randlora_lambda[adapter].shape) != (a.shape[0], b.shape[1]):
+        return "randlora_lambda of another shape than the layer's bases (PEFT's forward does not broadcast it)"
+    return (_base_reason(layer, x, (a, b, layer.randlora_lambda[adapter], layer.randlora_gamma[adapter]), casts_x=True)
+            or _dropout_reason(layer, layer.randlora_dropout[adapter], x))
+
+
+def _randlora_forward(layer, adapter, x):
+    a, b = _randlora_bases(layer, adapter)
+    y = randlora_linear(x, _weight(layer), layer.get_base_layer().bias, a, b, layer.randlora_lambda[adapter],
+                        layer.randlora_gamma[adapter], layer.scaling[adapter],
+                        dropout_p=_dropout_p(layer.randlora_dropout[adapter]), dropout_stream=dropout_stream(layer))
+    return y.to(x.dtype)
+
+
 # PiSSA / OLoRA are LoRA with another init (PEFT rewrites the base weight to the residual at init):
 # the same fused forward, listed under its catalog name so accelerate(methods=["pissa"]) finds it.
-PEFT_BRIDGE = [_lora_entry("lora"), _lora_entry("pissa")]
+PEFT_BRIDGE = [
+    _lora_entry("lora"), _lora_entry("pissa"),
+    BridgeEntry(peft_class="peft.tuners.vera.layer.Linear", method="vera",
+                forward=lambda layer, adapter, x: _vera_forward_many(layer, [adapter], x),
+                applies=lambda layer, adapter: adapter in layer.vera_lambda_d, check=_vera_check,
+                note=lambda layer, adapter, x: _dropout_note(layer, layer.vera_dropout[adapter]),
+                base_classes=BASE_CLASSES, autocast=True, **_many_fields(_vera_forward_many, _not_mixed)),
+    _branch_entry("peft.tuners.adalora.layer.SVDLinear", "adalora", _adalora_factors, "lora_dropout",
+                  _adalora_tensors, "lora_A", _adalora_check),
+    _branch_entry("peft.tuners.vblora.layer.Linear", "vblora", _vblora_factors, "vblora_dropout", _vblora_tensors,
+                  "vblora_logits_A", _vblora_check, output_in_x_dtype=True),
+    BridgeEntry(peft_class="peft.tuners.ia3.layer.Linear", method="ia3",
+                forward=lambda layer, adapter, x: _ia3_forward_many(layer, [adapter], x),
+                applies=lambda layer, adapter: adapter in layer.ia3_l, check=_ia3_check, base_classes=BASE_CLASSES,
+                autocast=True, **_many_fields(_ia3_forward_many, _not_mixed)),
+    BridgeEntry(peft_class="peft.tuners.miss.layer.MissLinear", method="miss", forward=_miss_forward,
+                applies=_miss_applies, check=_miss_check,
+                note=lambda layer, adapter, x: _dropout_note(layer, layer.miss_dropout[adapter]), autocast=True),
+    BridgeEntry(peft_class="peft.tuners.shira.layer.Linear", method="shira", forward=_shira_forward,
+                applies=lambda layer, adapter: adapter in layer.shira_weight, check=_shira_check, autocast=True),
+    BridgeEntry(peft_class="peft.tuners.randlora.layer.Linear", method="randlora", forward=_randlora_forward,
+                applies=lambda layer, adapter: adapter in layer.randlora_lambda, check=_randlora_check,
+                note=lambda layer, adapter, x: _dropout_note(layer, layer.randlora_dropout[adapter]),
+                base_classes=BASE_CLASSES),
+]
 
 __all__ = ["PEFT_BRIDGE", "PHILOX_DROPOUT_NOTE", "lora_forward", "lora_forward_adapters", "lora_forward_many",
            "lora_forward_mixed"]

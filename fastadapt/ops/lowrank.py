@@ -1,6 +1,7 @@
 """lowrank family: a frozen GEMM plus a thin low-rank (or sparse, or diagonal) branch, fused.
 
     LoRA       y = x W^T + b + s (x_d A^T) B^T                    x_d = mask o x (dropout)
+               (CPU float32 / float64 without dropout, when it costs less: y = x (W + s B A)^T + b)
                several active adapters: one branch of concatenated rank (A_1; A_2; ...),
                (s_1 B_1, s_2 B_2, ...), one mask per adapter with dropout
                mixed-adapter batch (adapter_names): sample b gets adapter g(b), or none; rows grouped
@@ -12,6 +13,17 @@ path, "triton" the CUDA one; each module's docstring gives the gradient formulas
     fastadapt::lora_linear (+ _backward)      fastadapt.ops.lowrank_lora
     fastadapt::lora_mixed_linear (+ _backward)  fastadapt.ops.lowrank_mixed (PEFT's adapter_names: each
                                               sample of a batch with its own adapter, or none)
+    fastadapt::ia3_output_linear, ::ia3_input_linear (+ _backward)    fastadapt.ops.lowrank_ia3
+    fastadapt::miss_linear (+ _backward)      fastadapt.ops.lowrank_miss
+    fastadapt::shira_linear (+ _backward)     fastadapt.ops.lowrank_shira
+    fastadapt::randlora_linear (+ _backward)  fastadapt.ops.lowrank_randlora
+
+    fastadapt::vera_linear (+ _backward)      fastadapt.ops.lowrank_lora (LoRA's bodies, B' = lambda_b B
+                                              lambda_d formed in the op: never saved)
+
+AdaLoRA and VB-LoRA run on LoRA's op: their factors are built from their parameters by small
+differentiable ops per call (AdaLoRA: A o E and B scaling / (ranknum + 1e-5); VB-LoRA: the top-k
+mixtures of the vector bank), the rest is LoRA's.
 
 Every public function here validates its inputs (ValueError / TypeError naming the parameter and a
 valid value), flattens the leading dims of x, and calls the op.  Dtypes follow PEFT's policy
@@ -35,18 +47,24 @@ import torch
 from torch import Tensor
 
 from .. import _validate
+from ..backend import select
 from ._dropout_mask import draw_dropout_seed
 from .dropout import draw_dropout
 from ._policy import adapter_compute_dtype
-from .lowrank_lora import lora_linear_op
+from .lowrank_ia3 import ia3_input_linear_op, ia3_output_linear_op
+from .lowrank_lora import lora_linear_op, vera_linear_op
+from .lowrank_miss import miss_linear_op
 from .lowrank_mixed import lora_mixed_linear_op
+from .lowrank_randlora import randlora_linear_op
+from .lowrank_shira import check_indices, shira_linear_op, shira_plan
 
-METHODS = ("lora", "pissa")
-TRITON_METHODS = ("lora", "pissa")
+METHODS = ("lora", "pissa", "vera", "adalora", "vblora", "ia3", "miss", "shira", "randlora")
+TRITON_METHODS = ("lora", "pissa", "vera", "adalora", "vblora", "miss", "ia3", "shira", "randlora")
 
 DROPOUT_STREAMS = ("philox", "torch")
 
-__all__ = ["METHODS", "TRITON_METHODS", "DROPOUT_STREAMS", "lora_linear", "lora_mixed_linear"]
+__all__ = ["METHODS", "TRITON_METHODS", "DROPOUT_STREAMS", "ia3_linear", "lora_linear", "lora_mixed_linear",
+           "miss_linear", "randlora_linear", "shira_linear", "vera_linear"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,6 +135,26 @@ def _rank_segments(ranks: list[int], ps: list[float]) -> tuple[list[int], list[f
     return seg_ranks, seg_ps
 
 
+# One read + write pass over an (out, in) float32 matrix costs about as much CPU time as this many
+# multiply-adds per element (8 bytes at ~8 GB/s vs ~20 GFLOP/s on the benchmark machine): the
+# merged mode's two merges are charged 2 (R + MERGE_PASS_FLOPS) out in against the thin products
+# over the tokens it saves, N (in + out) R (benchmarks/NOTES.md, lowrank).
+MERGE_PASS_FLOPS = 20
+# u (N, R) is kept for backward while it costs at most 1/32 of bytes(x), else recomputed there.
+KEPT_U_FRACTION = 1 / 32
+
+
+def _lora_plan(x2d: Tensor, weight: Tensor, rank: int, masked: bool, adapter_dtype: torch.dtype) -> tuple[bool, bool]:
+    """(merged, keep_u) for one call: the merged weight W + s B A where it costs less than the
+    low-rank products over the tokens (CPU torch path, float32 / float64, no dropout mask)."""
+    n, (out_features, in_features) = x2d.shape[0], weight.shape
+    on_torch = select("lora_linear", x2d.device, ("torch", "triton")) == "torch"
+    merged = (on_torch and not masked and x2d.dtype in (torch.float32, torch.float64) and adapter_dtype == x2d.dtype
+              and n * (in_features + out_features) * rank > 2 * in_features * out_features * (rank + MERGE_PASS_FLOPS))
+    u_bytes = rank * (4 if x2d.dtype in (torch.float16, torch.bfloat16) else x2d.element_size())
+    return merged, u_bytes <= KEPT_U_FRACTION * in_features * x2d.element_size()
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Union[Tensor, Sequence[Tensor]],
                 lora_B: Union[Tensor, Sequence[Tensor]], scaling: Union[float, Sequence[float]], *,
                 dropout_p: Union[float, Sequence[float]] = 0.0, dropout_stream: str = "philox") -> Tensor:
@@ -149,7 +187,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Union
     seg_ranks, seg_ps = _rank_segments(ranks, ps)
     x2d = x.reshape(-1, in_features)
     seeds, bits = _mask_inputs(x2d, seg_ps, dropout_stream, adapter_dtype)
-    y = lora_linear_op(x2d, weight, bias, a, b, s, seg_ranks, seg_ps, seeds, bits)[0]
+    merged, keep_u = _lora_plan(x2d, weight, sum(ranks), any(p > 0 for p in ps), adapter_dtype)
+    y = lora_linear_op(x2d, weight, bias, a, b, s, seg_ranks, seg_ps, seeds, bits, merged, keep_u)[0]
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -206,4 +245,130 @@ def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
     rows, counts = _sample_rows(index, len(a_list), x2d.shape[0] // max(x.shape[0], 1))
     y = lora_mixed_linear_op(x2d, weight, bias, torch.cat(a_list), torch.cat(b_list, dim=1), scalings, ranks,
                              rows.to(x.device, non_blocking=True), counts)[0]
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Union[Tensor, Sequence[Tensor]],
+                vera_B: Union[Tensor, Sequence[Tensor]], vera_lambda_b: Union[Tensor, Sequence[Tensor]],
+                vera_lambda_d: Union[Tensor, Sequence[Tensor]], *, dropout_p: Union[float, Sequence[float]] = 0.0,
+                dropout_stream: str = "philox") -> Tensor:
+    """VeRA as PEFT computes it, differentiable in x, bias and the lambdas:
+    y = x W^T + b + sum_i lambda_b,i o ((lambda_d,i o (x_i A_i^T)) B_i^T).
+
+    vera_A (r, in) and vera_B (out, r): the shared frozen projections sliced to the layer (PEFT's
+    vera_A[:, :in], vera_B[:out, :]); vera_lambda_b (out,), vera_lambda_d (r,); or sequences of
+    them (several active adapters: one concatenated-rank branch)."""
+    out_features, in_features = _check_base(x, weight, bias)
+    a_list = _as_list("vera_A", vera_A)
+    count = len(a_list)
+    b_list = _as_list("vera_B", vera_B, count)
+    lb_list, ld_list = _as_list("vera_lambda_b", vera_lambda_b, count), _as_list("vera_lambda_d", vera_lambda_d, count)
+    ps = [_check_dropout(p, dropout_stream) for p in _as_list("dropout_p", dropout_p, count)]
+    ranks = _check_lora_factors(a_list, b_list, in_features, out_features)
+    for lb, ld, r in zip(lb_list, ld_list, ranks):
+        _validate.tensor("vera_lambda_b", lb, shape=(out_features,))
+        _validate.tensor("vera_lambda_d", ld, shape=(r,))
+    for name, t in (("vera_A", a_list), ("vera_B", b_list)):
+        for tensor in t:
+            _check_frozen(name, tensor)
+    adapter_dtype = adapter_compute_dtype("x", x, [(n, t) for n, ts in (("vera_A", a_list), ("vera_B", b_list),
+                                                                        ("vera_lambda_b", lb_list),
+                                                                        ("vera_lambda_d", ld_list)) for t in ts])
+    if count > 1:   # several adapters: LoRA's op on the concatenated factors (B' saved there, parameter-sized)
+        return lora_linear(x, weight, bias, a_list, [lb[:, None] * b * ld for lb, b, ld in zip(lb_list, b_list, ld_list)],
+                           [1.0] * count, dropout_p=ps, dropout_stream=dropout_stream)
+    x2d = x.reshape(-1, in_features)
+    seeds, bits = _mask_inputs(x2d, ps, dropout_stream, adapter_dtype)
+    merged, keep_u = _lora_plan(x2d, weight, ranks[0], ps[0] > 0, adapter_dtype)
+    y = vera_linear_op(x2d, weight, bias, a_list[0], b_list[0], lb_list[0], ld_list[0], ranks, ps, seeds, bits, merged,
+                       keep_u)[0]
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+# ----------------------------------------------------------------------------------------------
+# IA3, MiSS, SHiRA, RandLoRA
+
+def ia3_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], ia3_l: Tensor, *, feedforward: bool) -> Tensor:
+    """(IA)^3 as PEFT computes it, differentiable in x, bias and ia3_l: y = (x o l) W^T + b
+    (``feedforward``, l = ia3_l (1, in) or (in,)) or y = (x W^T + b) o l (l (out, 1) or (out,)).
+    x (..., in); weight (out, in) frozen; l in x's dtype or float32 on a half x.  Several active
+    adapters: pass the product of their vectors (PEFT multiplies them)."""
+    out_features, in_features = _check_base(x, weight, bias)
+    size = in_features if feedforward else out_features
+    _validate.tensor("ia3_l", ia3_l)
+    if ia3_l.numel() != size:
+        raise ValueError(f"ia3_l has shape {tuple(ia3_l.shape)}; expected {size} values "
+                         f"({'in' if feedforward else 'out'}_features, feedforward={feedforward})")
+    adapter_compute_dtype("x", x, (("ia3_l", ia3_l),))
+    x2d = x.reshape(-1, in_features)
+    l = ia3_l.reshape(size)
+    y = ia3_input_linear_op(x2d, weight, bias, l) if feedforward else ia3_output_linear_op(x2d, weight, bias, l)[0]
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def miss_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], miss_block: Tensor, *, dropout_p: float = 0.0,
+                dropout_stream: str = "philox") -> Tensor:
+    """MiSS (modes "default" / "mini") as PEFT computes it, differentiable in x, bias and miss_block:
+    y = x W^T + b + fold(x_d) D with D = ``miss_block`` (r, out) (a "mini" block tiled to (r, out)
+    by the caller), fold(x) the sum of x's zero-padded length-r blocks.  1 <= r <= in_features."""
+    out_features, in_features = _check_base(x, weight, bias)
+    _validate.tensor("miss_block", miss_block, ndim=2)
+    r = miss_block.shape[0]
+    if not 1 <= r <= in_features or miss_block.shape[1] != out_features:
+        raise ValueError(f"miss_block has shape {tuple(miss_block.shape)}; expected (r, out_features={out_features}) "
+                         f"with r in 1..in_features={in_features}")
+    adapter_dtype = adapter_compute_dtype("x", x, (("miss_block", miss_block),))
+    p = _check_dropout(dropout_p, dropout_stream)
+    x2d = x.reshape(-1, in_features)
+    width = in_features + (-in_features) % r      # PEFT pads x to a multiple of r, then drops
+    seeds, bits = _mask_inputs(x2d.new_empty(()).expand(x2d.shape[0], width), [p], dropout_stream, adapter_dtype)
+    y = miss_linear_op(x2d, weight, bias, miss_block, p, seeds[0] if seeds else None, bits[0] if bits else None)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def shira_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], shira_weight: Tensor, shira_indices: Tensor,
+                 scaling: float = 1.0, *, check: bool = True) -> Tensor:
+    """SHiRA as PEFT computes it, differentiable in x, bias and shira_weight:
+    y = x (W + s sparse(shira_weight at shira_indices))^T + b.  ``shira_indices``: (2, K) integer
+    (row, column) positions; ``check``: verify they lie inside the weight (a host read: pass False
+    for an index tensor already checked)."""
+    out_features, in_features = _check_base(x, weight, bias)
+    _validate.tensor("shira_weight", shira_weight, ndim=1)
+    if check:
+        check_indices(shira_indices, out_features, in_features)
+    if shira_indices.shape[-1] != shira_weight.shape[0]:
+        raise ValueError(f"shira_indices has {shira_indices.shape[-1]} positions but shira_weight has "
+                         f"{shira_weight.shape[0]} values; pass one position per value")
+    adapter_compute_dtype("x", x, (("shira_weight", shira_weight),))
+    x2d = x.reshape(-1, in_features)
+    y = shira_linear_op(x2d, weight, bias, shira_weight, float(scaling),
+                        *shira_plan(shira_indices, out_features, in_features))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def randlora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], randlora_A: Tensor, randlora_B: Tensor,
+                    randlora_lambda: Tensor, randlora_gamma: Tensor, scaling: float, *, dropout_p: float = 0.0,
+                    dropout_stream: str = "philox") -> Tensor:
+    """RandLoRA as PEFT computes it, differentiable in x, bias, randlora_lambda and randlora_gamma.
+
+    randlora_A (r, 1, d) and randlora_B (D, n, r): the shared frozen bases sliced to the layer
+    (d = min(in, out), D = max(in, out), n = ceil(d / r)); lambda (r, n), gamma (n, d); scaling =
+    randlora_alpha / r (see fastadapt.ops.lowrank_randlora for the product and PEFT's pairing)."""
+    out_features, in_features = _check_base(x, weight, bias)
+    d, big = min(in_features, out_features), max(in_features, out_features)
+    _validate.tensor("randlora_lambda", randlora_lambda, ndim=2)
+    r, n = randlora_lambda.shape
+    _validate.tensor("randlora_A", randlora_A, shape=(r, 1, d))
+    _validate.tensor("randlora_B", randlora_B, shape=(big, n, r))
+    _validate.tensor("randlora_gamma", randlora_gamma, shape=(n, d))
+    adapter_dtype = adapter_compute_dtype("x", x, (("randlora_A", randlora_A), ("randlora_B", randlora_B),
+                                                   ("randlora_lambda", randlora_lambda),
+                                                   ("randlora_gamma", randlora_gamma)))
+    for name, t in (("randlora_A", randlora_A), ("randlora_B", randlora_B)):
+        _check_frozen(name, t)
+    p = _check_dropout(dropout_p, dropout_stream)
+    x2d = x.reshape(-1, in_features)
+    seeds, bits = _mask_inputs(x2d, [p], dropout_stream, adapter_dtype)
+    y = randlora_linear_op(x2d, weight, bias, randlora_A, randlora_B, randlora_lambda, randlora_gamma, float(scaling),
+                           in_features <= out_features, p, seeds[0] if seeds else None, bits[0] if bits else None)
     return y.reshape(*x.shape[:-1], out_features)

@@ -113,23 +113,37 @@ def _lowrank_operands(x: Tensor, u: Tensor, b_scaled: Tensor) -> tuple[Tensor, T
 # ----------------------------------------------------------------------------------------------
 # Bodies (k: the kernel set)
 
-def _forward(k: LoraKernels, x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits):
-    segments = _segments(ranks, ps, seeds, bits, lora_A.dtype)
+def _merged_weight(weight, lora_A, lora_B, scaling) -> Tensor:
+    """W + s B A (out, in) in W's dtype (float32 / float64 only: the merged mode's dtypes)."""
+    return torch.addmm(weight, lora_B.to(weight.dtype), lora_A.to(weight.dtype), alpha=scaling)
+
+
+def _lowrank_input(k: LoraKernels, x, lora_A, segments) -> Tensor:
+    """u = [x_i A_i^T] (N, R) in the accumulation dtype, each segment's mask applied to x."""
     if all(mask is None for *_, mask in segments):
-        u = k.gemm.acc_matmul(x, lora_A.T)
-    else:
-        u = torch.cat([k.gemm.acc_matmul(x, lora_A[s:e].T, mask_a=mask) for s, e, mask in segments], dim=1)
+        return k.gemm.acc_matmul(x, lora_A.T)
+    return torch.cat([k.gemm.acc_matmul(x, lora_A[s:e].T, mask_a=mask) for s, e, mask in segments], dim=1)
+
+
+def _forward(k: LoraKernels, x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits, merged, keep_u):
+    acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(lora_A.dtype))
+    if merged:
+        y = torch.nn.functional.linear(x, _merged_weight(weight, lora_A, lora_B, scaling), bias)
+        return [y, x.new_empty(0, lora_A.shape[0], dtype=acc)]
+    u = _lowrank_input(k, x, lora_A, _segments(ranks, ps, seeds, bits, lora_A.dtype))
     u_op, v = _lowrank_operands(x, u, lora_B * scaling)
     y = k.gemm.lowrank_gemm(x, weight.T, u_op, v, bias=bias, round_base=True, bias_in_base=True)
-    return [y, u]
+    return [y, u if keep_u else u.new_empty(0, u.shape[1])]
 
 
-def _backward(k: LoraKernels, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, needs):
+def _backward(k: LoraKernels, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged, needs):
     segments = _segments(ranks, ps, seeds, bits, lora_A.dtype)
     acc = u.dtype
-    t = k.gemm.acc_matmul(dy, lora_B) * scaling                        # s dY B (N, R)
     dx, d_bias, d_a, d_b = (dy.new_empty(0) for _ in range(4))   # distinct tensors: outputs may not alias
-    if needs[0]:
+    t = k.gemm.acc_matmul(dy, lora_B) * scaling if (needs[2] or (needs[0] and not merged)) else None  # s dY B
+    if needs[0] and merged:
+        dx = dy @ _merged_weight(weight, lora_A, lora_B, scaling)
+    elif needs[0]:
         plain = [(s, e) for s, e, mask in segments if mask is None]
         masked = [(s, e, mask) for s, e, mask in segments if mask is not None]
         a = lora_A.to(acc)
@@ -150,6 +164,8 @@ def _backward(k: LoraKernels, dy, x, weight, lora_A, lora_B, u, scaling, ranks, 
             if len(segments) > 1 else k.gemm.acc_matmul(t.T, x, mask_b=segments[0][2])
         d_a = d_a.to(lora_A.dtype)
     if needs[3]:
+        if u.shape[0] != x.shape[0]:   # not kept: x_i A_i^T again, the masks regenerated
+            u = _lowrank_input(k, x, lora_A, segments)
         d_b = (k.gemm.acc_matmul(u.T, dy).T * scaling).to(lora_B.dtype).contiguous()   # u^T dY: BLAS's faster layout
     if needs[1]:
         d_bias = dy.sum(dim=0, dtype=acc)
@@ -162,11 +178,12 @@ def _backward(k: LoraKernels, dy, x, weight, lora_A, lora_B, u, scaling, ranks, 
 @fused_op("lora_linear")
 def lora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                    scaling: float, ranks: list[int], ps: list[float], seeds: list[Tensor],
-                   bits: list[Tensor]) -> list[Tensor]:
+                   bits: list[Tensor], merged: bool, keep_u: bool) -> list[Tensor]:
     """[y, u] of LoRA (module docstring) for x (N, in); ``ranks`` / ``ps`` per rank segment, the
     masks of the segments with p > 0 from ``seeds`` (Philox) or ``bits`` (nn.Dropout's, drawn on x
-    cast to the adapter dtype), in segment order."""
-    return _forward(TORCH, x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits)
+    cast to the adapter dtype), in segment order.  ``merged``: y = x (W + s B A)^T + b (no masks,
+    float32 / float64); u is then (0, R), as it is without ``keep_u`` (backward recomputes it)."""
+    return _forward(TORCH, x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits, merged, keep_u)
 
 
 def _triton_serves(x: Tensor) -> bool:
@@ -180,17 +197,18 @@ def _(x, *args):
 
 
 @lora_linear_op.fake
-def _(x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits):
+def _(x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits, merged, keep_u):
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(lora_A.dtype))
-    return [x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0], dtype=acc)]
+    rows = x.shape[0] if keep_u and not merged else 0
+    return [x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(rows, lora_A.shape[0], dtype=acc)]
 
 
 @fused_op("lora_linear_backward", autocast=False)
 def lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor,
                             scaling: float, ranks: list[int], ps: list[float], seeds: list[Tensor],
-                            bits: list[Tensor], needs: list[bool]) -> list[Tensor]:
+                            bits: list[Tensor], merged: bool, needs: list[bool]) -> list[Tensor]:
     """[dx, db, dA, dB] of ``lora_linear`` (``needs``: which of them; the others are empty)."""
-    return _backward(TORCH, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, needs)
+    return _backward(TORCH, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged, needs)
 
 
 @lora_linear_backward_op.impl("triton")
@@ -199,30 +217,30 @@ def _(dy, x, *args):
 
 
 @lora_linear_backward_op.fake
-def _(dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, needs):
+def _(dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged, needs):
     shapes = [(x, x.shape), (u, dy.shape[1:]), (lora_A, lora_A.shape), (lora_B, lora_B.shape)]
     return [like.new_empty(shape) if need else dy.new_empty(0) for (like, shape), need in zip(shapes, needs)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits = inputs
+    x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits, merged, keep_u = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], *seeds, *bits)
-    ctx.scaling, ctx.ranks, ctx.ps = scaling, ranks, ps
+    ctx.scaling, ctx.ranks, ctx.ps, ctx.merged = scaling, ranks, ps, merged
     ctx.num_seeds, ctx.num_bits, ctx.bias_dtype = len(seeds), len(bits), None if bias is None else bias.dtype
 
 
 def _backward_entry(ctx, grads):
     n = ctx.needs_input_grad
     needs = [n[0], n[2], n[3], n[4]]     # x, bias, A, B
-    no_grads = (None, None, None, [None] * ctx.num_seeds, [None] * ctx.num_bits)  # scaling .. bits
+    no_grads = (None, None, None, [None] * ctx.num_seeds, [None] * ctx.num_bits, None, None)  # scaling .. keep_u
     if grads[0] is None or not any(needs):
         return (None,) * 5 + no_grads
     x, weight, lora_A, lora_B, u, *masks = ctx.saved_tensors
     seeds, bits = masks[:ctx.num_seeds], masks[ctx.num_seeds:]
     dx, d_bias, d_a, d_b = lora_linear_backward_op(grads[0], x, weight, lora_A, lora_B, u, ctx.scaling, ctx.ranks,
-                                                   ctx.ps, seeds, bits, needs)
+                                                   ctx.ps, seeds, bits, ctx.merged, needs)
     return (dx if needs[0] else None, None, d_bias.to(ctx.bias_dtype) if needs[1] else None,
             d_a if needs[2] else None, d_b if needs[3] else None, *no_grads)
 
@@ -247,24 +265,146 @@ def _examples():
         lora_A = randn(5, 7, dtype=adapter_dtype, requires_grad=True, seed=s + 3)
         lora_B = randn(6, 5, dtype=adapter_dtype, requires_grad=True, seed=s + 4)
         args = (x, weight, bias, lora_A, lora_B, 1.5)
-        yield (*args, [5], [0.0], [], []), {}
-        yield (*args, [3, 2], [0.25, 0.0], [torch.tensor(77 + i)], []), {}
-        yield (*args, [3, 2], [0.25, 0.5], [torch.tensor(7 + i), torch.tensor(9)], []), {}
+        yield (*args, [5], [0.0], [], [], False, True), {}
+        yield (*args, [5], [0.0], [], [], dtype != torch.bfloat16, False), {}     # merged (float32 / float64)
+        yield (*args, [3, 2], [0.25, 0.0], [torch.tensor(77 + i)], [], False, True), {}
+        yield (*args, [3, 2], [0.25, 0.5], [torch.tensor(7 + i), torch.tensor(9)], [], False, False), {}
         torch.manual_seed(i)
         like = x.detach().to(adapter_dtype)
-        yield (*args, [2, 3], [0.0, 0.25], [], [draw_dropout(like, 0.25)[1]]), {}
+        yield (*args, [2, 3], [0.0, 0.25], [], [draw_dropout(like, 0.25)[1]], False, True), {}
 
 
 def _backward_examples():
     for args, _ in _examples():
         with torch.no_grad():
             _, u = lora_linear_op(*args)
-        x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits = args
+        x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits, merged, keep_u = args
         dy = randn(x.shape[0], weight.shape[0], dtype=x.dtype, seed=98)
         inputs = [t.detach() for t in (dy, x, weight, lora_A, lora_B, u)]
-        yield (*inputs, scaling, ranks, ps, seeds, bits, [True, bias is not None, True, True]), {}
-        yield (*inputs, scaling, ranks, ps, seeds, bits, [False, False, True, False]), {}
+        yield (*inputs, scaling, ranks, ps, seeds, bits, merged, [True, bias is not None, True, True]), {}
+        yield (*inputs, scaling, ranks, ps, seeds, bits, merged, [False, False, True, False]), {}
 
 
 lora_linear_op.example(_examples)
 lora_linear_backward_op.example(_backward_examples)
+
+
+# ----------------------------------------------------------------------------------------------
+# fastadapt::vera_linear: LoRA's bodies with B' = lambda_b o B o lambda_d formed inside the op
+#
+# VeRA's factors: A = vera_A sliced (r, in) and B = vera_B sliced (out, r) frozen, lambda_b (out,) and
+# lambda_d (r,) trained.  B' (out, r) is built in forward and again in backward (never saved: it is
+# parameter-sized but not a parameter), and from dB' = dY^T u (LoRA's dB with s = 1):
+#     dlambda_b[o] = sum_k dB'[o, k] B[o, k] lambda_d[k],    dlambda_d[k] = sum_o dB'[o, k] B[o, k] lambda_b[o]
+# A being frozen, LoRA's t = dY B' only serves dx.
+
+def _vera_b(vera_B: Tensor, lambda_b: Tensor, lambda_d: Tensor) -> Tensor:
+    return lambda_b[:, None] * vera_B * lambda_d[None, :]
+
+
+@fused_op("vera_linear")
+def vera_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tensor, vera_B: Tensor,
+                   lambda_b: Tensor, lambda_d: Tensor, ranks: list[int], ps: list[float], seeds: list[Tensor],
+                   bits: list[Tensor], merged: bool, keep_u: bool) -> list[Tensor]:
+    """[y, u] of VeRA: LoRA's op with A = vera_A, B = lambda_b o vera_B o lambda_d, s = 1."""
+    return _forward(TORCH, x, weight, bias, vera_A, _vera_b(vera_B, lambda_b, lambda_d), 1.0, ranks, ps, seeds, bits,
+                    merged, keep_u)
+
+
+@vera_linear_op.impl("triton")
+def _(x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, *args):
+    return _forward(_triton() if _triton_serves(x) else TORCH, x, weight, bias, vera_A,
+                    _vera_b(vera_B, lambda_b, lambda_d), 1.0, *args)
+
+
+@vera_linear_op.fake
+def _(x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u):
+    acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(vera_A.dtype))
+    rows = x.shape[0] if keep_u and not merged else 0
+    return [x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(rows, vera_A.shape[0], dtype=acc)]
+
+
+def _vera_backward_body(k: LoraKernels, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, ranks, ps, seeds, bits,
+                        merged, needs):
+    b_scaled = _vera_b(vera_B, lambda_b, lambda_d)
+    wants_b = needs[2] or needs[3]
+    dx, d_bias, _, d_b = _backward(k, dy, x, weight, vera_A, b_scaled, u, 1.0, ranks, ps, seeds, bits, merged,
+                                   [needs[0], needs[1], False, wants_b])
+    d_lambda_b, d_lambda_d = dy.new_empty(0), dy.new_empty(0)
+    if wants_b:
+        prod = d_b.to(u.dtype) * vera_B.to(u.dtype)
+        if needs[2]:
+            d_lambda_b = (prod @ lambda_d.to(u.dtype)).to(lambda_b.dtype)
+        if needs[3]:
+            d_lambda_d = (lambda_b.to(u.dtype) @ prod).to(lambda_d.dtype)
+    return [dx, d_bias, d_lambda_b, d_lambda_d]
+
+
+@fused_op("vera_linear_backward", autocast=False)
+def vera_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, vera_A: Tensor, vera_B: Tensor, lambda_b: Tensor,
+                            lambda_d: Tensor, u: Tensor, ranks: list[int], ps: list[float], seeds: list[Tensor],
+                            bits: list[Tensor], merged: bool, needs: list[bool]) -> list[Tensor]:
+    """[dx, db, dlambda_b, dlambda_d] of ``vera_linear`` (``needs``: which; the others are empty)."""
+    return _vera_backward_body(TORCH, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, ranks, ps, seeds, bits,
+                               merged, needs)
+
+
+@vera_linear_backward_op.impl("triton")
+def _(dy, x, *args):
+    return _vera_backward_body(_triton() if _triton_serves(x) else TORCH, dy, x, *args)
+
+
+@vera_linear_backward_op.fake
+def _(dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, ranks, ps, seeds, bits, merged, needs):
+    shapes = [(x, x.shape), (u, dy.shape[1:]), (lambda_b, lambda_b.shape), (lambda_d, lambda_d.shape)]
+    return [like.new_empty(shape) if need else dy.new_empty(0) for (like, shape), need in zip(shapes, needs)]
+
+
+def _vera_setup(ctx, inputs, output):
+    x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, weight, vera_A, vera_B, lambda_b, lambda_d, output[1], *seeds, *bits)
+    ctx.ranks, ctx.ps, ctx.merged = ranks, ps, merged
+    ctx.num_seeds, ctx.num_bits, ctx.bias_dtype = len(seeds), len(bits), None if bias is None else bias.dtype
+
+
+def _vera_backward_entry(ctx, grads):
+    n = ctx.needs_input_grad
+    needs = [n[0], n[2], n[5], n[6]]     # x, bias, lambda_b, lambda_d
+    no_grads = ([None] * ctx.num_seeds, [None] * ctx.num_bits, None, None)
+    if grads[0] is None or not any(needs):
+        return (None,) * 9 + no_grads
+    x, weight, vera_A, vera_B, lambda_b, lambda_d, u, *masks = ctx.saved_tensors
+    seeds, bits = masks[:ctx.num_seeds], masks[ctx.num_seeds:]
+    dx, d_bias, d_lb, d_ld = vera_linear_backward_op(grads[0], x, weight, vera_A, vera_B, lambda_b, lambda_d, u,
+                                                     ctx.ranks, ctx.ps, seeds, bits, ctx.merged, needs)
+    return (dx if needs[0] else None, None, d_bias.to(ctx.bias_dtype) if needs[1] else None, None, None,
+            d_lb if needs[2] else None, d_ld if needs[3] else None, None, None, *no_grads)
+
+
+vera_linear_op.autograd(_vera_backward_entry, _vera_setup)
+
+
+def _vera_examples():
+    for args, _ in _examples():
+        x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits, merged, keep_u = args
+        out, r = lora_B.shape
+        lambda_b = randn(out, dtype=lora_A.dtype, requires_grad=True, seed=61)
+        lambda_d = randn(r, dtype=lora_A.dtype, requires_grad=True, seed=62)
+        yield (x, weight, bias, lora_A.detach(), lora_B.detach(), lambda_b, lambda_d, ranks, ps, seeds, bits, merged,
+               keep_u), {}
+
+
+def _vera_backward_examples():
+    for args, _ in _vera_examples():
+        with torch.no_grad():
+            _, u = vera_linear_op(*args)
+        x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u = args
+        dy = randn(x.shape[0], weight.shape[0], dtype=x.dtype, seed=63)
+        inputs = [t.detach() for t in (dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u)]
+        yield (*inputs, ranks, ps, seeds, bits, merged, [True, bias is not None, True, True]), {}
+
+
+vera_linear_op.example(_vera_examples)
+vera_linear_backward_op.example(_vera_backward_examples)
