@@ -33,16 +33,15 @@ if torch.cuda.is_available():
     RUNS.append((torch.bfloat16, "triton"))
 CASES = [(v, dtype, autocast, backend) for v in VARIANTS for autocast in (True, False) for dtype, backend in RUNS]
 BATCHES = 4
+# A trainable scalar (DeLoRA's lambda) has an ill-conditioned gradient (a sum over tokens and ranks with
+# heavy cancellation): its error against float64 is the half model's own activation noise, and 4-batch
+# ratios between two equally accurate paths range over 0.25 .. 3.2 (benchmarks/NOTES.md, dora_norm).
+# Models with one get SCALAR_BATCHES, enough for the pooled ratio to settle within the contract.
+SCALAR_BATCHES = 24
 CONTRACT = 1.5  # error at most 1.5 x PEFT's own
 
 # Known failures whose cause lies outside the bridge: case id -> "owner: cause".
-_DELORA_LAMBDA = ("F (dora_norm): DeLoRA's lambda gradient on the torch path (an ill-conditioned sum over tokens "
-                  "and ranks) has a mean error vs float64 above 1.5 x PEFT's (issue 13 item 2)")
-KNOWN_FAILURES: dict[str, str] = {
-    "delora-bfloat16-fp32_adapter-torch": _DELORA_LAMBDA,
-    "delora-float16-fp32_adapter-torch": _DELORA_LAMBDA,
-    "delora-float16-same_dtype-torch": _DELORA_LAMBDA,
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _id(variant, dtype, autocast, backend) -> str:
@@ -75,12 +74,18 @@ def _step(model, ids) -> dict:
 
 
 def _mean_errors(model, truths, batches) -> dict:
-    """Each logits' / gradient's relative error against the float64 ``truths``, averaged over batches."""
-    errors = {}
+    """Each logits' / gradient's relative error against the float64 ``truths`` over all batches:
+    ||got - truth|| / ||truth|| with both norms summed over the batches (a ratio of sums, not a mean
+    of per-batch ratios: an ill-conditioned sum such as DeLoRA's lambda gradient is tiny on some
+    batches, whose per-batch ratio is then heavy-tailed noise of the half-precision model's own
+    activations, equal in distribution for PEFT and the fused path)."""
+    sums = {}
     for ids, want in zip(batches, truths):
         for name, got in _step(model, ids).items():
-            errors.setdefault(name, []).append(rel_error(got, want[name]))
-    return {name: sum(e) / len(e) for name, e in errors.items()}
+            diff, norm = sums.get(name, (0.0, 0.0))
+            sums[name] = (diff + float((got.double() - want[name]).square().sum()),
+                          norm + float(want[name].square().sum()))
+    return {name: (diff / norm) ** 0.5 if norm else diff ** 0.5 for name, (diff, norm) in sums.items()}
 
 
 @pytest.mark.parametrize("variant,dtype,autocast,backend", _params())
@@ -95,7 +100,9 @@ def test_fused_is_as_accurate_as_peft_against_float64(variant, dtype, autocast, 
     fused = copy.deepcopy(peft_model)
     report = fastadapt.accelerate(fused, methods=[variant.method])
     g = generator()
-    batches = [torch.randint(0, 64, (2, 9), generator=g).to(device) for _ in range(BATCHES)]
+    scalar = any(p.numel() == 1 for p in peft_model.parameters() if p.requires_grad)
+    count = SCALAR_BATCHES if scalar else BATCHES
+    batches = [torch.randint(0, 64, (2, 9), generator=g).to(device) for _ in range(count)]
 
     truths = [_step(truth, ids) for ids in batches]
     peft_errors = _mean_errors(peft_model, truths, batches)
@@ -104,7 +111,7 @@ def test_fused_is_as_accurate_as_peft_against_float64(variant, dtype, autocast, 
         fused_errors = _mean_errors(fused, truths, batches)
     has_kernels = fastadapt.methods()[variant.method].triton  # the method declares Triton kernels
     assert bool(launched) == (backend == "triton" and has_kernels), sorted(set(launched))
-    assert report.fused_calls == report.num_patched * BATCHES and not report.fallbacks, str(report)
+    assert report.fused_calls == report.num_patched * count and not report.fallbacks, str(report)
     table = tolerance(dtype)
     worse = {name: f"{err:.2e} vs PEFT {peft_errors[name]:.2e}" for name, err in fused_errors.items()
              if err > CONTRACT * peft_errors[name] or (err > table and CONTRACT * peft_errors[name] <= table)}

@@ -106,20 +106,11 @@ CASES = [Case(method, model, name) for method in sorted(CONFIGS.sweeps) for mode
 
 # Known failures whose cause lies outside the bridge: (scenario or "*", case id or fnmatch pattern)
 # -> "owner: cause"; the first matching key counts.
-_RANK_ABOVE_SIZES = ("F (dora_norm): the fused DoRA/DeLoRA forward raises ValueError for r > min(in_features, "
-                     "out_features) (_validate.rank in ops/dora_norm.py), which PEFT accepts and runs")
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("*", case): _RANK_ABOVE_SIZES for case in (
-        "dora-mlp-r_above", "dora-units-r_above", "dora-units-dropout_rslora", "dora-units-bias_all",
-        "dora-conv1d-r_above", "dora-saved-r_above", "delora-mlp-r_above", "delora-units-r_above",
-        "delora-units-dropout_bias", "delora-saved-r_above")}
-KNOWN_FAILURES.update({
     ("adapters", "fourierft-saved-n1"): "circulant family: FourierFT's float32 spectrum gradient (one coefficient: a "
                                         "sum over every token and weight) is 2.5e-5 from float64 where PEFT's is "
                                         "exact (table 1e-5)",
-    ("shapes", "dora-*"): "F (dora_norm): for a 1-D x PEFT's DoRA returns (1, out_features), the fused forward "
-                          "(out_features,)",
-})
+}
 
 SCENARIOS = ("calls", "shapes", "adapters", "merge", "checkpoint")
 
