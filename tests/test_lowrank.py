@@ -536,3 +536,39 @@ def test_mixed_batch_gradcheck_and_bad_input():
     model.eval()
     with pytest.raises(ValueError, match="non-existing"):   # PEFT's model-level check, unchanged by accelerate
         model(randn(2, 24, dtype=F32, seed=77), adapter_names=["default", "typo"])
+
+
+# ----------------------------------------------------------------------------- PiSSA / OLoRA init
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_3", "olora"])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_pissa_olora_init_equals_reference_and_keeps_the_model(init, use_rslora):
+    """PEFT's PiSSA / OLoRA init (the factors and the base weight rewritten to the residual) equals
+    fastadapt.reference.lowrank's pissa_init / olora_init of the original weight (the randomized
+    svd_lowrank of "pissa_niter_*" draws after PEFT's own initialisers: there W_res + s B A = W is
+    checked), and the accelerated model at init computes the original layer and its gradients."""
+    from fastadapt.reference.lowrank import lora_scaling, olora_init, pissa_init
+    base = linear_model(24, 16, dtype=F32, seed=80)
+    original = copy.deepcopy(base)
+    r, alpha = 4, 6
+    torch.manual_seed(81)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=init, use_rslora=use_rslora,
+                                            target_modules=["0"]))
+    layer = model.base_model.model[0]
+    scaling = lora_scaling(alpha, r, use_rslora)
+    weight = original[0].weight.detach()
+    product = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    if "niter" in init:
+        assert_rel_close(layer.get_base_layer().weight + scaling * product, weight, F32, scale=10, name="W_res + s B A")
+    else:
+        lora_A, lora_B, residual = (olora_init(weight, r, scaling=scaling) if init == "olora"
+                                    else pissa_init(weight, r, scaling=scaling))
+        # singular vectors are defined up to a sign per pair: compare the product and the residual
+        assert_rel_close(product, lora_B @ lora_A, F32, scale=10, name="B A")
+        assert_rel_close(layer.get_base_layer().weight, residual, F32, scale=10, name="residual base weight")
+    report = fastadapt.accelerate(model)
+    x = randn(5, 24, dtype=F32, seed=82)
+    cotangent = randn(5, 16, dtype=F32, seed=83)
+    for i, (a, e) in enumerate(zip(_run(model, x, cotangent)[:2], _run(original, x, cotangent)[:2])):
+        assert_rel_close(a, e, F32, scale=10, name="output" if i == 0 else "grad x")
+    assert report.fused_calls == 1, str(report)

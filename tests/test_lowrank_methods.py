@@ -312,3 +312,82 @@ def test_bad_input_names_the_parameter():
         model.add_adapter("other", VeraConfig(r=8, target_modules=["0"]))
     with pytest.raises(ValueError, match="r"):         # PEFT: MiSS r above in_features
         get_peft_model(linear_model(4, 6, seed=68), MissConfig(r=5, target_modules=["0"]))
+
+
+# ----------------------------------------------------------------------------- SVFT (fastadapt's layer)
+
+def _svft_layer(dtype=F64, *, r=10, pattern="banded", seed, autocast_adapter_dtype=True, device="cpu"):
+    from fastadapt.layers.lowrank import SVFTLinear
+    base = linear_model(24, 16, dtype=dtype, seed=seed)[0].to(device)
+    layer = SVFTLinear(copy.deepcopy(base), r, pattern=pattern, off_diag=0 if pattern == "plain" else 2, seed=seed,
+                       autocast_adapter_dtype=autocast_adapter_dtype)
+    with torch.no_grad():
+        layer.svft_m.copy_(randn(layer.svft_m.shape[0], seed=seed + 1))
+    ref = structured.SVFT(base.weight.to(F64), base.bias.to(F64), r, pattern=pattern,
+                          off_diag=0 if pattern == "plain" else 2, seed=seed, svft_m=layer.svft_m.detach().to(F64))
+    return layer, ref
+
+
+@pytest.mark.parametrize("dtype", [F64, F32, torch.bfloat16, F16])
+@pytest.mark.parametrize("pattern", ["plain", "banded", "random"])
+def test_svft_layer_against_float64_reference(dtype, pattern):
+    """Output and the gradients of x, svft_m and the bias against fastadapt.reference's SVFT; the
+    layer's SVD is the reference's (float64), kept in float32 on a half base (PEFT's adapter rule)."""
+    layer, ref = _svft_layer(dtype, pattern=pattern, seed=70)
+    layer.base_layer.bias.requires_grad_(True)
+    ref.bias = torch.nn.Parameter(ref.bias)
+    x = randn(3, 7, 24, dtype=dtype, seed=71, requires_grad=True)
+    cotangent = randn(3, 7, 16, dtype=dtype, seed=72)
+    y = layer(x)
+    got = [y, *torch.autograd.grad(y, [x, layer.svft_m, layer.base_layer.bias], cotangent)]
+    x64 = x.detach().to(F64).requires_grad_()
+    y64 = ref(x64)
+    want = [y64, *torch.autograd.grad(y64, [x64, ref.svft_m, ref.bias], cotangent.to(F64))]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_rel_close(g, w, dtype, scale=1.0 if dtype in (F32, F64) else 2.0, name=f"{i}")
+
+
+def test_svft_merge_gradcheck_compile_and_saved():
+    layer, _ = _svft_layer(F64, seed=73)
+    x = randn(5, 24, seed=74, requires_grad=True)
+    with torch.no_grad():
+        y = layer(x)
+        layer.merge()
+        assert_rel_close(layer(x), y, name="merged")
+        layer.unmerge()
+        assert_rel_close(layer(x), y, name="unmerged")
+    assert torch.autograd.gradcheck(lambda x, m: ops.svft_linear(x, layer.base_layer.weight, layer.base_layer.bias,
+                                                                 layer.svft_u, layer.svft_vh, m, layer.svft_indices),
+                                    (x, layer.svft_m), fast_mode=True)
+    layer32, _ = _svft_layer(F32, r=16, seed=75)
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(layer32)(x.detach().float().requires_grad_()).graph_break_count == 0
+    ratio = saved_activation_ratio(layer32, randn(2048, 24, dtype=F32, seed=76))
+    assert ratio <= 1.05, f"saved {ratio:.3f} x bytes(x)"
+
+
+@pytest.mark.parametrize("dtype", TRITON_DTYPES)
+def test_svft_triton_path(triton_backend, device, dtype):
+    layer, ref = _svft_layer(dtype, r=16, seed=77, device=device)
+    x = randn(2, 9, 24, dtype=dtype, seed=78, device=device, requires_grad=True)
+    with triton_launches() as launched:
+        y = layer(x)
+        gx, gm = torch.autograd.grad(y, [x, layer.svft_m], torch.ones_like(y))
+    assert "_scaled_lowrank_gemm_kernel" in launched
+    x64 = x.detach().to(F64).requires_grad_()
+    y64 = ref.to(device)(x64)
+    rx, rm = torch.autograd.grad(y64, [x64, ref.svft_m], torch.ones_like(y64))
+    for g, w in ((y, y64), (gx, rx), (gm, rm)):
+        assert_rel_close(g, w, dtype, scale=1.0 if dtype == F32 else 2.0)
+
+
+def test_svft_bad_input():
+    from fastadapt.layers.lowrank import SVFTLinear
+    with pytest.raises(ValueError, match="r=30"):
+        SVFTLinear(linear_model(24, 16, seed=79)[0], 30)
+    with pytest.raises(ValueError, match="pattern"):
+        SVFTLinear(linear_model(24, 16, seed=79)[0], 4, pattern="dense")
+    layer, _ = _svft_layer(F32, seed=80)
+    with pytest.raises(ValueError, match="svft_indices"):
+        ops.svft_linear(randn(2, 24, dtype=F32, seed=81), layer.base_layer.weight, None, layer.svft_u, layer.svft_vh,
+                        layer.svft_m, layer.svft_indices[:, :3])

@@ -1,5 +1,6 @@
-"""lowrank family in PEFT's layers: fused forwards for LoRA (and PiSSA / OLoRA, LoRA with another
-init) through the bridge.
+"""lowrank family: fused forwards for PEFT's LoRA (and PiSSA / OLoRA, LoRA with another init), VeRA,
+AdaLoRA, VB-LoRA, IA3, MiSS, SHiRA and RandLoRA layers through the bridge, and SVFT (not in PEFT) as
+fastadapt's own layer, :class:`SVFTLinear`.
 
 PEFT keeps its own parameters, with PEFT's names: ``lora_A[a].weight`` (r, in), ``lora_B[a].weight``
 (out, r) (and ``lora_B[a].bias`` with ``lora_bias=True``), ``scaling[a]`` read at every call
@@ -28,8 +29,10 @@ import torch
 from torch import nn
 
 from ..ops._policy import fallback_reason
+from ..ops._policy import HALF_DTYPES
 from ..ops.lowrank import ia3_linear, lora_linear, lora_mixed_linear, miss_linear, randlora_linear, shira_linear, \
-    vera_linear
+    svft_linear, vera_linear
+from ..reference.structured import svft_pattern
 from ..peft import BridgeEntry, dropout_stream
 
 PHILOX_DROPOUT_NOTE = "dropout mask from fastadapt's Philox stream (nn.Dropout's distribution, not PEFT's bits)"
@@ -407,5 +410,76 @@ PEFT_BRIDGE = [
                 base_classes=BASE_CLASSES),
 ]
 
-__all__ = ["PEFT_BRIDGE", "PHILOX_DROPOUT_NOTE", "lora_forward", "lora_forward_adapters", "lora_forward_many",
+# ----------------------------------------------------------------------------------------------
+# SVFT: fastadapt's layer (PEFT has no SVFT)
+
+class SVFTLinear(nn.Module):
+    """SVFT on an nn.Linear (arXiv:2405.19597): W = U S V^T (its top r singular triplets), a sparse
+    trainable r x r matrix M at the positions of ``pattern`` (fastadapt.reference.structured.svft_pattern:
+    "plain" diagonal, "banded" |i - j| <= off_diag, "random"), and
+
+        y = x W^T + b + (x V) (U M)^T,     dW = U M V^T
+
+    Buffers ``svft_u`` (out, r), ``svft_s`` (r,), ``svft_vh`` (r, in), ``svft_indices`` (2, K); parameter
+    ``svft_m`` (K,), zeros at init (the identity).  r defaults to min(in, out).  The SVD runs in
+    float64; U, S, V^T and M are float32 on a float16 / bfloat16 base unless
+    ``autocast_adapter_dtype=False`` (PEFT's rule), else the base dtype.  W stays exact: only the
+    update lives in the top-r subspace.  ``merge()`` adds dW to W (in float32 for a half W, rounded
+    once), ``unmerge()`` subtracts it.
+    """
+
+    def __init__(self, base_layer: nn.Linear, r: Optional[int] = None, *, pattern: str = "banded",
+                 off_diag: int = 2, seed: Optional[int] = None, autocast_adapter_dtype: bool = True):
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"base_layer must be nn.Linear, got {type(base_layer).__name__}")
+        self.base_layer = base_layer.requires_grad_(False)
+        w = base_layer.weight
+        d_out, d_in = w.shape
+        from .. import _validate
+        r = min(d_in, d_out) if r is None else _validate.rank(r, d_in, d_out)
+        if pattern == "plain":
+            off_diag = 0
+        indices = svft_pattern(r, pattern, off_diag, seed).to(w.device)
+        dtype = torch.float32 if autocast_adapter_dtype and w.dtype in HALF_DTYPES else w.dtype
+        u, s, vh = torch.linalg.svd(w.detach().to(torch.float64), full_matrices=False)
+        self.register_buffer("svft_u", u[:, :r].to(dtype).contiguous())
+        self.register_buffer("svft_s", s[:r].to(dtype).contiguous())
+        self.register_buffer("svft_vh", vh[:r].to(dtype).contiguous())
+        self.register_buffer("svft_indices", indices)
+        self.svft_m = nn.Parameter(torch.zeros(indices.shape[1], dtype=dtype, device=w.device))
+        self.r, self.pattern, self.off_diag = r, pattern, off_diag
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """U M V^T (out, in) in the adapter's dtype (no gradient)."""
+        with torch.no_grad():
+            rows, cols = self.svft_indices
+            m = self.svft_m.new_zeros(self.r, self.r).index_put((rows, cols), self.svft_m, accumulate=True)
+            return self.svft_u @ m @ self.svft_vh
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() if w.dtype in HALF_DTYPES else w) + self.delta_weight().to(torch.promote_types(
+                w.dtype, torch.float32)))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() if w.dtype in HALF_DTYPES else w) - self.delta_weight().to(torch.promote_types(
+                w.dtype, torch.float32)))
+            self.merged = False
+
+    def forward(self, x):
+        if self.merged:
+            return self.base_layer(x)
+        return svft_linear(x, self.base_layer.weight, self.base_layer.bias, self.svft_u, self.svft_vh, self.svft_m,
+                           self.svft_indices)
+
+
+__all__ = ["PEFT_BRIDGE", "SVFTLinear", "PHILOX_DROPOUT_NOTE", "lora_forward", "lora_forward_adapters", "lora_forward_many",
            "lora_forward_mixed"]

@@ -17,6 +17,7 @@ path, "triton" the CUDA one; each module's docstring gives the gradient formulas
     fastadapt::miss_linear (+ _backward)      fastadapt.ops.lowrank_miss
     fastadapt::shira_linear (+ _backward)     fastadapt.ops.lowrank_shira
     fastadapt::randlora_linear (+ _backward)  fastadapt.ops.lowrank_randlora
+    fastadapt::svft_linear (+ _backward)      fastadapt.ops.lowrank_svft (LoRA's bodies, B = U M formed in the op)
 
     fastadapt::vera_linear (+ _backward)      fastadapt.ops.lowrank_lora (LoRA's bodies, B' = lambda_b B
                                               lambda_d formed in the op: never saved)
@@ -57,14 +58,15 @@ from .lowrank_miss import miss_linear_op
 from .lowrank_mixed import lora_mixed_linear_op
 from .lowrank_randlora import randlora_linear_op
 from .lowrank_shira import check_indices, shira_linear_op, shira_plan
+from .lowrank_svft import svft_linear_op
 
-METHODS = ("lora", "pissa", "vera", "adalora", "vblora", "ia3", "miss", "shira", "randlora")
-TRITON_METHODS = ("lora", "pissa", "vera", "adalora", "vblora", "miss", "ia3", "shira", "randlora")
+METHODS = ("lora", "pissa", "vera", "adalora", "vblora", "ia3", "miss", "shira", "randlora", "svft")
+TRITON_METHODS = ("lora", "pissa", "vera", "adalora", "vblora", "miss", "ia3", "shira", "randlora", "svft")
 
 DROPOUT_STREAMS = ("philox", "torch")
 
 __all__ = ["METHODS", "TRITON_METHODS", "DROPOUT_STREAMS", "ia3_linear", "lora_linear", "lora_mixed_linear",
-           "miss_linear", "randlora_linear", "shira_linear", "vera_linear"]
+           "miss_linear", "randlora_linear", "shira_linear", "svft_linear", "vera_linear"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,4 +373,26 @@ def randlora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], randlora_
     seeds, bits = _mask_inputs(x2d, [p], dropout_stream, adapter_dtype)
     y = randlora_linear_op(x2d, weight, bias, randlora_A, randlora_B, randlora_lambda, randlora_gamma, float(scaling),
                            in_features <= out_features, p, seeds[0] if seeds else None, bits[0] if bits else None)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def svft_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], svft_u: Tensor, svft_vh: Tensor, svft_m: Tensor,
+                svft_indices: Tensor) -> Tensor:
+    """SVFT, differentiable in x, bias and svft_m: y = x W^T + b + (x V) (U M)^T with U = svft_u
+    (out, r) and V^T = svft_vh (r, in) frozen, M (r, r) sparse: svft_m (K,) at svft_indices (2, K)."""
+    out_features, in_features = _check_base(x, weight, bias)
+    _validate.tensor("svft_vh", svft_vh, ndim=2)
+    r = _validate.positive_int("r", svft_vh.shape[0])
+    _validate.tensor("svft_vh", svft_vh, shape=(r, in_features))
+    _validate.tensor("svft_u", svft_u, shape=(out_features, r))
+    _validate.tensor("svft_m", svft_m, ndim=1)
+    if svft_indices.shape != (2, svft_m.shape[0]) or svft_indices.is_floating_point():
+        raise ValueError(f"svft_indices has shape {tuple(svft_indices.shape)}; expected integer (2, {svft_m.shape[0]})")
+    for name, t in (("svft_u", svft_u), ("svft_vh", svft_vh)):
+        _check_frozen(name, t)
+    adapter_dtype = adapter_compute_dtype("x", x, (("svft_u", svft_u), ("svft_vh", svft_vh), ("svft_m", svft_m)))
+    x2d = x.reshape(-1, in_features)
+    merged, keep_u = _lora_plan(x2d, weight, r, False, adapter_dtype)
+    rows, cols = svft_indices.to(torch.int64)
+    y = svft_linear_op(x2d, weight, bias, svft_vh, svft_u, svft_m, rows, cols, merged, keep_u)[0]
     return y.reshape(*x.shape[:-1], out_features)
