@@ -34,26 +34,31 @@ def variants() -> dict[str, list[Variant]]:
     out = {"_merged_gemm_fwd_kernel": [], "_loha_factor_grads_bwd_kernel": []}
 
     def merged_gemm(config, mode, fp32_adapter=False):
-        """mode: "loha y", "loha dx", "lokr y", "lokr dx" (x, W, C contiguous; the factors too)."""
+        """mode: "loha y", "loha dx", "lokr y", "lokr dx", "residual" (x, W, C contiguous; factors too)."""
         def build(dtype):
             adapter = "float32" if fp32_adapter else dtype
             if mode.startswith("loha"):
-                kronecker, rank, dk, dn = False, r, 1, 1
+                generator, rank, dk, dn = H.HADAMARD, r, 1, 1
                 if mode == "loha y":   # Y = W^T, L = w1b^T (I, r), R = w1a^T (r, O): views of contiguous tensors
                     factor_strides = (1, d, 1, r, 1, d, 1, r)
                 else:                  # Y = W, L = w1a (O, r), R = w1b (r, I)
                     factor_strides = (r, 1, d, 1, r, 1, d, 1)
-            else:
+            elif mode.startswith("lokr"):
                 side = 64               # d = 4096 = 64 x 64 (PEFT's split), w1 (64, 64), w2 (64, 64)
-                kronecker, rank, dk, dn = True, 1, side, side
+                generator, rank, dk, dn = H.KRONECKER, 1, side, side
                 # forward K1 = w1^T, K2 = w2^T; dx K1 = w1, K2 = w2 (R1 / R2 unused: the same pointers)
                 factor_strides = (1, side, 1, side, 1, side, 1, side) if mode == "lokr y" else \
                     (side, 1, side, 1, side, 1, side, 1)
-            y_strides = (1, d) if mode.endswith(" y") else (d, 1)
-            args = (f(dtype), f(dtype), *(f(adapter) for _ in range(4)), f(dtype), f(dtype),
+            else:                       # y = fl(x W^T) + s term (LoKr's float32 term on a half base)
+                generator, rank, dk, dn = H.NO_TERM, 1, 1, 1
+                factor_strides = (1, d, 1, d, 1, d, 1, d)
+            y_strides = (1, d) if mode.endswith(" y") or mode == "residual" else (d, 1)
+            factor = f(dtype) if mode == "residual" else f(adapter)
+            residual = f("float32") if mode == "residual" else f(dtype)
+            args = (f(dtype), f(dtype), *(factor for _ in range(4)), f(dtype), residual, f(dtype),
                     n, d, d, rank, dk, dn, 2.0, d, 1, *y_strides, *factor_strides, d, 1)
-            return args, dict(KRONECKER=kronecker, HAS_BIAS=False, IEEE=dtype == "float32",
-                              BLOCK_R=min(T.block_r(rank), H.MAX_BLOCK_R), **config.kwargs,
+            return args, dict(GENERATOR=generator, HAS_BIAS=False, HAS_RES=mode == "residual",
+                              IEEE=dtype == "float32", BLOCK_R=min(T.block_r(rank), H.MAX_BLOCK_R), **config.kwargs,
                               num_warps=config.num_warps, num_stages=config.num_stages)
         return build
 
@@ -81,6 +86,8 @@ def variants() -> dict[str, list[Variant]]:
                             grid=grid, standard=True),
                     Variant(f"LoKr y, float32 factors {shape}", merged_gemm(config, "lokr y", True), dtypes,
                             grid=grid),
+                    Variant(f"y = fl(x W^T) + s term (LoKr's float32 term) {shape}", merged_gemm(config, "residual"),
+                            dtypes, grid=grid, standard=True),
                 ]
 
     tiles = H.FACTOR_GRADS_TILES_CUDA
@@ -142,26 +149,41 @@ def _loha(s: Shape, fp32_adapter: bool) -> tuple:
     return tuple(steps)
 
 
-def _lokr(s: Shape, decompose_factor: int) -> tuple:
-    """LoKr at ``s``: (a, c), (b, d) from PEFT's split; the forward and dx with on-chip kron tiles (any
-    adapter dtype), the factor gradients by cuBLAS in the activations' bf16 (tensor cores)."""
+def _lokr(s: Shape, decompose_factor: int, fp32_adapter: bool) -> tuple:
+    """LoKr at ``s``: (a, c), (b, d) from PEFT's split.  A bf16 adapter: on-chip kron tiles, factor
+    gradients on tensor cores (cuBLAS bf16).  PEFT's float32 adapter: the reshaped float32 term (cuBLAS
+    fp32) joined after the rounded bf16 GEMM in the merged kernel's epilogue, factor gradients fp32."""
     from fastadapt.reference.hadamard import lokr_factorization
     e, n, i, o = s.elem, s.n, s.d_in, s.d_out
     c, d = lokr_factorization(i, decompose_factor)
     a, b = lokr_factorization(o, decompose_factor)
-    kron = ("y = x (W + s kron(w1, w2))^T (kron tiles)", "dx = dY (W + s kron(w1, w2)) (kron tiles)")
-    steps = [small("form w1 / w2 from factors", 2),
-             Step(kron[0], bytes=(n * i + i * o + n * o) * e, tensor_flops=2.0 * n * o * i,
-                  kernel="_merged_gemm_fwd_kernel"),
-             Step(kron[1], bytes=(n * o + i * o + n * i) * e, tensor_flops=2.0 * n * o * i,
-                  kernel="_merged_gemm_fwd_kernel")]
-    # V = dY w2 (written, read), bmm V_t X_t^T (per-token (a, c) products written, summed), Q = w1^T dY_t
-    # (written, read), Q^T X: dY and x read twice each
-    steps += [gemm("V = dY w2 (N a, b) x (b, d)", n * a, d, b, c=e),
-              Step("sum_t V_t X_t^T (bmm, then the token sum)", bytes=(n * a * d + n * i) * e + 2 * n * a * c * e,
-                   tensor_flops=2.0 * n * a * d * c, launches=2),
-              Step("Q = w1^T dY_t (bmm)", bytes=(n * o + n * c * b) * e, tensor_flops=2.0 * n * c * a * b),
-              gemm("d w2 = Q^T X", b, d, n * c, c=4),
+    w = 4 if fp32_adapter else e         # the reshaped products' element size
+
+    def product(what, flops, nbytes, launches=1):
+        return Step(what, bytes=nbytes, tensor_flops=0.0 if fp32_adapter else flops,
+                    fp32_flops=flops if fp32_adapter else 0.0, launches=launches)
+    steps = [small("form w1 / w2 from factors", 2)]
+    if fp32_adapter:
+        steps += [Step("x, dY to float32", bytes=n * (i + o) * (e + 4), launches=2),
+                  product("Z = X w2^T; term = w1 Z_t", 2.0 * n * (c * d * b + a * c * b),
+                          (n * i + 2 * n * c * b + n * o) * 4, launches=2),
+                  Step("y = fl(x W^T) + s term (residual epilogue)", bytes=(n * i + i * o + n * o) * e + n * o * 4,
+                       tensor_flops=2.0 * n * o * i, kernel="_merged_gemm_fwd_kernel"),
+                  product("Q = w1^T dY_t; term = Q w2", 2.0 * n * (c * a * b + c * b * d),
+                          (n * o + 2 * n * c * b + n * i) * 4, launches=2),
+                  Step("dx = fl(dY W) + s term (residual epilogue)", bytes=(n * o + i * o + n * i) * e + n * i * 4,
+                       tensor_flops=2.0 * n * o * i, kernel="_merged_gemm_fwd_kernel")]
+    else:
+        steps += [Step("y = x (W + s kron(w1, w2))^T (kron tiles)", bytes=(n * i + i * o + n * o) * e,
+                       tensor_flops=2.0 * n * o * i, kernel="_merged_gemm_fwd_kernel"),
+                  Step("dx = dY (W + s kron(w1, w2)) (kron tiles)", bytes=(n * o + i * o + n * i) * e,
+                       tensor_flops=2.0 * n * o * i, kernel="_merged_gemm_fwd_kernel"),
+                  product("Q = w1^T dY_t (bmm)", 2.0 * n * c * a * b, (n * o + n * c * b) * w)]
+    # V = dY w2 (written, read), bmm V_t X_t^T (per-token (a, c) products written, summed), Q^T X
+    steps += [product("V = dY w2 (N a, b) x (b, d)", 2.0 * n * a * b * d, (n * o + 2 * n * a * d) * w),
+              product("sum_t V_t X_t^T (bmm, then the token sum)", 2.0 * n * a * d * c,
+                      (n * a * d + n * i + 2 * n * a * c) * w, launches=2),
+              product("d w2 = Q^T X", 2.0 * b * d * n * c, (n * c * b + n * i) * w),
               small("scale, cast, factor products' gradients", 4)]
     return tuple(steps)
 
@@ -174,8 +196,11 @@ def roofline(shape: Shape) -> list[Method]:
                note=fp32_note + "; the tiles regenerate each weight tile per 128 tokens (+2 r_pad / 128 tensor)"),
         Method("LoHa r=16, bf16 adapter", "loha_r16_adapter_in_input_dtype", _loha(shape, False), LOHA_GPU_TARGET,
                note="Khatri-Rao thin GEMMs (r^2 = 256) on tensor cores where the plan picks them"),
-        Method("LoKr r=16 (64 x 64 split)", "lokr_r16", _lokr(shape, -1), LOKR_GPU_TARGET,
-               note="kron tiles in the GEMM for any adapter dtype; factor gradients in bf16 (cuBLAS)"),
-        Method("LoKr r=16 decomposed (16 x 256 split)", "lokr_r16_decomposed", _lokr(shape, 16), LOKR_GPU_TARGET),
+        Method("LoKr r=16, fp32 adapter (PEFT default)", "lokr_r16", _lokr(shape, -1, True), LOKR_GPU_TARGET,
+               note=fp32_note + "; PEFT's rounding points: float32 term after the rounded bf16 GEMM"),
+        Method("LoKr r=16 decomposed, fp32 adapter", "lokr_r16_decomposed", _lokr(shape, 16, True),
+               LOKR_GPU_TARGET),
+        Method("LoKr r=16, bf16 adapter", "lokr_r16", _lokr(shape, -1, False), LOKR_GPU_TARGET,
+               note="the bf16-adapter layout of lokr_r16 (no case of its own): factor gradients on tensor cores"),
     ]
     return found

@@ -188,7 +188,8 @@ def test_plan_at_the_benchmark_shapes():
     ways tie within 1 % by FLOPs and measured time), the merged weight for the forward; CUDA bf16
     d = 4096, N = 8192: with PEFT's float32 adapter tiles except at small r, with a bf16 adapter
     (tensor-core thin GEMMs) Khatri-Rao up to about r^2 = d / 4.  LoKr: the merged weight at the
-    standard shapes and always on CUDA, the reshaped products for a few tokens on CPU."""
+    standard shapes and always on CUDA, the reshaped products for a few tokens on CPU and for PEFT's
+    float32 adapter on a half base (PEFT's rounding points)."""
     cpu = lambda r, n=2048: loha_plan(n, 1024, 1024, r, backend="torch", layout="float")  # noqa: E731
     assert cpu(16) == LohaPlan("tiles", "tiles", "khatri_rao")
     assert cpu(4) == LohaPlan("tiles", "tiles", "khatri_rao")
@@ -201,9 +202,10 @@ def test_plan_at_the_benchmark_shapes():
     assert gpu(16, "half") == LohaPlan("khatri_rao", "khatri_rao", "khatri_rao")   # tensor-core thin GEMMs
     assert gpu(64, "half") == LohaPlan("tiles", "tiles", "tiles")
     lokr = hadamard_lokr.lokr_plan
-    assert lokr(2048, (32, 32), (32, 32), backend="torch") == "tiles"
-    assert lokr(16, (32, 32), (32, 32), backend="torch") == "reshape"
-    assert lokr(8, (64, 64), (64, 64), backend="triton") == "tiles"
+    assert lokr(2048, (32, 32), (32, 32), backend="torch", mixed=False) == "tiles"
+    assert lokr(16, (32, 32), (32, 32), backend="torch", mixed=False) == "reshape"
+    assert lokr(2048, (32, 32), (32, 32), backend="triton", mixed=True) == "reshape"   # PEFT's rounding points
+    assert lokr(8, (64, 64), (64, 64), backend="triton", mixed=False) == "tiles"
 
 
 # ----------------------------------------------------------------------------- Triton kernels (interpreter on CPU)
@@ -245,7 +247,7 @@ def test_lokr_triton_kernels_against_float64(triton_backend, lokr_algorithm, dev
     ref = _lokr_reference(d_in, d_out, r, seed=32, decompose_both=both, decompose_factor=factor).to(device)
     x = noncontig(randn(2, 19, d_in, seed=17, device=device))
     _assert_fused_equals_reference(ref, x, dtype, grad_scale=1.0 if dtype == F32 else 2.0)
-    if dtype == F16:   # PEFT's float32 adapter
+    if dtype == F16:   # PEFT's float32 adapter: its plan is "reshape" (the residual epilogue)
         _assert_fused_equals_reference(ref, x, dtype, F32, grad_scale=2.0)
 
 
@@ -259,6 +261,8 @@ def test_triton_launchers_reject_bad_operands(triton_backend):
         kernels.loha_gemm_forward(x, w, factor, factor.T, factor, factor.T[:, :16], 1.0)
     with pytest.raises(ValueError, match="kron"):
         kernels.lokr_gemm_forward(x, w, randn(4, 4, dtype=F32, seed=21), randn(4, 4, dtype=F32, seed=22), 1.0)
+    with pytest.raises(TypeError, match="residual"):
+        kernels.gemm_residual_forward(x.half(), w.half(), randn(8, 16, dtype=F16, seed=23), 1.0)
     with pytest.raises(ValueError, match="w1b"):
         kernels.loha_factor_grads_backward(randn(8, 32, dtype=F32, seed=24), x, factor, factor, factor, factor.T, 1.0)
 

@@ -13,7 +13,10 @@ Math (W (O, I) frozen, x (N, I), dY (N, O), s the adapter's scaling):
         Hadamard:  D = (L1 R1) o (L2 R2),      L (K, r), R (r, N): two rank-r tl.dot per tile
         Kronecker: D[k, n] = K1[k // DK, n // DN] K2[k % DK, n % DN]  (two gathers, one product)
 
-so y = x W^T + b + x dW^T (A = x, Y = W^T, L = w1b^T, R = w1a^T; K1 = w1^T, K2 = w2^T) and
+or no D at all, with a float32 residual term joined after the base product is rounded to A's dtype
+(``gemm_residual_forward``: PEFT's rounding points for LoKr's float32 adapter on a half base, its
+term formed outside by two thin reshaped products), so
+y = x W^T + b + x dW^T (A = x, Y = W^T, L = w1b^T, R = w1a^T; K1 = w1^T, K2 = w2^T) and
 dx = dY W + dY dW (A = dY, Y = W, L = w1a, R = w1b; K1 = w1, K2 = w2) are one kernel with the
 roles given by strides.  Each tile of W + s D is formed in float32 and rounded to A's dtype for the
 main tl.dot (tensor cores for half A); its rank-r products run in A's dtype too (IEEE fp32 for a
@@ -60,16 +63,17 @@ MAX_BLOCK_R = 32
 # C = A (Y + s D) + bias with D generated on chip
 
 @triton.jit
-def _merged_gemm_fwd_kernel(A, Y, L1, R1, L2, R2, BIAS, C, M, N, K, RANK, DK, DN, scale,
+def _merged_gemm_fwd_kernel(A, Y, L1, R1, L2, R2, BIAS, RES, C, M, N, K, RANK, DK, DN, scale,
                             stride_am, stride_ak, stride_yk, stride_yn,
                             stride_l1k, stride_l1r, stride_r1r, stride_r1n,
                             stride_l2k, stride_l2r, stride_r2r, stride_r2n, stride_cm, stride_cn,
-                            KRONECKER: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_R: tl.constexpr):
-    # Hadamard: L1, R1, L2, R2 as named.  KRONECKER: L1 is K1 with strides (stride_l1k, stride_l1r)
-    # over (k // DK, n // DN), L2 is K2 with (stride_l2k, stride_l2r) over (k % DK, n % DN); R1, R2
-    # are unused.
+                            GENERATOR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                            IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    # GENERATOR 1 (Hadamard): L1, R1, L2, R2 as named.  2 (Kronecker): L1 is K1 with strides
+    # (stride_l1k, stride_l1r) over (k // DK, n // DN), L2 is K2 with (stride_l2k, stride_l2r) over
+    # (k % DK, n % DN); R1, R2 unused.  0: Y as it is.  HAS_RES: the base product (bias inside) is
+    # rounded to A's dtype, then scale * RES (float32, (M, N) contiguous) joins it in float32.
     # int64 offsets into the activations and W; the factors (at most O x I / 4 elements for LoKr,
     # (O + I) r for LoHa) are addressed in int32, which keeps the kron gathers' index math small.
     pid_m = tl.program_id(0)
@@ -88,13 +92,13 @@ def _merged_gemm_fwd_kernel(A, Y, L1, R1, L2, R2, BIAS, C, M, N, K, RANK, DK, DN
         a = tl.load(A + rows[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(Y + ks[:, None] * stride_yk + cols[None, :] * stride_yn, mask=tile_ok, other=0.0)
-        if KRONECKER:
+        if GENERATOR == 2:
             k1 = tl.load(L1 + (ks32 // DK)[:, None] * stride_l1k + (cols32 // DN)[None, :] * stride_l1r,
                          mask=tile_ok, other=0.0).to(tl.float32)
             k2 = tl.load(L2 + (ks32 % DK)[:, None] * stride_l2k + (cols32 % DN)[None, :] * stride_l2r,
                          mask=tile_ok, other=0.0).to(tl.float32)
             w = (w.to(tl.float32) + scale * (k1 * k2)).to(A.dtype.element_ty)
-        else:
+        elif GENERATOR == 1:
             p1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
             p2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
             for r0 in range(0, RANK, BLOCK_R):
@@ -119,6 +123,9 @@ def _merged_gemm_fwd_kernel(A, Y, L1, R1, L2, R2, BIAS, C, M, N, K, RANK, DK, DN
             acc = tl.dot(a, w, acc)
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:  # PEFT's rounded half base product, then its float32 term
+        res = tl.load(RES + rows[:, None] * N + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = acc.to(A.dtype.element_ty).to(tl.float32) + scale * res
     tl.store(C + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc.to(C.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
@@ -139,7 +146,7 @@ MERGED_GEMM_CONFIGS = {
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=8, num_stages=3),
     ],
 }
-_merged_gemm_tuned = {precision: triton.autotune(configs=configs, key=["M", "N", "K", "RANK", "KRONECKER"])(
+_merged_gemm_tuned = {precision: triton.autotune(configs=configs, key=["M", "N", "K", "RANK", "GENERATOR"])(
     _merged_gemm_fwd_kernel) for precision, configs in MERGED_GEMM_CONFIGS.items()}
 # The interpreter's tiles (small, legal when compiled).
 INTERPRETER_TILES = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}
@@ -150,15 +157,20 @@ def _check_2d(name: str, t: torch.Tensor, shape: tuple) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
 
 
-def _launch_merged_gemm(a, y, factors, scale, bias, out_dtype, kronecker, rank, dk, dn, tiles):
+NO_TERM, HADAMARD, KRONECKER = 0, 1, 2
+
+
+def _launch_merged_gemm(a, y, factors, scale, bias, residual, out_dtype, generator, rank, dk, dn, tiles):
     m, k = a.shape
     n = y.shape[1]
     l1, r1, l2, r2 = factors
     out = torch.empty(m, n, dtype=out_dtype or a.dtype, device=a.device)
-    args = (a, y, l1, r1, l2, r2, out if bias is None else bias, out, m, n, k, rank, dk, dn, float(scale),
+    args = (a, y, l1, r1, l2, r2, out if bias is None else bias, out if residual is None else residual, out,
+            m, n, k, rank, dk, dn, float(scale),
             a.stride(0), a.stride(1), y.stride(0), y.stride(1), l1.stride(0), l1.stride(1), r1.stride(0),
             r1.stride(1), l2.stride(0), l2.stride(1), r2.stride(0), r2.stride(1), out.stride(0), out.stride(1))
-    flags = dict(KRONECKER=kronecker, HAS_BIAS=bias is not None, IEEE=a.dtype == torch.float32,
+    flags = dict(GENERATOR=generator, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                 IEEE=a.dtype == torch.float32,
                  BLOCK_R=min(block_r(rank), MAX_BLOCK_R))
     if a.is_cuda and not tiles:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
@@ -189,7 +201,7 @@ def loha_gemm_forward(a: torch.Tensor, y: torch.Tensor, l1: torch.Tensor, r1: to
     for name, t, shape in (("l1", l1, (k, rank)), ("l2", l2, (k, rank)), ("r1", r1, (rank, n)),
                            ("r2", r2, (rank, n))):
         _check_2d(name, t, shape)
-    return _launch_merged_gemm(a, y, (l1, r1, l2, r2), scale, bias, out_dtype, False, rank, 1, 1, tiles)
+    return _launch_merged_gemm(a, y, (l1, r1, l2, r2), scale, bias, None, out_dtype, HADAMARD, rank, 1, 1, tiles)
 
 
 def lokr_gemm_forward(a: torch.Tensor, y: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor, scale: float, *,
@@ -207,7 +219,24 @@ def lokr_gemm_forward(a: torch.Tensor, y: torch.Tensor, k1: torch.Tensor, k2: to
     if k1.ndim != 2 or k2.ndim != 2 or k1.shape[0] * k2.shape[0] != k or k1.shape[1] * k2.shape[1] != n:
         raise ValueError(f"kron(k1 {tuple(k1.shape)}, k2 {tuple(k2.shape)}) does not have y's shape ({k}, {n})")
     dk, dn = k2.shape
-    return _launch_merged_gemm(a, y, (k1, k1, k2, k2), scale, bias, out_dtype, True, 1, dk, dn, tiles)
+    return _launch_merged_gemm(a, y, (k1, k1, k2, k2), scale, bias, None, out_dtype, KRONECKER, 1, dk, dn, tiles)
+
+
+def gemm_residual_forward(a: torch.Tensor, y: torch.Tensor, residual: torch.Tensor, scale: float, *,
+                          bias: torch.Tensor | None = None, **tiles) -> torch.Tensor:
+    """C = fl(fl_a(a y + bias) + scale residual): the base product rounded to a's dtype where PEFT's
+    half F.linear rounds it, then a float32 (M, N) contiguous ``residual`` (an adapter term PEFT
+    computes in float32) added in float32 and the sum rounded once; (M, N) contiguous in a's dtype.
+    a (M, K) and y (K, N) of one dtype, any strides."""
+    if residual.dtype != torch.float32 or not residual.is_contiguous():
+        raise TypeError(f"residual is a {residual.dtype} tensor (contiguous: {residual.is_contiguous()}); "
+                        "gemm_residual_forward takes a contiguous float32 residual")
+    check_operands("gemm_residual_forward", ("a", a), ("y", y), (("residual", residual),))
+    m, k = a.shape
+    n = y.shape[1]
+    _check_2d("y", y, (k, n))
+    _check_2d("residual", residual, (m, n))
+    return _launch_merged_gemm(a, y, (y, y, y, y), scale, bias, residual, None, NO_TERM, 1, 1, 1, tiles)
 
 
 # ----------------------------------------------------------------------------------------------

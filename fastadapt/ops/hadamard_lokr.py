@@ -20,21 +20,26 @@ per direction beside the layer's 2 N O I.
 "tiles" (the merged weight where the GEMM uses it): y = x (W + s kron(w1, w2))^T + b and
 dx = dY (W + s kron(w1, w2)).  CPU: W + s kron(w1, w2) written through the (a, b, c, d) view of W by
 one broadcast product (a transient O x I tensor, one pass); CUDA: the merged GEMM kernel
-(fastadapt.triton_kernels.hadamard) generates each kron tile from two gathers on chip, always
-(against the reshaped products' four N x d passes).  The CPU picks by cost (at d = 1024, N = 2048
-one pass over W against two thin products per token; measured in benchmarks/NOTES.md, hadamard).
+(fastadapt.triton_kernels.hadamard) generates each kron tile from two gathers on chip.
+Choice: PEFT's float32 adapter on a half base runs "reshape" on every backend (PEFT's rounding
+points; a merged weight rounded to the half dtype measured up to 1.6 x PEFT's gradient error on
+the tiny-Llama contract, tests/test_half_precision.py); on CUDA its float32 term (cuBLAS float32;
+formed in the half dtype it moved three training steps 2.2e-3 away from the CPU path's, above
+twice the float16 table) joins the rounded half GEMM in the merged kernel's float32 epilogue.
+Otherwise CUDA runs "tiles" and the CPU picks by cost (at
+d = 1024, N = 2048 one pass over W against two thin products per token; benchmarks/NOTES.md).
 d w1 and d w2 always by reshape and matmul: V = dY w2 one (t a, b) x (b, d) GEMM and sum_t V_t X_t^T
 one batched product summed over the tokens; d w2 += Q^T X one (b, t c) x (t c, d) GEMM; on CPU over
-chunks of tokens (no N x I temporary), on CUDA in one chunk and, for half activations, in their half
-dtype on tensor cores (float32 sums of the per-token products).
+chunks of tokens (no N x I temporary), on CUDA in one chunk and, for a half adapter on its half base,
+in that dtype on tensor cores (float32 sums of the per-token products; PEFT's float32 adapter in
+float32: its gradient's accuracy is PEFT's float32 one).
 
 Saved for backward: x and the parameters (w1 / w2, or the a x c / b x d products formed from their
 factors): bytes(x) of activations plus a c + b d elements.  Precision: the kron term and the CPU's
 factor gradients accumulate in float32 (float64 for float64) from x and dY converted to it; a merged
 weight W + s kron(w1, w2) is summed in float32 and rounded to W's dtype once (a weight rounding where
-PEFT rounds its base product; PEFT's float32 adapter on a half base included).  On CUDA the factor
-gradients of half activations take w1 / w2 in the half dtype (a float32 adapter's factors rounded
-for these products: one unit of the half dtype, the tolerance table's bound).
+PEFT rounds its base product; PEFT's float32 adapter on a half base included).  On CUDA a half
+adapter's factor gradients are products in its half dtype (as PEFT's half dW and its gradient are).
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..testing import randn
-from ._policy import HALF_DTYPES, acc_dtype
+from ._policy import HALF_DTYPES, acc_dtype, is_mixed
 from ._registry import fused_op
 from .hadamard_loha import CPU_PASS
 
@@ -57,11 +62,14 @@ MODES = ("tiles", "reshape")
 CPU_RESHAPE_SLOWDOWN = 1.25
 
 
-def lokr_plan(tokens: int, w1_shape: tuple, w2_shape: tuple, *, backend: str) -> str:
+def lokr_plan(tokens: int, w1_shape: tuple, w2_shape: tuple, *, backend: str, mixed: bool) -> str:
     """"tiles" or "reshape" for the forward and dx of one call, from the sizes only (module docstring).
-    ``backend``: "triton" generates the kron tiles in the GEMM (two gathers per weight element per
-    token tile: always "tiles"); "torch" compares one merged-weight pass, 2 CPU_PASS O I, with the
-    reshaped products, CPU_RESHAPE_SLOWDOWN N (c d b + a c b)."""
+    ``mixed`` (PEFT's float32 adapter on a half base): "reshape" on every backend (PEFT's rounding
+    points).  Otherwise ``backend`` "triton" generates the kron tiles in the GEMM (two gathers per
+    weight element per token tile: always "tiles"); "torch" compares one merged-weight pass,
+    2 CPU_PASS O I, with the reshaped products, CPU_RESHAPE_SLOWDOWN N (c d b + a c b)."""
+    if mixed:
+        return "reshape"
     if backend == "triton":
         return "tiles"
     (a, c), (b, d) = w1_shape, w2_shape
@@ -74,7 +82,8 @@ def _compute_dtype(x: Tensor, w1: Tensor) -> torch.dtype:
 
 
 def _plan(k: "_Kernels", a: Tensor, w1: Tensor, w2: Tensor) -> str:
-    return lokr_plan(a.shape[0], tuple(w1.shape), tuple(w2.shape), backend=k.backend)
+    return lokr_plan(a.shape[0], tuple(w1.shape), tuple(w2.shape), backend=k.backend,
+                     mixed=is_mixed(a.dtype, w1.dtype))
 
 
 def merged(weight: Tensor, w1: Tensor, w2: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
@@ -126,17 +135,24 @@ def _input_grad_torch(dy, weight, w1, w2, scaling, plan):
 
 
 def _forward_triton(x, weight, bias, w1, w2, scaling, plan):
-    if x.dtype == torch.float64 or plan == "reshape":
+    if x.dtype == torch.float64:
         return _forward_torch(x, weight, bias, w1, w2, scaling, plan)
-    from ..triton_kernels import hadamard as kernels    # kron(w1, w2) tiles generated inside the GEMM
-    return kernels.lokr_gemm_forward(x, weight.T, w1.T, w2.T, scaling, bias=bias)
+    from ..triton_kernels import hadamard as kernels
+    if plan == "tiles":          # kron(w1, w2) tiles generated inside the GEMM
+        return kernels.lokr_gemm_forward(x, weight.T, w1.T, w2.T, scaling, bias=bias)
+    # PEFT's float32 term (cuBLAS float32), added in float32 after the rounded base GEMM
+    term = kron_rows(x.float(), w1.float(), w2.float())
+    return kernels.gemm_residual_forward(x, weight.T, term, scaling, bias=bias)
 
 
 def _input_grad_triton(dy, weight, w1, w2, scaling, plan):
-    if dy.dtype == torch.float64 or plan == "reshape":
+    if dy.dtype == torch.float64:
         return _input_grad_torch(dy, weight, w1, w2, scaling, plan)
     from ..triton_kernels import hadamard as kernels
-    return kernels.lokr_gemm_forward(dy, weight, w1, w2, scaling), None
+    if plan == "tiles":
+        return kernels.lokr_gemm_forward(dy, weight, w1, w2, scaling), None
+    term, q = _input_grad_term(dy, w1, w2, torch.float32)
+    return kernels.gemm_residual_forward(dy, weight, term, scaling), q
 
 
 class _Kernels(NamedTuple):
@@ -161,9 +177,10 @@ _CHUNK_ELEMENTS = 1 << 18
 
 def _factor_grads(dy, x, w1, w2, scaling, q, needs, in_half) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(d w1, d w2) in the accumulation dtype (module docstring); ``q`` = w1^T dY_t if already formed.
-    ``in_half``: the products run in x's half dtype (tensor cores on CUDA) with float32 sums."""
+    ``in_half``: with a half adapter on its half base the products run in that dtype (tensor cores on
+    CUDA) with float32 sums; PEFT's float32 adapter keeps them in float32."""
     acc = _compute_dtype(x, w1)
-    work = x.dtype if in_half and x.dtype in HALF_DTYPES else acc
+    work = x.dtype if in_half and x.dtype in HALF_DTYPES and w1.dtype == x.dtype else acc
     n = x.shape[0]
     (a, c), (b, d) = w1.shape, w2.shape
     w1, w2 = w1.to(work), w2.to(work)
