@@ -20,6 +20,7 @@ per adapter; the fused path groups rows by adapter).
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, MissConfig, RandLoraConfig, ShiraConfig, VBLoRAConfig, \
@@ -115,8 +116,17 @@ def _adalora_config(rank: int, targets) -> AdaLoraConfig:
     return _AdaLoraConfig(init_r=rank, target_r=rank // 2, lora_alpha=2 * rank, target_modules=targets)
 
 
-def _vblora_config(rank: int, targets) -> VBLoRAConfig:
-    return VBLoRAConfig(r=rank, num_vectors=256, vector_length=256, topk=2, target_modules=targets)
+def _vblora_config(rank: int, targets, vector_length: int = 256) -> VBLoRAConfig:
+    return VBLoRAConfig(r=rank, num_vectors=256, vector_length=vector_length, topk=2, target_modules=targets)
+
+
+def _build_vblora(rank: int):
+    """VB-LoRA with vectors of length 256, or of gcd(256, d) where d is not a multiple of 256 (PEFT
+    requires vector_length to divide the layer's sizes; the tests' small d)."""
+    def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
+        config = _vblora_config(rank, ["0"], math.gcd(256, d))
+        return peft_layer_case(d, n, dtype, device, config, fused=_fused_arms("vblora"))
+    return build
 
 
 def _ia3_config(feedforward: bool):
@@ -153,8 +163,8 @@ CASES = [
                "(adapter_names)"),
     Case("vera_r256", "lowrank", _build_method("vera", _vera_config, 256), notes="PEFT VeRA r=256 (its default)"),
     Case("adalora_r16", "lowrank", _build_method("adalora", _adalora_config, 16), notes="PEFT AdaLoRA init_r=16"),
-    Case("vblora_r4", "lowrank", _build_method("vblora", _vblora_config, 4),
-         notes="PEFT VB-LoRA r=4, 256 vectors of length 256, top-2"),
+    Case("vblora_r4", "lowrank", _build_vblora(4),
+         notes="PEFT VB-LoRA r=4, 256 vectors of length 256 (gcd(256, d) below), top-2"),
     Case("ia3_feedforward", "lowrank", _build_method("ia3", _ia3_config(True), 0), notes="PEFT IA3 scaling the input"),
     Case("ia3_output", "lowrank", _build_method("ia3", _ia3_config(False), 0), notes="PEFT IA3 scaling the output"),
     Case("miss_r64", "lowrank", _build_method("miss", _miss_config, 64), notes="PEFT MiSS r=64 (its default)"),

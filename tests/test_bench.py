@@ -576,7 +576,10 @@ def test_microbenchmarks_run_and_record_peak_memory(tmp_path):
     selection = ("(test_rotation and fwd-fastadapt-16-neumann) or (test_weight_norm and fastadapt) "
                  "or (test_layer and fwd-fastadapt-dora) or (test_op and dora_weight_norm and torch-ex0)")
     out = tmp_path / "micro.json"
-    env = {**os.environ, "FASTADAPT_MICRO": "tiny"}
+    # a fresh pytest, not an xdist worker: pytest-benchmark disables timing when it sees the
+    # worker's PYTEST_XDIST_* variables, which the README's ``-n 2`` run would pass down
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env["FASTADAPT_MICRO"] = "tiny"
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/micro", "-q", "-p", "no:cacheprovider",
                            "-k", selection, "--benchmark-only", "--benchmark-min-rounds=1",
