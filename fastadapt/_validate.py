@@ -68,9 +68,20 @@ def tensor(name: str, t, *, ndim=None, min_ndim=None, dtype=None, device=None, s
     return t
 
 
+_AUTOCAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_casts(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True inside ``torch.autocast`` on the tensors' device when both dtypes are ones it casts: the
+    fused ops' autocast registration gives them one dtype before any kernel runs."""
+    return (a.dtype in _AUTOCAST_DTYPES and b.dtype in _AUTOCAST_DTYPES and a.device.type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(a.device.type))
+
+
 def same(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
-    """``a`` and ``b`` must share dtype and device."""
-    if a.dtype != b.dtype:
+    """``a`` and ``b`` must share dtype and device (any float32 / float16 / bfloat16 mix inside
+    ``torch.autocast``, which casts them to its dtype)."""
+    if a.dtype != b.dtype and not autocast_casts(a, b):
         raise TypeError(f"{name_a} has dtype {a.dtype} but {name_b} has {b.dtype}; cast one to match")
     if a.device != b.device:
         raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}; move one to match")

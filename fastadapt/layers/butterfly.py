@@ -400,7 +400,7 @@ def _features_reason(layer, x) -> Optional[str]:
 
 def boft_check(layer, adapter: str, x) -> Optional[str]:
     base = layer.get_base_layer()
-    if x.dtype != base.weight.dtype:
+    if x.dtype != base.weight.dtype and not _validate.autocast_casts(x, base.weight):
         return f"x is {x.dtype} but the base weight is {base.weight.dtype} (PEFT's BOFT runs the base in x's dtype)"
     return (_features_reason(layer, x)
             or fallback_reason(layer, x, (base.weight, base.bias), (layer.boft_R[adapter], layer.boft_s[adapter]),
@@ -410,8 +410,9 @@ def boft_check(layer, adapter: str, x) -> Optional[str]:
 def boft_forward(layer, adapter: str, x):
     """PEFT's BOFT Linear.forward for one active adapter, fused; ``boft_dropout`` is PEFT's module."""
     base = layer.get_base_layer()
-    return ops.boft_linear(x, layer.boft_R[adapter], layer.boft_s[adapter], base.weight, base.bias,
-                           dropout=layer.boft_dropout[adapter])
+    out = ops.boft_linear(x, layer.boft_R[adapter], layer.boft_s[adapter], base.weight, base.bias,
+                          dropout=layer.boft_dropout[adapter])
+    return out.to(x.dtype)  # PEFT's output dtype, also under torch.autocast
 
 
 def hra_check(layer, adapter: str, x) -> Optional[str]:

@@ -198,7 +198,8 @@ def _c3a_note(layer, adapter: str, x) -> Optional[str]:
 def _c3a_forward(layer, adapter: str, x):
     """PEFT's ``C3ALinear.forward`` for one active adapter: base(x) + BlockCircularConvolution(x, K) / in."""
     base = layer.get_base_layer()
-    return ops.c3a_linear(x, base.weight, base.bias, layer.c3a_kernel[adapter])
+    # PEFT returns x's dtype, which differs from the op's under torch.autocast (a float32 x)
+    return ops.c3a_linear(x, base.weight, base.bias, layer.c3a_kernel[adapter]).to(x.dtype)
 
 
 def _fourierft_weight(layer):
@@ -228,17 +229,19 @@ def _fourierft_check(layer, adapter: str, x) -> Optional[str]:
 def _fourierft_forward(layer, adapter: str, x):
     """PEFT's ``FourierFTLinear.forward`` for one active adapter: base(x) + x dW^T, dW = scaling Re(ifft2(S))."""
     spectrum = layer.fourierft_spectrum[adapter]
-    return ops.fourierft_linear(x, _fourierft_weight(layer), layer.get_base_layer().bias, spectrum,
-                                _fourierft_indices(layer, adapter, spectrum.device), layer.fourierft_scaling[adapter])
+    out = ops.fourierft_linear(x, _fourierft_weight(layer), layer.get_base_layer().bias, spectrum,
+                               _fourierft_indices(layer, adapter, spectrum.device), layer.fourierft_scaling[adapter])
+    return out.to(x.dtype)  # PEFT's output dtype, also under torch.autocast
 
 
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.c3a.layer.C3ALinear", method="c3a", forward=_c3a_forward,
-                applies=lambda layer, adapter: adapter in layer.c3a_kernel, check=_c3a_check, note=_c3a_note),
+                applies=lambda layer, adapter: adapter in layer.c3a_kernel, check=_c3a_check, note=_c3a_note,
+                autocast=True),
     BridgeEntry(peft_class="peft.tuners.fourierft.layer.FourierFTLinear", method="fourierft",
                 forward=_fourierft_forward, applies=lambda layer, adapter: adapter in layer.fourierft_spectrum,
                 check=_fourierft_check,
-                base_classes=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D")),
+                base_classes=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"), autocast=True),
 ]
 
 __all__ = ["C3ALinear", "FourierFTLinear", "PEFT_BRIDGE"]

@@ -407,7 +407,7 @@ PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.randlora.layer.Linear", method="randlora", forward=_randlora_forward,
                 applies=lambda layer, adapter: adapter in layer.randlora_lambda, check=_randlora_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.randlora_dropout[adapter]),
-                base_classes=BASE_CLASSES),
+                base_classes=BASE_CLASSES, autocast=True),
 ]
 
 # ----------------------------------------------------------------------------------------------

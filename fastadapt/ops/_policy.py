@@ -60,7 +60,15 @@ def fallback_reason(layer, x: torch.Tensor, base_tensors: Iterable[Optional[torc
     x's dtype or float32 on a float16 / bfloat16 x (the two layouts of the module docstring).
     ``casts_x``: the PEFT layer casts x to the adapter dtype (lora.Linear does, unless
     ``cast_input_dtype_enabled`` is off, in which case PEFT's own forward raises on the mix).
+    Inside ``torch.autocast`` on x's device any mix of float32 / float16 / bfloat16 is served:
+    PEFT's layer runs its products in the autocast dtype whatever its inputs' dtypes, and the ops'
+    autocast registration casts theirs (bridge entries opt in with ``BridgeEntry.autocast``).
     """
+    base_tensors, adapter_tensors = list(base_tensors), list(adapter_tensors)
+    if torch.is_autocast_enabled(x.device.type):
+        floats = {x.dtype, *(t.dtype for t in (*base_tensors, *adapter_tensors) if t is not None)}
+        if floats <= {torch.float32, *HALF_DTYPES}:
+            return None
     base_dtypes = {x.dtype, *(t.dtype for t in base_tensors if t is not None)}
     if len(base_dtypes) > 1:
         return f"x, base weight and bias have mixed dtypes {sorted(str(d) for d in base_dtypes)}"
