@@ -597,3 +597,13 @@ def test_microbenchmarks_are_outside_the_default_test_run():
     import tomllib
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert config["testpaths"] == ["tests"]
+
+
+def test_every_cli_help_renders(capsys):
+    """argparse formats help strings with %: a literal % in one crashes ``--help``."""
+    from fastadapt.cli import build_parser
+    for argv in (["--help"], ["bench", "--help"], ["memory", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(argv)
+        assert exit_info.value.code == 0, argv
+    assert "--budget" in capsys.readouterr().out

@@ -530,7 +530,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--sweep", choices=("tokens", "d", "rank"),
                       help="time and peak memory against tokens, d or the adapter's size knob (log-log chart)")
     mode.add_argument("--budget", metavar="B", help=f"equal trainable-parameter budget on a tiny Llama: a percentage "
-                                                    f"of its parameters (e.g. {BUDGET_DEFAULT}) or a count")
+                                                    f"of its parameters (e.g. {BUDGET_DEFAULT.replace('%', '%%')}) or a count")
     parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")],
                         help="--sweep values, comma-separated (e.g. 256,1024,4096)")
 
