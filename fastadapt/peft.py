@@ -154,7 +154,7 @@ def _patched_forward(layer, x, *args, **kwargs):
             reason = "adapter configuration has no fused path"
         elif base not in chosen.base_classes:
             reason = f"base layer {base} has no fused path (quantized or conv)"
-        elif not chosen.autocast and torch.is_autocast_enabled(x.device.type):
+        elif not chosen.autocast and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
             reason = "torch.autocast context"
         elif chosen.check is not None:
             reason = chosen.check(layer, adapter, x)

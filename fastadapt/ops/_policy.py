@@ -65,7 +65,7 @@ def fallback_reason(layer, x: torch.Tensor, base_tensors: Iterable[Optional[torc
     autocast registration casts theirs (bridge entries opt in with ``BridgeEntry.autocast``).
     """
     base_tensors, adapter_tensors = list(base_tensors), list(adapter_tensors)
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         floats = {x.dtype, *(t.dtype for t in (*base_tensors, *adapter_tensors) if t is not None)}
         if floats <= {torch.float32, *HALF_DTYPES}:
             return None
