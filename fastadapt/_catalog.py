@@ -14,7 +14,7 @@ from dataclasses import dataclass
 class CatalogEntry:
     name: str
     title: str
-    family: str          # kernel family (DESIGN.md section 2) or "model" for non-layer methods
+    family: str          # kernel family (fastadapt.FAMILIES) or "model" for non-layer methods
     peft_type: str | None  # PEFT's PeftType name where PEFT 0.21 has the method
     paper: str
 

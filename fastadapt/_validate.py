@@ -1,6 +1,6 @@
 """Input checks shared by references, ops and layers.
 
-Every error names the offending parameter and a valid choice (DESIGN.md section 4).
+Every error names the offending parameter and a valid choice.
 """
 from __future__ import annotations
 

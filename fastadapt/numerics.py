@@ -2,7 +2,7 @@
 
 Error is the relative Frobenius error against a float64 reference:
 ``||actual - expected||_F / ||expected||_F``, computed in float64.  Tests and benchmarks use
-the same table (DESIGN.md section 4).
+the same table.
 """
 from __future__ import annotations
 

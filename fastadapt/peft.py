@@ -43,6 +43,12 @@ class BridgeEntry:
     autocast:   ``forward`` reproduces PEFT's forward under ``torch.autocast`` (casts, output dtype,
                 values within the autocast dtype's row of the table); without it a call inside an
                 autocast context runs PEFT's forward.
+    forward_many: ``forward_many(layer, adapters, x, adapter_names) -> y`` for several adapters at
+                once: the active ones (``adapter_names`` None) or a mixed-adapter batch (PEFT's
+                ``adapter_names=[...]``, one name per sample; ``adapters`` the ones the layer holds).
+                Without it such calls run PEFT's forward.
+    check_many: ``check_many(layer, adapters, x, adapter_names) -> reason or None``: what a
+                several-adapter call adds to each adapter's own ``check``.
     """
 
     peft_class: str
@@ -53,6 +59,8 @@ class BridgeEntry:
     base_classes: tuple = ("torch.nn.modules.linear.Linear",)
     note: Optional[Callable] = None
     autocast: bool = False
+    forward_many: Optional[Callable] = None
+    check_many: Optional[Callable] = None
 
 
 @dataclass
@@ -123,41 +131,63 @@ def _peft_base_tuner_layer():
     return BaseTunerLayer
 
 
-def _common_reason(layer, x, args, kwargs) -> Optional[str]:
+def _common_reason(layer, args, kwargs) -> Optional[str]:
     """Reasons any fused path must defer to PEFT, whatever the method."""
     if args or set(kwargs) - {"adapter_names"}:
         return "extra forward arguments"
-    if kwargs.get("adapter_names") is not None:
-        return "adapter_names (mixed-adapter batch)"
     if layer.disable_adapters:
         return "adapters disabled"
     if layer.merged:
         return "merged layer"
-    active = [a for a in layer.active_adapters]
-    if len(active) != 1:
-        return f"{len(active)} active adapters"
-    held = layer.adapter_layer_names  # PEFT's names of the per-adapter containers ("lora_A", "oft_R", ...)
-    if held and active[0] not in getattr(layer, held[0]):
-        return "the active adapter is not on this layer (PEFT runs the base layer)"
     return None
+
+
+def _held(layer, names) -> list[str]:
+    """``names`` (in order, once each) that the layer holds, as PEFT's loops skip the others."""
+    held = layer.adapter_layer_names  # PEFT's names of the per-adapter containers ("lora_A", "oft_R", ...)
+    container = getattr(layer, held[0]) if held else None
+    return [a for a in dict.fromkeys(names) if container is None or a in container]
+
+
+def _choose(layer, x, adapters: list[str], adapter_names):
+    """(entry, reason): the bridge entry serving ``adapters`` on this call, or why none does."""
+    if not adapters:
+        return None, ("no adapter of adapter_names on this layer" if adapter_names is not None else
+                      "the active adapter is not on this layer (PEFT runs the base layer)")
+    chosen = next((e for e in layer._fastadapt_entries if e.applies(layer, adapters[0])), None)
+    if chosen is None:
+        return None, "adapter configuration has no fused path"
+    several = len(adapters) > 1 or adapter_names is not None
+    if several and chosen.forward_many is None:
+        return None, ("adapter_names (mixed-adapter batch)" if adapter_names is not None
+                      else f"{len(adapters)} active adapters")
+    if several and any(not chosen.applies(layer, a) for a in adapters[1:]):
+        return None, "active adapters of different configurations"
+    base = _dotted(type(layer.get_base_layer()))
+    if base not in chosen.base_classes:
+        return None, f"base layer {base} has no fused path (quantized or conv)"
+    if not chosen.autocast and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
+        return None, "torch.autocast context"
+    if chosen.check is not None:
+        for a in adapters:
+            reason = chosen.check(layer, a, x)
+            if reason is not None:
+                return None, reason
+    if several and chosen.check_many is not None:
+        reason = chosen.check_many(layer, adapters, x, adapter_names)
+        if reason is not None:
+            return None, reason
+    return chosen, None
 
 
 def _patched_forward(layer, x, *args, **kwargs):
     report: AccelerationReport = getattr(layer, _ATTR_REPORT)
-    reason = _common_reason(layer, x, args, kwargs)
-    chosen = None
+    reason = _common_reason(layer, args, kwargs)
+    adapter_names = kwargs.get("adapter_names")
+    chosen, adapters = None, []
     if reason is None:
-        adapter = layer.active_adapters[0]
-        chosen = next((e for e in layer._fastadapt_entries if e.applies(layer, adapter)), None)
-        base = _dotted(type(layer.get_base_layer()))
-        if chosen is None:
-            reason = "adapter configuration has no fused path"
-        elif base not in chosen.base_classes:
-            reason = f"base layer {base} has no fused path (quantized or conv)"
-        elif not chosen.autocast and x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
-            reason = "torch.autocast context"
-        elif chosen.check is not None:
-            reason = chosen.check(layer, adapter, x)
+        adapters = _held(layer, layer.active_adapters if adapter_names is None else adapter_names)
+        chosen, reason = _choose(layer, x, adapters, adapter_names)
     # Inside torch.compile the counters stay untouched: dynamo would guard on their values and
     # recompile on every call.  The decision itself is traced (and guarded) like any Python branch.
     counting = not torch.compiler.is_compiling()
@@ -167,10 +197,13 @@ def _patched_forward(layer, x, *args, **kwargs):
         return type(layer).forward(layer, x, *args, **kwargs)
     if counting:
         report.fused_calls += 1
-        note = None if chosen.note is None else chosen.note(layer, adapter, x)
-        if note is not None:
-            report.notes[note] += 1
-    return chosen.forward(layer, adapter, x)
+        if chosen.note is not None:
+            note = next((n for n in (chosen.note(layer, a, x) for a in adapters) if n is not None), None)
+            if note is not None:
+                report.notes[note] += 1
+    if len(adapters) == 1 and adapter_names is None:
+        return chosen.forward(layer, adapters[0], x)
+    return chosen.forward_many(layer, adapters, x, adapter_names)
 
 
 DROPOUT_STREAMS = ("philox", "torch")

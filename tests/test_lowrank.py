@@ -403,11 +403,6 @@ def test_bad_input_names_the_parameter():
 
 # ----------------------------------------------------------------------------- several adapters, mixed batches
 
-SERVES_SEVERAL = "forward_many" in {f.name for f in __import__("dataclasses").fields(fastadapt.peft.BridgeEntry)}
-NEEDS_FORWARD_MANY = pytest.mark.skipif(not SERVES_SEVERAL, reason="fastadapt.peft.BridgeEntry has no forward_many "
-                                        "yet (the bridge runs PEFT's forward for several adapters / adapter_names)")
-
-
 def _two_adapter_model(*, dtype=F32, dropout=0.0, seed, adapters=("default", "other", "third")):
     model = _peft_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=dropout), 24, 16,
                         dtype=dtype, seed=seed)
@@ -471,7 +466,6 @@ def test_mixed_batch_equals_peft(dtype, autocast_adapter_dtype):
                          name="output" if i == 0 else f"gradient {i}")
 
 
-@NEEDS_FORWARD_MANY
 def test_bridge_serves_several_adapters_and_mixed_batches():
     """Through accelerate: several active adapters and adapter_names run fused (counted), equal to
     PEFT; a mixed batch with dropout in training runs PEFT's forward with the reason."""

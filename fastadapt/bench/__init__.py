@@ -1,6 +1,6 @@
 """fastadapt.bench: timing, saved-activation bytes, peak memory, error vs float64 reference.
 
-Measurement primitives (DESIGN.md section 6) live in :mod:`.measure`; trained adapter
+Measurement primitives live in :mod:`.measure`; trained adapter
 parameters for every case in :mod:`.training`; benchmark cases and the loop over them in
 :mod:`.cases`; adapters as functions of their size knob (sweeps, equal budgets) in
 :mod:`.adapters`; one training step of a tiny Llama in :mod:`.model_step`; peer libraries

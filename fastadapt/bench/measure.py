@@ -1,6 +1,6 @@
 """Measurements of one layer: fwd+bwd time, saved-activation bytes, peak memory, machine ceilings.
 
-Definitions (DESIGN.md section 6):
+Definitions:
 
 - Overhead ratio = median forward+backward time of the adapted layer / the same for the frozen
   base layer on the same input ``x`` (``x`` requires grad).  Arms run interleaved (iteration i

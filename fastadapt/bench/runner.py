@@ -37,11 +37,11 @@ from .report import document_markdown, fmt
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
-# Standard shapes (DESIGN.md section 6): CPU fp32 d=1024, N=2048; GPU bf16 d=4096, N=8192.
+# Standard shapes: CPU fp32 d=1024, N=2048; GPU bf16 d=4096, N=8192.
 STANDARD = {"cpu": (1024, 2048, "float32"), "cuda": (4096, 8192, "bfloat16")}
 # --quick: every bridged method at the standard shape in a few minutes (2 CPU cores: < 4 min).
 QUICK_ITERS, QUICK_WARMUP = 10, 2
-# --host-overhead: a shape where the whole step is host time (DESIGN.md section 6).
+# --host-overhead: a shape where the whole step is host time.
 HOST_SHAPE, HOST_ITERS, HOST_WARMUP = (128, 64), 200, 20
 # --sweep: sizes when --sizes is not given (rank: the powers of two among an adapter's sizes).
 SWEEP_SIZES = {"tokens": (256, 512, 1024, 2048, 4096), "d": (256, 512, 1024, 2048)}

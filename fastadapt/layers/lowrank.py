@@ -153,14 +153,7 @@ def lora_forward_many(layer, adapters: list[str], x, adapter_names=None):
 def _lora_entry(method: str) -> BridgeEntry:
     return BridgeEntry(peft_class="peft.tuners.lora.layer.Linear", method=method, forward=lora_forward,
                        applies=_lora_applies, check=_lora_check, note=_lora_note, base_classes=BASE_CLASSES,
-                       autocast=True, **_many_fields(lora_forward_many, _lora_check_many))
-
-
-def _many_fields(forward_many, check_many) -> dict:
-    """The bridge's several-adapter fields, where fastadapt.peft.BridgeEntry has them (see the report)."""
-    import dataclasses
-    fields = {f.name for f in dataclasses.fields(BridgeEntry)}
-    return {"forward_many": forward_many, "check_many": check_many} if "forward_many" in fields else {}
+                       autocast=True, forward_many=lora_forward_many, check_many=_lora_check_many)
 
 
 def _not_mixed(layer, adapters, x, adapter_names) -> Optional[str]:
@@ -199,7 +192,7 @@ def _branch_entry(peft_class: str, method: str, factors, dropouts: str, adapter_
     return BridgeEntry(peft_class=peft_class, method=method, forward=forward,
                        applies=lambda layer, adapter: adapter in getattr(layer, held), check=entry_check,
                        note=lambda layer, adapter, x: _dropout_note(layer, getattr(layer, dropouts)[adapter]),
-                       base_classes=BASE_CLASSES, autocast=True, **_many_fields(forward_many, _not_mixed))
+                       base_classes=BASE_CLASSES, autocast=True, forward_many=forward_many, check_many=_not_mixed)
 
 
 # VeRA: y = x W^T + b + lambda_b o ((lambda_d o (x_d A^T)) B^T) with the shared frozen projections
@@ -390,7 +383,7 @@ PEFT_BRIDGE = [
                 forward=lambda layer, adapter, x: _vera_forward_many(layer, [adapter], x),
                 applies=lambda layer, adapter: adapter in layer.vera_lambda_d, check=_vera_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.vera_dropout[adapter]),
-                base_classes=BASE_CLASSES, autocast=True, **_many_fields(_vera_forward_many, _not_mixed)),
+                base_classes=BASE_CLASSES, autocast=True, forward_many=_vera_forward_many, check_many=_not_mixed),
     _branch_entry("peft.tuners.adalora.layer.SVDLinear", "adalora", _adalora_factors, "lora_dropout",
                   _adalora_tensors, "lora_A", _adalora_check),
     _branch_entry("peft.tuners.vblora.layer.Linear", "vblora", _vblora_factors, "vblora_dropout", _vblora_tensors,
@@ -398,7 +391,7 @@ PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.ia3.layer.Linear", method="ia3",
                 forward=lambda layer, adapter, x: _ia3_forward_many(layer, [adapter], x),
                 applies=lambda layer, adapter: adapter in layer.ia3_l, check=_ia3_check, base_classes=BASE_CLASSES,
-                autocast=True, **_many_fields(_ia3_forward_many, _not_mixed)),
+                autocast=True, forward_many=_ia3_forward_many, check_many=_not_mixed),
     BridgeEntry(peft_class="peft.tuners.miss.layer.MissLinear", method="miss", forward=_miss_forward,
                 applies=_miss_applies, check=_miss_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.miss_dropout[adapter]), autocast=True),

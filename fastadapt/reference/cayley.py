@@ -10,7 +10,7 @@ All five rotate features with a Cayley map of a skew-symmetric Q (Q^T = -Q):
 Q is stored packed: ``packed[..., j]`` holds the j-th strict upper-triangle entry of Q in
 ``torch.triu_indices(b, b, 1)`` order, and Q = U - U^T.
 
-PEFT's two OFT conventions (section 8 of DESIGN.md): ``use_cayley_neumann=True`` uses
+PEFT's two OFT conventions: ``use_cayley_neumann=True`` uses
 neumann(Q, k) ~ (I + Q)(I - Q)^{-1}; ``use_cayley_neumann=False`` solves (I - Q)(I + Q)^{-1} =
 cayley(-Q), the transpose.  PSOFT uses cayley(Q) in both modes.
 """
