@@ -181,6 +181,18 @@ def overhead_ratio(adapted: Callable, base: Callable, x: torch.Tensor, *, iters:
 # --------------------------------------------------------------------------------------------
 # saved activations
 
+def dense_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The strided tensors holding ``t``'s data: ``t`` itself, or a sparse tensor's index and
+    value tensors (a sparse tensor has no storage of its own; PEFT's SHiRA saves one)."""
+    if t.layout == torch.sparse_coo:
+        return [t._indices(), t._values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    return [t]
+
+
 def _storage_key(t: torch.Tensor) -> tuple:
     s = t.untyped_storage()
     return (s.device, s.data_ptr(), s.nbytes())
@@ -205,14 +217,15 @@ def saved_bytes_during(run: Callable[[], object], *, exclude: Iterable[torch.Ten
     graph) and dropped after.  Tensors an autograd Function stashes as ``ctx`` attributes bypass
     the hooks and are not seen: save through ``ctx.save_for_backward``.
     """
-    excluded = {_storage_key(t) for t in exclude}
+    excluded = {_storage_key(part) for t in exclude for part in dense_parts(t)}
     packed: list[tuple[weakref.ref, tuple]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if isinstance(t, nn.Parameter):
-            excluded.add(key)
-        packed.append((weakref.ref(t.untyped_storage()), key))
+        for part in dense_parts(t):
+            key = _storage_key(part)
+            if isinstance(t, nn.Parameter):
+                excluded.add(key)
+            packed.append((weakref.ref(part.untyped_storage()), key))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

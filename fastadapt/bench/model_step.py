@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .measure import peak_bytes_during, saved_bytes_during
+from .measure import dense_parts, peak_bytes_during, saved_bytes_during
 from .training import train_adapter_
 
 # Every Linear of a Llama block: what "all-linear" adapts.
@@ -62,8 +62,8 @@ def token_batch(tokens: int, vocab: int, device, *, seed: int = 0, seq: int = 25
 
 def _unique_bytes(tensors) -> int:
     seen = {}
-    for t in tensors:
-        s = t.untyped_storage()
+    for part in (part for t in tensors for part in dense_parts(t)):
+        s = part.untyped_storage()
         seen[(s.data_ptr(), s.device)] = s.nbytes()
     return sum(seen.values())
 
