@@ -607,3 +607,12 @@ def test_every_cli_help_renders(capsys):
             build_parser().parse_args(argv)
         assert exit_info.value.code == 0, argv
     assert "--budget" in capsys.readouterr().out
+
+
+def test_saved_bytes_count_a_sparse_tensors_parts():
+    """A sparse COO tensor saved for backward (PEFT's SHiRA does) counts its indices and values."""
+    from fastadapt.bench.measure import saved_bytes_during
+    dense = torch.randn(5, 4, requires_grad=True)
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2, 4], [1, 3, 0]]), torch.randn(3), (6, 5))
+    saved = saved_bytes_during(lambda: torch.sparse.mm(sparse, dense))
+    assert saved == 2 * 3 * 8 + 3 * 4   # int64 indices (2, 3) and float32 values (3,)
