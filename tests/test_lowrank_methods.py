@@ -171,6 +171,20 @@ def test_ops_gradcheck_float64(case):
     assert torch.autograd.gradcheck(call, (x, *params), fast_mode=True)
 
 
+def test_shira_sampled_product_over_token_chunks(monkeypatch):
+    """SHiRA's dw over several token chunks (a short last one, repeated positions) equals the
+    float64 dY^T x read at the positions."""
+    from fastadapt.ops import lowrank_shira
+    monkeypatch.setattr(lowrank_shira, "SAMPLED_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(lowrank_shira, "SAMPLED_MIN_ROWS", 4)
+    dy, x = randn(11, 6, dtype=F32, seed=47), noncontig(randn(11, 9, dtype=F32, seed=48))
+    indices = torch.tensor([[5, 0, 2, 2, 3], [8, 1, 4, 4, 0]])
+    plan = lowrank_shira.shira_plan(indices, 6, 9)
+    got = torch.empty(5).index_copy_(0, plan.order.long(), lowrank_shira.sampled_product(dy, x, plan.crow, plan.ccol))
+    expected = (dy.double().T @ x.double())[indices[0], indices[1]]
+    assert_rel_close(got, expected, F32, name="dw")
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
     pytest.importorskip("triton")
