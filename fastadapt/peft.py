@@ -49,6 +49,10 @@ class BridgeEntry:
                 Without it such calls run PEFT's forward.
     check_many: ``check_many(layer, adapters, x, adapter_names) -> reason or None``: what a
                 several-adapter call adds to each adapter's own ``check``.
+    min_macs:   device type -> multiply-adds of the base layer per call (x.numel() x out_features)
+                below which PEFT's own forward is faster than this entry's fused one (its host time:
+                argument checks, the op's autograd wrapper, more Python per op, outweighs the work it
+                saves); measured crossovers (benchmarks/NOTES.md, platform), none = always fused.
     """
 
     peft_class: str
@@ -61,6 +65,7 @@ class BridgeEntry:
     autocast: bool = False
     forward_many: Optional[Callable] = None
     check_many: Optional[Callable] = None
+    min_macs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -180,8 +185,44 @@ def _choose(layer, x, adapters: list[str], adapter_names):
     return chosen, None
 
 
+SMALL_CALL_REASON = "small call: PEFT's forward takes less host time (below min_macs)"
+_ATTR_MIN_MACS = "_fastadapt_min_macs"
+
+
+_ATTR_CROSSOVERS = "_fastadapt_crossovers"
+
+
+def measured_crossover(layer, x) -> int:
+    """``BridgeEntry.min_macs`` of the entry serving the layer's first active adapter, for x's
+    device type (0 where nothing is measured).  Kept per (active adapters, device type): a stale
+    value after an adapter's configuration changes under the same name only moves the choice
+    between two paths that give the same result."""
+    tracing = torch.compiler.is_compiling()   # a write to the cache there would recompile the next call
+    key = (str(layer.active_adapter), x.device.type)
+    cache = layer.__dict__[_ATTR_CROSSOVERS]
+    limit = None if tracing else cache.get(key)
+    if limit is None:
+        active = layer.active_adapters
+        entry = next((e for e in layer._fastadapt_entries if e.applies(layer, active[0])), None) if active else None
+        limit = 0 if entry is None else entry.min_macs.get(x.device.type, 0)
+        if not tracing:
+            cache[key] = limit
+    return limit
+
+
+def _small_call(layer, x) -> bool:
+    limit = layer.__dict__[_ATTR_MIN_MACS]
+    if limit is None:
+        limit = measured_crossover(layer, x)
+    return limit > 0 and x.numel() * getattr(layer, "out_features", limit) < limit
+
+
 def _patched_forward(layer, x, *args, **kwargs):
-    report: AccelerationReport = getattr(layer, _ATTR_REPORT)
+    report: AccelerationReport = layer.__dict__[_ATTR_REPORT]
+    if _small_call(layer, x):   # first and alone: this path is all host time
+        if not torch.compiler.is_compiling():
+            report.fallbacks[SMALL_CALL_REASON] += 1
+        return type(layer).forward(layer, x, *args, **kwargs)
     reason = _common_reason(layer, args, kwargs)
     adapter_names = kwargs.get("adapter_names")
     chosen, adapters = None, []
@@ -215,7 +256,8 @@ def dropout_stream(layer) -> str:
     return layer.__dict__.get(_ATTR_DROPOUT, "philox")
 
 
-def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox") -> AccelerationReport:
+def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox",
+               min_macs: Optional[int] = None) -> AccelerationReport:
     """Patch every supported PEFT tuner layer of ``model`` in place; returns the live report.
 
     methods: optional iterable of catalog names to restrict patching to (e.g. ["oft"]).
@@ -225,10 +267,17 @@ def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox") -> Ac
         notes such calls).  "torch": nn.Dropout's own draw from the default generator,
         bit-identical to PEFT on CPU (the mask is kept as 1 bit per element for backward); on
         other devices such calls run PEFT's forward.
+    min_macs: a call whose base layer does fewer multiply-adds (x.numel() x out_features) runs
+        PEFT's own forward, which costs less host time than a fused call there (the report counts
+        it with SMALL_CALL_REASON).  None (default): the method's measured crossover on x's device
+        (``BridgeEntry.min_macs``); 0: every call fused.
     Calling it again first reverts, then patches afresh.
     """
     if dropout not in DROPOUT_STREAMS:
         raise ValueError(f"dropout={dropout!r} is not a mask stream; valid choices: {list(DROPOUT_STREAMS)}")
+    if min_macs is not None and (isinstance(min_macs, bool) or not isinstance(min_macs, int) or min_macs < 0):
+        raise ValueError(f"min_macs={min_macs!r} must be None (the device's measured crossover) or an int >= 0, "
+                         "e.g. 0 to fuse every call")
     base_tuner_layer = _peft_base_tuner_layer()
     wanted = None if methods is None else {_catalog_entry(m).name for m in methods}
     revert(model)
@@ -245,6 +294,8 @@ def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox") -> Ac
             continue
         module._fastadapt_entries = entries
         module.__dict__[_ATTR_DROPOUT] = dropout
+        module.__dict__[_ATTR_MIN_MACS] = min_macs
+        module.__dict__[_ATTR_CROSSOVERS] = {}
         setattr(module, _ATTR_REPORT, report)
         module.forward = types.MethodType(_patched_forward, module)
         report.patched[cls] += 1
@@ -260,6 +311,8 @@ def revert(model: nn.Module) -> int:
             del module.forward
             del module._fastadapt_entries
             module.__dict__.pop(_ATTR_DROPOUT, None)
+            module.__dict__.pop(_ATTR_MIN_MACS, None)
+            module.__dict__.pop(_ATTR_CROSSOVERS, None)
             delattr(module, _ATTR_REPORT)
             restored += 1
     if _ATTR_REPORT in vars(model):

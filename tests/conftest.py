@@ -33,3 +33,12 @@ def per_test_seeds(request):
     testing.reset_seeds(seed)
     torch.manual_seed(seed)
     random.seed(seed)
+
+
+@pytest.fixture(autouse=True)
+def fuse_every_call(monkeypatch):
+    """Tests use tiny layers to exercise the fused paths, far below the CPU crossovers where
+    ``accelerate`` hands calls to PEFT's forward (BridgeEntry.min_macs): every call is fused here
+    unless a test asks for the crossover (tests/test_bridge.py tests it)."""
+    import fastadapt.peft
+    monkeypatch.setattr(fastadapt.peft, "measured_crossover", lambda layer, x: 0)

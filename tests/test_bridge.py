@@ -14,6 +14,8 @@ from fastadapt.numerics import assert_rel_close
 from fastadapt.testing import linear_model, randn, randomize_
 
 LORA_CLASS = "peft.tuners.lora.layer.Linear"
+# Read at import, before tests/conftest.py's fixture turns the crossovers off per test.
+MEASURED_CROSSOVER = bridge.measured_crossover
 
 
 def _toy_lora_forward(layer, adapter, x):
@@ -185,3 +187,25 @@ def test_an_active_adapter_the_layer_does_not_hold_runs_peft(monkeypatch):
     assert_rel_close(expected, model(x))
     assert report.fused_calls == 1
     assert report.fallbacks == {"the active adapter is not on this layer (PEFT runs the base layer)": 1}
+
+
+def test_calls_below_the_crossover_run_peft(monkeypatch):
+    """Below min_macs multiply-adds (x.numel() x out_features) a call runs PEFT's own forward,
+    counted with its reason; the entry's measured crossover by default, 0 fuses every call."""
+    entry = bridge.BridgeEntry(LORA_CLASS, "lora", _toy_lora_forward, applies=lambda layer, a: not layer.use_dora[a],
+                               min_macs={"cpu": 10 ** 6})
+    monkeypatch.setattr(bridge, "registry", lambda: {LORA_CLASS: [entry]})
+    monkeypatch.setattr(bridge, "measured_crossover", MEASURED_CROSSOVER)
+    model = _lora_model()
+    x = randn(3, 5, 12)
+    expected = model(x)
+    report = fastadapt.accelerate(model)
+    assert torch.equal(model(x), expected)
+    assert report.fallbacks == {bridge.SMALL_CALL_REASON: 2} and report.fused_calls == 0, str(report)
+    for min_macs, fused in [(0, 2), (3 * 5 * 12 * 10, 1), (3 * 5 * 12 * 10 + 1, 0)]:
+        report = fastadapt.accelerate(model, min_macs=min_macs)   # layer 0: 12 -> 10 (1800), layer 2: 10 -> 10
+        assert_rel_close(model(x), expected)
+        assert report.fused_calls == fused and sum(report.fallbacks.values()) == 2 - fused, (min_macs, str(report))
+    for bad in (-1, 2.5, True, "0"):
+        with pytest.raises(ValueError, match="min_macs"):
+            fastadapt.accelerate(model, min_macs=bad)

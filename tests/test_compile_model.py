@@ -28,6 +28,8 @@ from fastadapt.peft import bridged_methods
 from fastadapt.testing import peft_configs, perturb_, tiny_llama
 
 CONFIGS = peft_configs(Path(__file__).parent)
+# Read at import, before tests/conftest.py's fixture turns the crossovers off per test.
+MEASURED_CROSSOVER = bridge.measured_crossover
 
 # Known failures whose cause lies outside the bridge: (variant, dropout stream) -> "owner: cause".
 KNOWN_FAILURES: dict[tuple[str, str], str] = {}
@@ -171,3 +173,24 @@ def test_the_bridge_traces_in_one_graph_and_counts_only_in_eager(monkeypatch):
     assert not report.fallbacks
     model(input_ids=ids)
     assert report.fallbacks == {"merged layer": 1}
+
+
+def test_the_crossover_traces_in_one_graph(monkeypatch):
+    """The small-call choice (BridgeEntry.min_macs, its per-layer cache) traces without a graph
+    break or a recompile on the next call, on both sides of the crossover."""
+    monkeypatch.setattr(bridge, "measured_crossover", MEASURED_CROSSOVER)
+    ids = torch.randint(0, 64, (2, 5))
+    for min_macs, fused in [(1 << 40, False), (4, True)]:
+        entry = bridge.BridgeEntry(LORA_CLASS, "lora", _toy_lora_forward,
+                                   applies=lambda layer, a: not layer.use_dora[a], min_macs={"cpu": min_macs})
+        monkeypatch.setattr(bridge, "registry", lambda: {LORA_CLASS: [entry]})
+        model = get_peft_model(tiny_llama(3, dtype=torch.float32, layers=1), LoraConfig(r=4, target_modules=["q_proj"]))
+        perturb_(model, scale=0.05)
+        expected = model(input_ids=ids).logits
+        report = fastadapt.accelerate(model)
+        compiled, recorder, out = _compile(model, input_ids=ids)   # first call traced: the cache fills there
+        assert_rel_close(out.logits, expected)
+        assert_rel_close(compiled(input_ids=ids).logits, expected)
+        assert len(recorder.graphs) == 1
+        model(input_ids=ids)
+        assert (report.fused_calls, sum(report.fallbacks.values())) == ((1, 0) if fused else (0, 1)), str(report)

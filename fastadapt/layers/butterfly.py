@@ -451,11 +451,13 @@ def road_forward(layer, adapter: str, x):
 
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.boft.layer.Linear", method="boft", forward=boft_forward,
-                applies=lambda layer, a: a in layer.boft_R, check=boft_check, autocast=True),
+                applies=lambda layer, a: a in layer.boft_R, check=boft_check, autocast=True,
+                min_macs={"cpu": 4 << 20}),
     BridgeEntry(peft_class="peft.tuners.hra.layer.HRALinear", method="hra", forward=hra_forward,
                 applies=lambda layer, a: a in layer.hra_u, check=hra_check, autocast=True),
     BridgeEntry(peft_class="peft.tuners.road.layer.Linear", method="road", forward=road_forward,
-                applies=lambda layer, a: a in layer.road_theta, check=road_check, autocast=True),
+                applies=lambda layer, a: a in layer.road_theta, check=road_check, autocast=True,
+                min_macs={"cpu": 400 << 20}),
 ]
 
 __all__ = ["BOFTLinear", "ETHERLinear", "GOFTLinear", "HRALinear", "PEFT_BRIDGE", "RoAdLinear", "TorchBlockDiagonal",

@@ -320,12 +320,13 @@ def _psoft_forward(layer, adapter, x):
 # Each forward reproduces PEFT's under torch.autocast (tests/test_cayley.py: autocast section).
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.oft.layer.Linear", method="oft", forward=_oft_forward,
-                applies=_oft_applies, check=_oft_check, autocast=True),
+                applies=_oft_applies, check=_oft_check, autocast=True, min_macs={"cpu": 1 << 30}),
     # PEFT 0.21's OFT layer is the input-centric OFTv2: the same entry serves methods=["oftv2"].
     BridgeEntry(peft_class="peft.tuners.oft.layer.Linear", method="oftv2", forward=_oft_forward,
-                applies=_oft_applies, check=_oft_check, autocast=True),
+                applies=_oft_applies, check=_oft_check, autocast=True, min_macs={"cpu": 1 << 30}),
     BridgeEntry(peft_class="peft.tuners.psoft.layer.Linear", method="psoft", forward=_psoft_forward,
-                applies=lambda layer, adapter: adapter in layer.psoft_R, check=_psoft_check, autocast=True),
+                applies=lambda layer, adapter: adapter in layer.psoft_R, check=_psoft_check, autocast=True,
+                min_macs={"cpu": 1 << 30}),
 ]
 
 __all__ = ["AntiPaSTOLinear", "OFTLinear", "PEFT_BRIDGE", "PSOFTLinear", "SSVDLinear"]

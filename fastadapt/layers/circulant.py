@@ -241,7 +241,8 @@ PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.fourierft.layer.FourierFTLinear", method="fourierft",
                 forward=_fourierft_forward, applies=lambda layer, adapter: adapter in layer.fourierft_spectrum,
                 check=_fourierft_check,
-                base_classes=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"), autocast=True),
+                base_classes=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"), autocast=True,
+                min_macs={"cpu": 32 << 20}),
 ]
 
 __all__ = ["C3ALinear", "FourierFTLinear", "PEFT_BRIDGE"]

@@ -148,7 +148,9 @@ def delora_forward(layer, adapter: str, x):
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.lora.layer.Linear", method="dora", forward=dora_forward,
                 applies=lambda layer, a: bool(layer.use_dora.get(a, False)), check=dora_check, note=dora_note,
-                base_classes=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"), autocast=True),
+                base_classes=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"), autocast=True,
+                min_macs={"cpu": 4 << 20}),
     BridgeEntry(peft_class="peft.tuners.delora.layer.DeloraLinear", method="delora", forward=delora_forward,
-                applies=lambda layer, a: a in layer.delora_A, check=delora_check, note=delora_note, autocast=True),
+                applies=lambda layer, a: a in layer.delora_A, check=delora_check, note=delora_note, autocast=True,
+                min_macs={"cpu": 300 << 20}),
 ]

@@ -244,10 +244,11 @@ def lokr_forward(layer, adapter: str, x):
 
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.loha.layer.Linear", method="loha", forward=loha_forward,
-                applies=lambda layer, a: a in layer.hada_w1_a, check=loha_check, autocast=True),
+                applies=lambda layer, a: a in layer.hada_w1_a, check=loha_check, autocast=True,
+                min_macs={"cpu": 4 << 20}),
     BridgeEntry(peft_class="peft.tuners.lokr.layer.Linear", method="lokr", forward=lokr_forward,
                 applies=lambda layer, a: a in layer.lokr_w1 or a in layer.lokr_w1_a, check=lokr_check,
-                autocast=True),
+                autocast=True, min_macs={"cpu": 4 << 20}),
 ]
 
 __all__ = ["LoHaLinear", "LoKrLinear", "PEFT_BRIDGE"]

@@ -153,7 +153,8 @@ def lora_forward_many(layer, adapters: list[str], x, adapter_names=None):
 def _lora_entry(method: str) -> BridgeEntry:
     return BridgeEntry(peft_class="peft.tuners.lora.layer.Linear", method=method, forward=lora_forward,
                        applies=_lora_applies, check=_lora_check, note=_lora_note, base_classes=BASE_CLASSES,
-                       autocast=True, forward_many=lora_forward_many, check_many=_lora_check_many)
+                       autocast=True, forward_many=lora_forward_many, check_many=_lora_check_many,
+                       min_macs={"cpu": 400 << 20})
 
 
 def _not_mixed(layer, adapters, x, adapter_names) -> Optional[str]:
@@ -192,7 +193,8 @@ def _branch_entry(peft_class: str, method: str, factors, dropouts: str, adapter_
     return BridgeEntry(peft_class=peft_class, method=method, forward=forward,
                        applies=lambda layer, adapter: adapter in getattr(layer, held), check=entry_check,
                        note=lambda layer, adapter, x: _dropout_note(layer, getattr(layer, dropouts)[adapter]),
-                       base_classes=BASE_CLASSES, autocast=True, forward_many=forward_many, check_many=_not_mixed)
+                       base_classes=BASE_CLASSES, autocast=True, forward_many=forward_many, check_many=_not_mixed,
+                       min_macs={"cpu": 400 << 20})
 
 
 # VeRA: y = x W^T + b + lambda_b o ((lambda_d o (x_d A^T)) B^T) with the shared frozen projections
@@ -391,7 +393,7 @@ PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.ia3.layer.Linear", method="ia3",
                 forward=lambda layer, adapter, x: _ia3_forward_many(layer, [adapter], x),
                 applies=lambda layer, adapter: adapter in layer.ia3_l, check=_ia3_check, base_classes=BASE_CLASSES,
-                autocast=True, forward_many=_ia3_forward_many, check_many=_not_mixed),
+                autocast=True, forward_many=_ia3_forward_many, check_many=_not_mixed, min_macs={"cpu": 400 << 20}),
     BridgeEntry(peft_class="peft.tuners.miss.layer.MissLinear", method="miss", forward=_miss_forward,
                 applies=_miss_applies, check=_miss_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.miss_dropout[adapter]), autocast=True),
