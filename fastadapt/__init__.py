@@ -54,4 +54,14 @@ def methods() -> dict[str, MethodSupport]:
     }
 
 
-__all__ = ["AccelerationReport", "CATALOG", "FAMILIES", "MethodSupport", "accelerate", "methods", "revert"]
+def keep_boft_butterfly_factors() -> None:
+    """Make PEFT build BOFT layers created after this call with their configured
+    boft_n_butterfly_factor where PEFT's CUDA extension does not build (PEFT then forces 1):
+    an exact torch block-diagonal stands in for it, process-wide (needed to load a checkpoint
+    trained with m > 1 on a GPU; fastadapt.layers.butterfly says what it means for others)."""
+    from .layers.butterfly import keep_boft_butterfly_factors as keep
+    keep()
+
+
+__all__ = ["AccelerationReport", "CATALOG", "FAMILIES", "MethodSupport", "accelerate", "keep_boft_butterfly_factors",
+           "methods", "revert"]

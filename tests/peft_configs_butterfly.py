@@ -11,8 +11,11 @@ without its CUDA extension.
 """
 from peft import BOFTConfig, HRAConfig, RoadConfig
 
-import fastadapt.layers.butterfly  # noqa: F401  (PEFT keeps boft_n_butterfly_factor > 1 on any device)
+import fastadapt
 from fastadapt.testing import LLAMA_TARGETS, PeftVariant
+
+# PEFT keeps boft_n_butterfly_factor > 1 without its CUDA extension (the m = 2 configs below)
+fastadapt.keep_boft_butterfly_factors()
 
 VARIANTS = [
     PeftVariant("boft", "boft", lambda: BOFTConfig(boft_block_size=4, target_modules=list(LLAMA_TARGETS))),

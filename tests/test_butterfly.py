@@ -3,8 +3,9 @@ layers, merge / unmerge, PEFT bridge parity (BOFT any m, HRA, RoAd), checkpoints
 
 Every comparison is a relative Frobenius error against a float64 reference or PEFT's own layer,
 within fastadapt.numerics' one tolerance table.  PEFT's BOFT with n_butterfly_factor > 1 runs its
-own math with fastadapt's torch block-diagonal stand-in for its CUDA extension (installed on
-import of fastadapt.layers.butterfly), which the reference tests check against a dense one.
+own math with fastadapt's torch block-diagonal stand-in for its CUDA extension (installed per
+test below, as fastadapt.keep_boft_butterfly_factors() does), which the reference tests check
+against a dense one.
 """
 import copy
 
@@ -19,6 +20,13 @@ from fastadapt.numerics import assert_rel_close, rel_error
 from fastadapt.ops import butterfly as ops
 from fastadapt.reference import butterfly as ref
 from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
+
+
+@pytest.fixture(autouse=True)
+def peft_keeps_butterfly_factors(monkeypatch):
+    """PEFT builds BOFT with the configured n_butterfly_factor (its CUDA extension's stand-in)."""
+    from peft.tuners.boft import layer as peft_boft_layer
+    monkeypatch.setattr(peft_boft_layer, "get_fbd_cuda", lambda: layers.TorchBlockDiagonal)
 
 F32, F64 = torch.float32, torch.float64
 
@@ -598,3 +606,21 @@ def test_triton_backend_layers_output_and_gradients(dtype, monkeypatch, device):
             for i, (a, e) in enumerate(zip(g, g64)):
                 assert_rel_close(a, e, dtype, scale=scale, name=f"{name} gradient {i} rows={rows}")
     assert launches == set(names)
+
+
+def test_keep_boft_butterfly_factors_is_opt_in(monkeypatch):
+    """Importing fastadapt's butterfly layers leaves PEFT's extension loader alone (a fresh
+    process); the public call installs the stand-in, and PEFT then keeps the configured m."""
+    import subprocess
+    import sys
+    probe = ("import fastadapt, fastadapt.layers.butterfly; from peft.tuners.boft import layer; "
+             "fastadapt.methods(); print(layer.get_fbd_cuda.__module__)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "peft.tuners.boft.layer"
+    from peft.tuners.boft import layer as peft_boft_layer
+    monkeypatch.setattr(peft_boft_layer, "get_fbd_cuda", lambda: None)   # PEFT without its extension
+    fastadapt.keep_boft_butterfly_factors()
+    assert peft_boft_layer.get_fbd_cuda() is layers.TorchBlockDiagonal
+    model = get_peft_model(linear_model(16, 8), BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2,
+                                                           target_modules=["0"]))
+    assert model.base_model.model[0].boft_R["default"].shape[0] == 2

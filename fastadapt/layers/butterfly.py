@@ -26,11 +26,14 @@ base output's, as PEFT);
 dtypes outside PEFT's adapter dtype policy (fastadapt.ops._policy) run PEFT's forward, which
 then does whatever PEFT does with them.
 
-BOFT with n_butterfly_factor > 1.  Without its CUDA block-diagonal extension PEFT silently builds
-every BOFT layer with one factor, so a checkpoint trained with m > 1 does not load.  Importing
-this module gives PEFT a torch stand-in for that extension (:func:`keep_boft_butterfly_factors`,
-exact, any device), so PEFT keeps m: PEFT models created after ``import fastadapt.layers.butterfly``
-load m > 1 checkpoints on any machine, and ``accelerate`` runs them fused.
+BOFT with n_butterfly_factor > 1.  Without its CUDA block-diagonal extension PEFT builds every
+BOFT layer with one factor whatever the config says (with a warning), so a checkpoint trained
+with m > 1 on a GPU does not load on such a machine.  :func:`keep_boft_butterfly_factors` gives
+PEFT a torch stand-in for that extension (exact, any device), so PEFT models created after the
+call keep m, load m > 1 checkpoints anywhere, and ``accelerate`` runs them fused.  It changes
+PEFT's behaviour for the whole process, so nothing calls it on import: a user opts in
+(``fastadapt.keep_boft_butterfly_factors()``); a checkpoint PEFT wrote without the extension
+(m forced to 1 while its config says m) then no longer matches the model its config builds.
 """
 from __future__ import annotations
 
@@ -377,16 +380,14 @@ class TorchBlockDiagonal:
 
 def keep_boft_butterfly_factors() -> None:
     """Give PEFT's BOFT :class:`TorchBlockDiagonal` in place of its CUDA extension, so PEFT builds
-    layers with the configured boft_n_butterfly_factor on any machine (instead of silently
-    forcing 1, and instead of compiling CUDA code at every layer).  Called on import."""
+    layers created after this call with the configured boft_n_butterfly_factor on any machine
+    (instead of forcing 1 where the extension does not build).  Process-wide; see the module
+    docstring for what it means for checkpoints written without it."""
     try:
         from peft.tuners.boft import layer as boft_layer
     except ImportError:  # PEFT is optional
         return
     boft_layer.get_fbd_cuda = lambda: TorchBlockDiagonal
-
-
-keep_boft_butterfly_factors()
 
 
 # ----------------------------------------------------------------------------------------------
