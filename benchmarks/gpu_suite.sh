@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one script to run on a lent GPU (DESIGN.md section 6): install, every test with compiled
 # Triton kernels (the kernel tests parametrize fp32/fp16/bf16 on CUDA), then the benchmark at the
-# GPU standard shape (bf16, d=4096, N=8192), then the exact-Cayley solver comparison.  Budget: under
-# 8.5 minutes on one H200 (tests <= 240 s, benchmark <= BENCH_BUDGET_S = 165 s, solvers <= 90 s; the
+# GPU standard shape (bf16, d=4096, N=8192), the kernel microbenchmarks, one training step's memory
+# per method, then the exact-Cayley solver comparison.  Budget: under 9 minutes on one H200 (tests
+# <= 240 s, benchmark <= BENCH_BUDGET_S = 150 s, micro 40 s, memory 40 s, solvers <= 90 s; the
 # AOT compile report (benchmarks/results/compile/) shows fp32 tile programs at b = 128 taking 40-100 s
 # each to compile).  The benchmark runs one family per process, the families and their case counts
 # read from benchmarks/cases_*.py by the runner's own discovery (no list here).
@@ -35,7 +36,7 @@ tail -n 60 "$OUT/tests_full.log" | tee "$OUT/tests.log"
 # family:seconds -- every family of benchmarks/cases_*.py with 15 s of startup plus 8 s per case
 # (case build, Triton JIT and autotuning, 20 timed iterations), all scaled down together when the
 # families need more than BENCH_BUDGET_S (a family that runs out of time loses only its own rows).
-BENCH_BUDGET_S=${BENCH_BUDGET_S:-165}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-150}
 plan=$(python - "$BENCH_BUDGET_S" <<'EOF'
 import collections, sys
 from fastadapt.bench.runner import cases_dir, discover
@@ -58,6 +59,16 @@ for entry in $plan; do
         --iters 20 --no-compile --only "$only" --out "$OUT" >"$OUT/bench_$only.log" 2>&1 || status=1
     tail -n 40 "$OUT/bench_$only.log"
 done
+# Kernel microbenchmarks (pytest-benchmark JSON, one round each: the GPU shapes' op timings beside
+# the torch reference and PEFT's op) and one training step's memory per method with the allocator's
+# timeline (fastadapt memory on CUDA), each boxed so the suite keeps its budget.
+# SIGINT at the box's end: pytest stops where it is and pytest-benchmark still writes the JSON.
+timeout -s INT -k 10 40 python -m pytest -q -p no:cacheprovider benchmarks/micro --benchmark-only \
+    --benchmark-min-rounds=1 --benchmark-max-time=0.05 --benchmark-warmup=off --benchmark-json="$OUT/micro.json" \
+    >"$OUT/micro.log" 2>&1 || status=1
+tail -n 5 "$OUT/micro.log"
+timeout 40 python -m fastadapt.cli memory --device cuda --no-compile --out "$OUT" >"$OUT/memory.log" 2>&1 || status=1
+tail -n 30 "$OUT/memory.log"
 # Exact Cayley: elimination vs Newton-Schulz vs Neumann-5 (time, error, orthogonality) at b = 16..128,
 # and whether an OFT step syncs the host (torch.cuda.set_sync_debug_mode): picks the default solver.
 timeout 90 python -m benchmarks.cayley_solvers --device cuda --iters 20 --out "$OUT/cayley_solvers.json" \
