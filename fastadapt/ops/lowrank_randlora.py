@@ -12,13 +12,15 @@ lambda (r, n) and gamma (n, d); s = randlora_alpha / r::
 
 The update is full rank (r n >= d), so the activation path PEFT runs (x_d A_s^T, then B) costs two
 full GEMMs each way; here dW is formed (2 D r n d FLOPs, independent of N) and, without dropout on a
-float32 / float64 base, merged: y = x (W + dW)^T + b is the frozen layer's own GEMM.  Backward::
+float32 / float64 base, merged: y = x (W + dW)^T + b is the frozen layer's own GEMM (W + dW from
+one GEMM that starts its accumulator at W).  Backward::
 
     dx    = dY (W + dW)        (without dropout; else dY W + mask o (dY dW))
     G     = dY^T x_d           (out, in): the one GEMM the gradient needs (2 N out in FLOPs)
     dM    = s G (in <= out) or s G^T,     dA_s = B.reshape(D, n r)^T dM   (r n, d)
-    dlambda[i, b] = sum_j dA_s[(i, b), j] A[i, 0, j] gamma[b, j]
-    dgamma[b, j]  = sum_i dA_s[(i, b), j] lambda[i, b] A[i, 0, j]
+    E     = dA_s o A                                     (formed from dA_s / s; s joins the results)
+    dlambda[i, b] = sum_j E[(i, b), j] gamma[b, j]
+    dgamma[b, j]  = sum_i lambda[i, b] E[(i, b), j]       (a batched GEMV over b)
 which is PEFT's ``UniqueBaseGrad`` for its one-base A.  A half base (or dropout) keeps the base GEMM
 in the base dtype, rounded as PEFT's, and adds x_d dW^T computed in float32 (PEFT: two float32
 GEMMs), rounding the sum once.  Saved: x (and the mask's seed or bits); dW is rebuilt in backward,
@@ -40,18 +42,26 @@ from ._registry import fused_op
 from .dropout import draw_dropout
 
 
-def _scaled_bases(lora_A: Tensor, lora_B: Tensor, lam: Tensor, gamma: Tensor, acc: torch.dtype):
-    """(B_flat (D, n r), A_s (r n, d)) in ``acc``."""
+def _factors(lora_A: Tensor, lora_B: Tensor, lam: Tensor, gamma: Tensor, in_le_out: bool, acc: torch.dtype):
+    """(left, right) in ``acc`` with dW = s left @ right (out, in): (B_flat, A_s), or (A_s^T, B_flat^T)
+    for in > out."""
     a_s = (lam.to(acc)[:, :, None] * lora_A.to(acc) * gamma.to(acc)[None]).reshape(-1, lora_A.shape[-1])
-    return lora_B.to(acc).reshape(lora_B.shape[0], -1), a_s
+    b_flat = lora_B.to(acc).reshape(lora_B.shape[0], -1)
+    return (b_flat, a_s) if in_le_out else (a_s.T, b_flat.T)
 
 
 def delta_weight(lora_A: Tensor, lora_B: Tensor, lam: Tensor, gamma: Tensor, scaling: float, in_le_out: bool,
                  acc: torch.dtype) -> Tensor:
     """dW (out, in) in ``acc``."""
-    b_flat, a_s = _scaled_bases(lora_A, lora_B, lam, gamma, acc)
-    m = (b_flat @ a_s).mul_(scaling)
-    return m if in_le_out else m.T
+    left, right = _factors(lora_A, lora_B, lam, gamma, in_le_out, acc)
+    return (left @ right).mul_(scaling)
+
+
+def merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, lam: Tensor, gamma: Tensor, scaling: float,
+                  in_le_out: bool) -> Tensor:
+    """W + dW (out, in) in W's dtype (float32 / float64 with an adapter of that dtype): one GEMM with
+    W as its accumulator's start (no dW temporary, no scaling or add pass over (out, in))."""
+    return torch.addmm(weight, *_factors(lora_A, lora_B, lam, gamma, in_le_out, weight.dtype), alpha=scaling)
 
 
 def _mask(p, seed, bits, dtype) -> Optional[DropoutMask]:
@@ -70,9 +80,10 @@ def randlora_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A
     or ``bits`` (nn.Dropout's, drawn on x cast to the adapter's dtype), p = 0 without."""
     mask = _mask(p, seed, bits, randlora_lambda.dtype)
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(randlora_lambda.dtype))
-    delta = delta_weight(lora_A, lora_B, randlora_lambda, randlora_gamma, scaling, in_le_out, acc)
     if _merged_mode(x, mask) and acc == x.dtype:
-        return F.linear(x, weight + delta.to(weight.dtype), bias)
+        return F.linear(x, merged_weight(weight, lora_A, lora_B, randlora_lambda, randlora_gamma, scaling, in_le_out),
+                        bias)
+    delta = delta_weight(lora_A, lora_B, randlora_lambda, randlora_gamma, scaling, in_le_out, acc)
     x_d = x.to(acc) if mask is None else mask.apply(x.to(acc))
     return torch.addmm(F.linear(x, weight, bias).to(acc), x_d, delta.T).to(x.dtype)
 
@@ -100,28 +111,26 @@ def _backward(dy, x, weight, lora_A, lora_B, randlora_lambda, randlora_gamma, sc
     mask = _mask(p, seed, bits, randlora_lambda.dtype)
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(randlora_lambda.dtype))
     dx, d_bias, d_lambda, d_gamma = (dy.new_empty(0) for _ in range(4))
-    if needs[0]:
-        delta = delta_weight(lora_A, lora_B, randlora_lambda, randlora_gamma, scaling, in_le_out, acc)
-        if _merged_mode(x, mask) and acc == x.dtype:
-            dx = dy @ (weight + delta.to(weight.dtype))
-        else:
-            inner = dy.to(acc) @ delta
-            dx = ((dy @ weight).to(acc) + inner if mask is None else mask.add_((dy @ weight).to(acc), inner))
-            dx = dx.to(x.dtype)
+    if needs[0] and _merged_mode(x, mask) and acc == x.dtype:
+        dx = dy @ merged_weight(weight, lora_A, lora_B, randlora_lambda, randlora_gamma, scaling, in_le_out)
+    elif needs[0]:
+        inner = dy.to(acc) @ delta_weight(lora_A, lora_B, randlora_lambda, randlora_gamma, scaling, in_le_out, acc)
+        dx = ((dy @ weight).to(acc) + inner if mask is None else mask.add_((dy @ weight).to(acc), inner))
+        dx = dx.to(x.dtype)
     if needs[2] or needs[3]:
         x_d = x.to(acc) if mask is None else mask.apply(x.to(acc))
         g = dy.to(acc).T @ x_d                                               # dY^T x_d (out, in)
-        b_flat, _ = _scaled_bases(lora_A, lora_B, randlora_lambda, randlora_gamma, acc)
-        d_a_s = (b_flat.T @ (g if in_le_out else g.T)).mul_(scaling).view(lora_A.shape[0], -1, lora_A.shape[-1])
+        b_flat = lora_B.to(acc).reshape(lora_B.shape[0], -1)
+        d_a_s = (b_flat.T @ (g if in_le_out else g.T)).view(lora_A.shape[0], -1, lora_A.shape[-1])   # dA_s / s
         if triton_scale_grad:
             from ..triton_kernels import lowrank as kernels
             d_lambda, d_gamma = kernels.randlora_scale_grad(d_a_s, lora_A, randlora_lambda, randlora_gamma)
-        else:
-            a = lora_A.to(acc)
-            d_lambda = (d_a_s * a * randlora_gamma.to(acc)[None]).sum(dim=-1)
-            d_gamma = (d_a_s * randlora_lambda.to(acc)[:, :, None] * a).sum(dim=0)   # the kernel's order
-        d_lambda = d_lambda.to(randlora_lambda.dtype) if needs[2] else dy.new_empty(0)
-        d_gamma = d_gamma.to(randlora_gamma.dtype) if needs[3] else dy.new_empty(0)
+        else:   # E = dA_s o A: dlambda = s sum_j E gamma, dgamma[b] = s lambda[:, b]^T E[:, b] (a batched GEMV)
+            e = d_a_s * lora_A.to(acc)
+            d_lambda = (e * randlora_gamma.to(acc)).sum(dim=-1)
+            d_gamma = torch.bmm(randlora_lambda.to(acc).T.unsqueeze(1), e.transpose(0, 1)).squeeze(1)
+        d_lambda = (d_lambda * scaling).to(randlora_lambda.dtype) if needs[2] else dy.new_empty(0)
+        d_gamma = (d_gamma * scaling).to(randlora_gamma.dtype) if needs[3] else dy.new_empty(0)
     if needs[1]:
         d_bias = dy.sum(dim=0, dtype=acc_dtype(dy.dtype))
     return [dx, d_bias, d_lambda, d_gamma]
