@@ -59,8 +59,8 @@ def ia3_output_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], l: T
     """[y, pre] for y = (x W^T + b) o l, pre = x W^T (module docstring)."""
     pre = x @ weight.T
     acc = _acc(x, l)
-    base = pre.to(acc) if bias is None else pre.to(acc) + bias
-    return [(base * l).to(x.dtype), pre]
+    scaled = pre.to(acc) * l if bias is None else (pre.to(acc) + bias).mul_(l)   # pre is saved: never in place
+    return [scaled.to(x.dtype), pre]
 
 
 @ia3_output_linear_op.impl("triton")
@@ -174,10 +174,10 @@ def _input_backward_body(k: gemm.Kernels, dy, x, weight, l, needs):
     dx, d_bias, d_l = (dy.new_empty(0) for _ in range(3))
     if (needs[0] or needs[2]) and k is gemm.TORCH:
         g = (dy @ weight).to(acc)                                          # d(x o l), rounded as PEFT's GEMM
-        if needs[0]:
-            dx = (g * l).to(x.dtype)
         if needs[2]:
             d_l = torch.linalg.vecdot(g, x.to(acc), dim=0).to(l.dtype)
+        if needs[0]:   # l o g in g's own buffer (a fresh product, read by dl above): no N x in temporary
+            dx = g.mul_(l).to(x.dtype)
     elif needs[0] or needs[2]:   # dx = l o g and g = dY W from one GEMM pass (y_pre: g)
         dx, g = k.lowrank_gemm(dy, weight, *_no_lowrank(dy, weight.shape[1]), out_scale=l, with_pre=True,
                                round_base=True)
