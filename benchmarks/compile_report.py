@@ -616,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "launches, in bfloat16 (the tests' set)")
     selection.add_argument("--exhaustive", action="store_true",
                            help="also half dtypes of the b = 64 / 128 Cayley tiles (~15 CPU-minutes more)")
-    parser.add_argument("--only", default="", help="compile only variants whose 'kernel variant dtype' contains this")
+    parser.add_argument("--only", action="append", default=[],
+                        help="compile only variants whose 'kernel variant dtype' contains this (repeatable: any of them)")
     parser.add_argument("--ptx-only", action="store_true", help="stop at PTX (no ptxas: no registers, spills or SASS)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -624,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     # Triton 3.9 fuses a * b + c into FMA unless told otherwise (and warns that 3.10 will not); state it
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     start = time.perf_counter()
-    jobs = [job for job in plan(args.smoke, args.exhaustive, args.standard) if args.only in " ".join(job[1:4])]
+    jobs = [job for job in plan(args.smoke, args.exhaustive, args.standard)
+            if not args.only or any(pattern in " ".join(job[1:4]) for pattern in args.only)]
     rows = _run(jobs, args.arch, args.workers, not args.ptx_only)
     header = _header(args.arch, argv, time.perf_counter() - start, not args.ptx_only)
     os.makedirs(args.out, exist_ok=True)

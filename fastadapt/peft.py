@@ -148,10 +148,13 @@ def _common_reason(layer, args, kwargs) -> Optional[str]:
 
 
 def _held(layer, names) -> list[str]:
-    """``names`` (in order, once each) that the layer holds, as PEFT's loops skip the others."""
-    held = layer.adapter_layer_names  # PEFT's names of the per-adapter containers ("lora_A", "oft_R", ...)
-    container = getattr(layer, held[0]) if held else None
-    return [a for a in dict.fromkeys(names) if container is None or a in container]
+    """``names`` (in order, once each) that the layer holds, as PEFT's loops skip the others: in
+    any of PEFT's per-adapter containers ("lora_A", "oft_R", ...; LoKr's factored w1 lives in
+    "lokr_w1_a", not "lokr_w1")."""
+    containers = [getattr(layer, name) for name in layer.adapter_layer_names]
+    if not containers:
+        return list(dict.fromkeys(names))
+    return [a for a in dict.fromkeys(names) if any(a in c for c in containers)]
 
 
 def _choose(layer, x, adapters: list[str], adapter_names):

@@ -437,12 +437,7 @@ BRIDGE_CONFIGS = {
 # decompose_both with a factored w1 (lokr_w1_a / lokr_w1_b, no lokr_w1): fastadapt.peft's
 # _common_reason looks for the active adapter in the layer's first adapter container only
 # (PEFT's adapter_layer_names[0] = "lokr_w1") and falls back as if the adapter were absent.
-BRIDGE_XFAIL = {"lokr_both_factored": "fastadapt.peft (lead): _common_reason checks adapter_layer_names[0] only; "
-                                      "a LoKr adapter with factored w1 has no lokr_w1 entry, so the call falls back"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.xfail(strict=True, reason=BRIDGE_XFAIL[n])]
-                                               if n in BRIDGE_XFAIL else []) for n in BRIDGE_CONFIGS])
+@pytest.mark.parametrize("name", list(BRIDGE_CONFIGS))
 def test_bridge_equals_peft(name):
     """Output, x's and every parameter's gradient equal PEFT's (float32, 64 -> 48 features)."""
     model = _peft_model(copy.deepcopy(BRIDGE_CONFIGS[name]), 64, 48, seed=60)
