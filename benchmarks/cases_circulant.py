@@ -15,10 +15,9 @@ counts that grow with it.
 """
 from __future__ import annotations
 
-import torch
 from peft import C3AConfig, FourierFTConfig
 
-from fastadapt.bench import Adapter, Case, CaseSetup, peft_layer_case
+from fastadapt.bench import Adapter, Case, peft_case
 
 N_FREQUENCY = 1000
 
@@ -31,23 +30,17 @@ def _fourierft_config(n_frequency: int, targets) -> FourierFTConfig:
     return FourierFTConfig(n_frequency=n_frequency, scaling=150.0, target_modules=targets)
 
 
-def _build(config, autocast_adapter_dtype: bool = True):
-    def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
-        return peft_layer_case(d, n, dtype, device, config(["0"]), autocast_adapter_dtype=autocast_adapter_dtype,
-                               fused={"fastadapt": lambda layer: layer})
-    return build
-
-
 CASES = [
-    Case("c3a_b64", "circulant", _build(lambda t: _c3a_config(64, t)),
+    Case("c3a_b64", "circulant", peft_case(lambda t: _c3a_config(64, t)),
          notes="PEFT C3A b=64 (FFTs of x in fp32, complex einsum) vs fused (merged weight, block DFTs in backward)"),
-    Case("c3a_b256", "circulant", _build(lambda t: _c3a_config(256, t)), notes="PEFT C3A b=256 vs fused"),
-    Case("fourierft_n1000", "circulant", _build(lambda t: _fourierft_config(N_FREQUENCY, t)),
+    Case("c3a_b256", "circulant", peft_case(lambda t: _c3a_config(256, t)), notes="PEFT C3A b=256 vs fused"),
+    Case("fourierft_n1000", "circulant", peft_case(lambda t: _fourierft_config(N_FREQUENCY, t)),
          notes="PEFT FourierFT n=1000 (dense ifft2 + second GEMM) vs fused (merged weight, row DFTs in backward)"),
-    Case("c3a_b64_adapter_in_input_dtype", "circulant", _build(lambda t: _c3a_config(64, t), False),
+    Case("c3a_b64_adapter_in_input_dtype", "circulant",
+         peft_case(lambda t: _c3a_config(64, t), autocast_adapter_dtype=False),
          notes="C3A b=64 with autocast_adapter_dtype=False: half spectra on GPU (CPU fp32: as c3a_b64)"),
     Case("fourierft_n1000_adapter_in_input_dtype", "circulant",
-         _build(lambda t: _fourierft_config(N_FREQUENCY, t), False),
+         peft_case(lambda t: _fourierft_config(N_FREQUENCY, t), autocast_adapter_dtype=False),
          notes="FourierFT n=1000 with autocast_adapter_dtype=False: half cos/sin dots on GPU (CPU fp32: as n1000)"),
 ]
 

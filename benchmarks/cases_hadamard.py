@@ -17,10 +17,9 @@ on r only through PEFT's whole-or-factored switch (r >= d / 2 makes a side whole
 """
 from __future__ import annotations
 
-import torch
 from peft import LoHaConfig, LoKrConfig
 
-from fastadapt.bench import Adapter, Case, CaseSetup, peft_layer_case
+from fastadapt.bench import Adapter, Case, peft_case
 
 RANK = 16
 
@@ -34,22 +33,16 @@ def _lokr_config(rank: int, targets, decomposed: bool = False) -> LoKrConfig:
     return LoKrConfig(r=rank, alpha=2 * rank, target_modules=targets, **split)
 
 
-def _build(config, autocast_adapter_dtype: bool = True):
-    def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
-        return peft_layer_case(d, n, dtype, device, config(["0"]), autocast_adapter_dtype=autocast_adapter_dtype,
-                               fused={"fastadapt": lambda layer: layer})
-    return build
-
-
 CASES = [
-    Case("loha_r16", "hadamard", _build(lambda t: _loha_config(RANK, t)),
+    Case("loha_r16", "hadamard", peft_case(lambda t: _loha_config(RANK, t)),
          notes="PEFT LoHa r=16 (float32 dW built every call, second GEMM, dY^T X) vs fused (merged weight, "
                "Khatri-Rao or G-tile factor gradients per shape)"),
-    Case("lokr_r16", "hadamard", _build(lambda t: _lokr_config(RANK, t)),
+    Case("lokr_r16", "hadamard", peft_case(lambda t: _lokr_config(RANK, t)),
          notes="PEFT LoKr r=16, whole w1 / w2 (32 x 32 each at d=1024) vs fused (reshape and matmul)"),
-    Case("lokr_r16_decomposed", "hadamard", _build(lambda t: _lokr_config(RANK, t, decomposed=True)),
+    Case("lokr_r16_decomposed", "hadamard", peft_case(lambda t: _lokr_config(RANK, t, decomposed=True)),
          notes="PEFT LoKr r=16, decompose_both, decompose_factor=16: w1 (16, 16), w2 = (64, 16) (16, 64)"),
-    Case("loha_r16_adapter_in_input_dtype", "hadamard", _build(lambda t: _loha_config(RANK, t), False),
+    Case("loha_r16_adapter_in_input_dtype", "hadamard",
+         peft_case(lambda t: _loha_config(RANK, t), autocast_adapter_dtype=False),
          notes="LoHa r=16 with autocast_adapter_dtype=False: half factors on a half base (CPU fp32: as loha_r16)"),
 ]
 

@@ -142,6 +142,15 @@ def peft_layer_case(d: int, n: int, dtype: torch.dtype, device, config, *, fused
                      config=config_summary(config) | {"method": config_method(config)})
 
 
+def peft_case(config: Callable, *, autocast_adapter_dtype: bool = True):
+    """A :class:`Case` build for :func:`peft_layer_case` with one fused arm, "fastadapt" (the
+    patched PEFT layer): ``config(target_modules)`` gives the PEFT config."""
+    def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
+        return peft_layer_case(d, n, dtype, device, config(["0"]), autocast_adapter_dtype=autocast_adapter_dtype,
+                               fused={"fastadapt": lambda layer: layer})
+    return build
+
+
 def selected(cases: list[Case], only) -> list[Case]:
     """Cases whose family equals, or whose name starts with, one of ``only`` (all when empty).
 
