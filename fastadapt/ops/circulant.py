@@ -30,7 +30,7 @@ What each path does (the choice per op is the registration's, :func:`fastadapt.b
   benchmarks/NOTES.md, circulant).  FourierFT's dW by ``irfft2`` of the Hermitian fold
   (S + S*) / 2 of the sparse spectrum (half a spectrum, real output; the same Re(ifft2(S)), half
   the work of PEFT's complex ifft2); dc from ``rfft`` rows of x and dY, gathered at the touched
-  bins.
+  bins, their products accumulated per token slot of a chunk and summed over the slots once.
 - triton (CUDA): ``fastadapt.triton_kernels.circulant``: dW generated tile by tile and added to W on
   chip (C3A: gathered from K; FourierFT: cos / sin factors from tables and two tl.dot per chunk of
   coefficients), the C3A block DFTs as tl.dot with cos / sin tables and the per-frequency
@@ -393,12 +393,15 @@ def _fourierft_spectrum_grad_torch(dy: Tensor, x: Tensor, spectrum: Tensor, indi
     out_features, in_features = dy.shape[1], x.shape[1]
     real = acc_dtype(x.dtype)
     dy_bins, x_bins, sign = _spectrum_grad_plan(indices, out_features, in_features)
-    products = torch.zeros(spectrum.shape[0], 2, dtype=real, device=x.device)     # (sum Re Re, sum Im Im)
     rows = _chunk_rows(x.shape[0], max(out_features, in_features))
+    # Per token slot of a chunk: (Re Re, Im Im) products summed over chunks, one addcmul_ per chunk
+    # (not a mul, a sum and an add: fewer passes and fewer parallel regions), reduced over slots once.
+    slots = torch.zeros(rows, spectrum.shape[0], 2, dtype=real, device=x.device)
     for start in range(0, x.shape[0], rows):
         dy_hat = _gather_bins(torch.fft.rfft(dy[start:start + rows].to(real)), dy_bins)   # (t, n, 2)
         x_hat = _gather_bins(torch.fft.rfft(x[start:start + rows].to(real)), x_bins)
-        products += (dy_hat * x_hat).sum(dim=0)
+        slots[:dy_hat.shape[0]].addcmul_(dy_hat, x_hat)
+    products = slots.sum(dim=0)                                                  # (sum Re Re, sum Im Im)
     grad = (products[:, 0] + sign.to(real) * products[:, 1]) * (scaling / (out_features * in_features))
     return grad.to(spectrum.dtype)
 
