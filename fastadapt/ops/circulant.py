@@ -401,6 +401,7 @@ def _fourierft_spectrum_grad_torch(dy: Tensor, x: Tensor, spectrum: Tensor, indi
         dy_hat = _gather_bins(torch.fft.rfft(dy[start:start + rows].to(real)), dy_bins)   # (t, n, 2)
         x_hat = _gather_bins(torch.fft.rfft(x[start:start + rows].to(real)), x_bins)
         slots[:dy_hat.shape[0]].addcmul_(dy_hat, x_hat)
+        del dy_hat, x_hat   # freed before the next chunk's pair is gathered (lower peak)
     products = slots.sum(dim=0)                                                  # (sum Re Re, sum Im Im)
     grad = (products[:, 0] + sign.to(real) * products[:, 1]) * (scaling / (out_features * in_features))
     return grad.to(spectrum.dtype)
