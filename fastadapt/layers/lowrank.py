@@ -385,7 +385,8 @@ PEFT_BRIDGE = [
                 forward=lambda layer, adapter, x: _vera_forward_many(layer, [adapter], x),
                 applies=lambda layer, adapter: adapter in layer.vera_lambda_d, check=_vera_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.vera_dropout[adapter]),
-                base_classes=BASE_CLASSES, autocast=True, forward_many=_vera_forward_many, check_many=_not_mixed),
+                base_classes=BASE_CLASSES, autocast=True, forward_many=_vera_forward_many, check_many=_not_mixed,
+                min_macs={"cpu": 1 << 30}),
     _branch_entry("peft.tuners.adalora.layer.SVDLinear", "adalora", _adalora_factors, "lora_dropout",
                   _adalora_tensors, "lora_A", _adalora_check),
     _branch_entry("peft.tuners.vblora.layer.Linear", "vblora", _vblora_factors, "vblora_dropout", _vblora_tensors,
@@ -396,13 +397,15 @@ PEFT_BRIDGE = [
                 autocast=True, forward_many=_ia3_forward_many, check_many=_not_mixed, min_macs={"cpu": 400 << 20}),
     BridgeEntry(peft_class="peft.tuners.miss.layer.MissLinear", method="miss", forward=_miss_forward,
                 applies=_miss_applies, check=_miss_check,
-                note=lambda layer, adapter, x: _dropout_note(layer, layer.miss_dropout[adapter]), autocast=True),
+                note=lambda layer, adapter, x: _dropout_note(layer, layer.miss_dropout[adapter]), autocast=True,
+                min_macs={"cpu": 1 << 30}),
     BridgeEntry(peft_class="peft.tuners.shira.layer.Linear", method="shira", forward=_shira_forward,
-                applies=lambda layer, adapter: adapter in layer.shira_weight, check=_shira_check, autocast=True),
+                applies=lambda layer, adapter: adapter in layer.shira_weight, check=_shira_check, autocast=True,
+                min_macs={"cpu": 128 << 20}),
     BridgeEntry(peft_class="peft.tuners.randlora.layer.Linear", method="randlora", forward=_randlora_forward,
                 applies=lambda layer, adapter: adapter in layer.randlora_lambda, check=_randlora_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.randlora_dropout[adapter]),
-                base_classes=BASE_CLASSES, autocast=True),
+                base_classes=BASE_CLASSES, autocast=True, min_macs={"cpu": 256 << 20}),
 ]
 
 # ----------------------------------------------------------------------------------------------
