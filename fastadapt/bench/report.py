@@ -135,6 +135,9 @@ def header_lines(result: dict, title: str) -> list[str]:
     lines = [f"# {title} {result['date'][:16].replace('T', ' ')} UTC", "",
              f"- machine: {m.get('gpu', m['cpu'])}, {m['cores']} cores, {m['torch_threads']} torch threads; "
              f"torch {v['torch']}, triton {v['triton']}, peft {v['peft']}, lycoris {v['lycoris']}"]
+    if m.get("load_start") is not None:
+        lines.append(f"- load average (1 min) at start / end: {m['load_start']} / {m.get('load_end', '-')} on "
+                     f"{m['cores']} cores (other processes: timings with more threads than free cores measure waits)")
     if result.get("ceilings"):
         c = result["ceilings"]
         lines.append(f"- ceilings: copy {c['copy_GBps']:.1f} GB/s, matmul {c['matmul_GFLOPps']:.1f} GFLOP/s "

@@ -165,10 +165,19 @@ def versions() -> dict:
             "lycoris": _version("lycoris-lora")}
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none): other processes on the cores make
+    2-thread CPU timings measure the scheduler, so every result records it, at start and end."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
 def machine_info(device: torch.device) -> dict:
     """The machine (and, for older readers, the library versions) a result was measured on."""
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), **versions()}
+            "platform": platform.platform(), "load_start": load_average(), **versions()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -268,6 +277,7 @@ def new_document(kind: str, device: torch.device, config: dict, args=None) -> di
 def write_document(result: dict, out_dir: Path, stem: str, json_file: str | None = None) -> tuple[Path, Path]:
     """``<date>_<stem>.json`` and ``.md`` into ``out_dir`` (and the JSON to ``json_file``)."""
     stamp = datetime.datetime.fromisoformat(result["date"])
+    result["machine"]["load_end"] = load_average()
     out_dir.mkdir(parents=True, exist_ok=True)
     base = f"{stamp:%Y%m%d-%H%M%S}_{stem}"
     json_path, md_path = out_dir / f"{base}.json", out_dir / f"{base}.md"
