@@ -282,6 +282,9 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Union
     x2d = x.reshape(-1, in_features)
     seeds, bits = _mask_inputs(x2d, ps, dropout_stream, adapter_dtype)
     merged, keep_u = _lora_plan(x2d, weight, ranks[0], ps[0] > 0, adapter_dtype)
+    # A half base keeps u whatever VeRA's rank (PEFT keeps lambda_d o u too): recomputing it is a
+    # float32 product over the tokens after a float32 copy of x, 2.3x the rate of the half GEMMs.
+    keep_u = keep_u or (not merged and x2d.dtype in (torch.float16, torch.bfloat16))
     y = vera_linear_op(x2d, weight, bias, a_list[0], b_list[0], lb_list[0], ld_list[0], ranks, ps, seeds, bits, merged,
                        keep_u)[0]
     return y.reshape(*x.shape[:-1], out_features)

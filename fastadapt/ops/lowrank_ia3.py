@@ -145,7 +145,7 @@ def _scaled_columns(x: Tensor, weight: Tensor, l: Tensor) -> tuple[Tensor, Tenso
     """(x', W') with x' W'^T = (x o l) W^T: W's columns scaled (float32 / float64), or x o l rounded
     to x's dtype (a half base, PEFT's rounding)."""
     if x.dtype in HALF_DTYPES:
-        return (x.to(_acc(x, l)) * l).to(x.dtype), weight
+        return x.to(_acc(x, l)).mul_(l).to(x.dtype), weight       # x's float32 copy scaled in place
     return x, weight * l.to(weight.dtype)
 
 
@@ -169,13 +169,29 @@ def _(x, weight, bias, l):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
+# Rows per chunk of dl's column dots on a half x: x's float32 rows converted a chunk at a time stay
+# in cache (no float32 copy of the whole x).
+COLUMN_DOT_ROWS = 256
+
+
+def _column_dots(g: Tensor, x: Tensor, acc: torch.dtype) -> Tensor:
+    """colsum(g o x) (in,) in ``acc`` for g already in ``acc``, x converted a chunk of rows at a time."""
+    if x.dtype == acc:
+        return torch.linalg.vecdot(g, x, dim=0)
+    total = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+    for start in range(0, x.shape[0], COLUMN_DOT_ROWS):
+        stop = start + COLUMN_DOT_ROWS
+        total.add_(torch.linalg.vecdot(g[start:stop], x[start:stop].to(acc), dim=0))
+    return total
+
+
 def _input_backward_body(k: gemm.Kernels, dy, x, weight, l, needs):
     acc = _acc(x, l)
     dx, d_bias, d_l = (dy.new_empty(0) for _ in range(3))
     if (needs[0] or needs[2]) and k is gemm.TORCH:
         g = (dy @ weight).to(acc)                                          # d(x o l), rounded as PEFT's GEMM
         if needs[2]:
-            d_l = torch.linalg.vecdot(g, x.to(acc), dim=0).to(l.dtype)
+            d_l = _column_dots(g, x, acc).to(l.dtype)
         if needs[0]:   # l o g in g's own buffer (a fresh product, read by dl above): no N x in temporary
             dx = g.mul_(l).to(x.dtype)
     elif needs[0] or needs[2]:   # dx = l o g and g = dY W from one GEMM pass (y_pre: g)

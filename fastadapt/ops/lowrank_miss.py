@@ -73,6 +73,10 @@ def _torch_tiled_dx(dy, weight, t, fold_f, mask: Optional[DropoutMask]):
     (in not a multiple of r) applies to the tiled t over the padded width, then cut to in."""
     dx = dy @ weight
     r, in_features = fold_f.shape
+    if mask is None and in_features % r == 0:   # t added to x's blocks by broadcast: no (N, in) tile
+        acc_dx = dx if dx.dtype == t.dtype else dx.to(t.dtype)
+        acc_dx.view(dx.shape[0], -1, r).add_(t[:, None, :])
+        return acc_dx.to(dx.dtype)
     reps = -(-in_features // r)
     tiled = t.repeat(1, reps)
     if mask is not None and reps * r != in_features:
@@ -118,7 +122,10 @@ def _merged_mode(x: Tensor, miss_block: Tensor, mask) -> bool:
 
 
 def _folded(x: Tensor, r: int, mask: Optional[DropoutMask], acc: torch.dtype) -> Tensor:
-    """fold(mask o pad(x)) in ``acc``: the mask belongs to the padded x (PEFT pads, then drops)."""
+    """fold(mask o pad(x)) in ``acc``: the mask belongs to the padded x (PEFT pads, then drops).
+    Without a mask the sum converts x's elements as it reads them (no float32 copy of x)."""
+    if mask is None:
+        return padded(x, r).unflatten(1, (-1, r)).sum(dim=1, dtype=acc)
     x = padded(x.to(acc), r)
     return fold(x if mask is None else mask.apply(x), r)
 
@@ -137,13 +144,16 @@ def _backward(k: MissKernels, dy, x, weight, miss_block, p, seed, bits, needs):
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(miss_block.dtype))
     r = miss_block.shape[0]
     dx, d_bias, d_block = (dy.new_empty(0) for _ in range(3))
-    if needs[0] and _merged_mode(x, miss_block, mask):
+    merged = _merged_mode(x, miss_block, mask)
+    # BLAS's products take float32 operands: a half dY converted once for t and dD (Triton converts tiles)
+    dy_thin = dy.to(acc) if k is TORCH and (needs[2] or (needs[0] and not merged)) else dy
+    if needs[0] and merged:
         dx = dy @ merged_weight(weight, miss_block)
     elif needs[0]:
-        t = k.gemm.acc_matmul(dy, miss_block.T)                        # dY D^T (N, r)
+        t = k.gemm.acc_matmul(dy_thin, miss_block.T)                   # dY D^T (N, r)
         dx = k.tiled_dx(dy, weight, t, fold_matrix(r, x.shape[1], acc, x.device), mask)
     if needs[2]:
-        d_block = k.gemm.acc_matmul(_folded(x, r, mask, acc).T, dy).to(miss_block.dtype)
+        d_block = k.gemm.acc_matmul(_folded(x, r, mask, acc).T, dy_thin).to(miss_block.dtype)
     if needs[1]:
         d_bias = dy.sum(dim=0, dtype=acc)
     return [dx, d_bias, d_block]
