@@ -2,7 +2,8 @@
 
 What HF Trainer's ``bf16=True`` / ``fp16=True`` does: a float32 tiny Llama carrying each family's
 dropout-free ``VARIANTS`` (tests/peft_configs_<family>.py) runs forward and backward inside
-``torch.autocast("cpu", dtype)``.  Under ``accelerate`` every call runs fused (no fallback in the
+``torch.autocast`` on the test device (cpu here; cuda with the compiled kernels on a GPU
+machine).  Under ``accelerate`` every call runs fused (no fallback in the
 report: each bridge entry declares ``autocast=True`` once its forward reproduces PEFT's autocast
 semantics), each adapted layer returns PEFT's output dtype, and the logits' and every trainable
 parameter gradient's relative error against a float64 copy (no autocast), pooled over the
@@ -37,7 +38,7 @@ def _step(model, ids, dtype) -> dict:
     dtypes = []
     hooks = [m.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
              for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype is not None):
         out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     for h in hooks:
@@ -61,9 +62,9 @@ def _pooled_errors(runs, truths) -> dict:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_fused_under_autocast_matches_peft_under_autocast(variant, dtype):
+def test_fused_under_autocast_matches_peft_under_autocast(variant, dtype, device):
     variant = CONFIGS.variants[variant]
-    peft_model = get_peft_model(tiny_llama(5, dtype=torch.float32, layers=1), variant.config()).eval()
+    peft_model = get_peft_model(tiny_llama(5, dtype=torch.float32, layers=1), variant.config()).to(device).eval()
     perturb_(peft_model, scale=0.05)
     truth = copy.deepcopy(peft_model).double()
     fused = copy.deepcopy(peft_model)
@@ -71,7 +72,7 @@ def test_fused_under_autocast_matches_peft_under_autocast(variant, dtype):
     g = generator()
     small = any(p.numel() <= VECTOR_NUMEL for p in peft_model.parameters() if p.requires_grad)
     count = VECTOR_BATCHES if small else BATCHES
-    batches = [torch.randint(0, 64, (2, 9), generator=g) for _ in range(count)]
+    batches = [torch.randint(0, 64, (2, 9), generator=g).to(device) for _ in range(count)]
     truths = [_step(truth, ids, None) for ids in batches]
     peft_runs = [_step(peft_model, ids, dtype) for ids in batches]
     fused_runs = [_step(fused, ids, dtype) for ids in batches]
