@@ -185,6 +185,26 @@ def test_shira_sampled_product_over_token_chunks(monkeypatch):
     assert_rel_close(got, expected, F32, name="dw")
 
 
+def test_ia3_input_scale_gradient_over_row_chunks(monkeypatch):
+    """IA3 (input side) on a bfloat16 base with PEFT's float32 l: dl's column dots over several row
+    chunks (a short last one, x non-contiguous) and dx equal the float64 reference."""
+    from fastadapt.ops import lowrank_ia3
+    monkeypatch.setattr(lowrank_ia3, "COLUMN_DOT_ROWS", 4)
+    bf16 = torch.bfloat16
+    x = noncontig(randn(11, 9, dtype=bf16, seed=77)).requires_grad_()
+    weight, bias = randn(6, 9, dtype=bf16, scale=0.3, seed=78), randn(6, dtype=bf16, seed=79)
+    l = randn(9, dtype=F32, seed=80, requires_grad=True)
+    dy = randn(11, 6, dtype=bf16, seed=81)
+    y = ops.ia3_linear(x, weight, bias, l, feedforward=True)
+    got = torch.autograd.grad(y, (x, l), dy)
+    x64, l64 = x.detach().double().requires_grad_(), l.detach().double().requires_grad_()
+    y64 = (x64 * l64) @ weight.double().T + bias.double()
+    expected = torch.autograd.grad(y64, (x64, l64), dy.double())
+    assert_rel_close(y, y64, bf16, name="y")
+    for name, g, e in zip(("dx", "dl"), got, expected):
+        assert_rel_close(g, e, bf16, name=name)
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
     pytest.importorskip("triton")
