@@ -10,7 +10,7 @@ the bin gather-reduce over the float32 row spectra.
 from __future__ import annotations
 
 from benchmarks.compile_report import FEATURES, HALF_DTYPES, ROWS, Variant, mock_tensor
-from benchmarks.roofline import Method, Shape, Step, base_steps, gemm, small
+from benchmarks.roofline import Method, Shape, Step, gemm, small
 
 BLOCK_SIZES = (64, 256)
 N_FREQUENCY = 1000

@@ -16,7 +16,7 @@ import triton
 from benchmarks.compile_dropout import SEED
 from benchmarks.compile_lowrank_gemm import RANK, float32_matmul_steps, fused_gemm_step
 from benchmarks.compile_report import FEATURES, HALF_DTYPES, ROWS, Variant, mock_tensor
-from benchmarks.roofline import Method, Shape, Step, gemm, small
+from benchmarks.roofline import Method, Shape, Step, small
 
 LORA_GPU_TARGET, LORA_DROPOUT_GPU_TARGET = 1.12, 1.15
 MIXED_REASON = ("PEFT's float32 adapter on a half base: the masked low-rank term t A in IEEE fp32 after the half "

@@ -154,6 +154,36 @@ def assert_matches_peft(ref, layer, leading, adapter: str = "default") -> None:
         assert_rel_close(param.grad, getattr(layer, name)[adapter].grad, name=f"grad {name}")
 
 
+def output_and_grads(model, x: torch.Tensor, cotangent: torch.Tensor, seed: int = 0) -> tuple:
+    """``model(x)`` (detached) and the gradients of <model(x), cotangent> with respect to x and every
+    parameter of ``model`` that requires grad, in that order; torch's generator seeded with
+    ``seed`` first (the same dropout masks for two models called alike)."""
+    x = x.clone().requires_grad_()
+    torch.manual_seed(seed)
+    y = model(x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return y.detach(), *torch.autograd.grad(y, [x, *params], cotangent)
+
+
+def assert_fused_as_accurate_as_peft(model, model64, x: torch.Tensor, cotangent: torch.Tensor,
+                                     dtype: torch.dtype) -> None:
+    """A copy of ``model`` under ``fastadapt.accelerate`` runs fused (one call, no fallback), and its
+    output and every gradient (:func:`output_and_grads`) are as close to ``model64``'s (the same
+    model in float64) as PEFT's own: relative error <= max(table, 1.5 x PEFT's)."""
+    import copy
+
+    import fastadapt
+    peft = output_and_grads(model, x, cotangent)
+    fused_model = copy.deepcopy(model)
+    report = fastadapt.accelerate(fused_model)
+    fused = output_and_grads(fused_model, x, cotangent)
+    assert report.fused_calls == 1 and not report.fallbacks, str(report)
+    truth = output_and_grads(model64, x.to(torch.float64), cotangent.to(torch.float64))
+    for i, (f, p, t) in enumerate(zip(fused, peft, truth)):
+        err, peft_err = rel_error(f, t), rel_error(p, t)
+        assert err <= max(tolerance(dtype), 1.5 * peft_err), f"{i}: {err:.3e} vs PEFT's {peft_err:.3e}"
+
+
 def assert_forward_is_merged(ref) -> None:
     """``ref(x) == x merged_weight()^T + merged_bias()`` on a random input."""
     x = randn(3, 5, ref.in_features)

@@ -21,7 +21,7 @@ from fastadapt.layers import circulant as layers
 from fastadapt.numerics import assert_rel_close, rel_error, tolerance
 from fastadapt.ops import circulant as ops
 from fastadapt.reference.circulant import C3A, FourierFT, spectrum_indices
-from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
+from fastadapt.testing import DTYPES, linear_model, noncontig, output_and_grads, randn, randomize_
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 INTERPRETER_BF16 = "the Triton interpreter has no bfloat16 arithmetic (compiled GPUs run it)"
@@ -334,17 +334,10 @@ def _peft_model(config, d_in, d_out, *, dtype=F32, seed, conv1d=False, bias="non
     return model
 
 
-def _run(model, x, cotangent):
-    x = x.clone().requires_grad_()
-    y = model(x)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return y.detach(), *torch.autograd.grad(y, [x, *params], cotangent)
-
-
 def _accelerated_run(model, x, cotangent):
     fused = copy.deepcopy(model)
     report = fastadapt.accelerate(fused)
-    result = _run(fused, x, cotangent)
+    result = output_and_grads(fused, x, cotangent)
     assert report.fused_calls == 1 and not report.fallbacks, str(report)
     return result, report
 
@@ -356,7 +349,7 @@ def test_c3a_bridge_equals_peft(d_in, d_out, block_size):
     model = _peft_model(C3AConfig(block_size=block_size, target_modules=["0"], bias="all"), d_in, d_out, seed=41)
     x = randn(3, 7, d_in, dtype=F32, seed=42)
     cotangent = randn(3, 7, d_out, dtype=F32, seed=43)
-    expected = _run(model, x, cotangent)
+    expected = output_and_grads(model, x, cotangent)
     (y, dx, *grads), report = _accelerated_run(model, x, cotangent)
     assert report.notes == {layers.C3A_INPUT_GRADIENT_NOTE: 1}, str(report)
     assert_rel_close(y, expected[0], name="output")
@@ -378,7 +371,7 @@ def test_peft_c3a_input_gradient_reverses_dy_blocks():
     x = randn(5, 16, seed=45)
     cotangent = randn(5, 24, seed=46)
     ref = C3A.from_peft(model.base_model.model[0])
-    _, dx_peft, _ = _run(model, x, cotangent)
+    _, dx_peft, _ = output_and_grads(model, x, cotangent)
     adapter_dx_peft = dx_peft - cotangent @ ref.weight            # PEFT's dx minus the base layer's
     reversed_cotangent = cotangent.unflatten(-1, (-1, b))[..., (-torch.arange(b)) % b].flatten(-2)
     truths = []
@@ -395,7 +388,7 @@ def test_fourierft_bridge_equals_peft(conv1d):
     model = _peft_model(config, 40, 24, seed=47, conv1d=conv1d)
     x = noncontig(randn(2, 9, 40, dtype=F32, seed=48))
     cotangent = randn(2, 9, 24, dtype=F32, seed=49)
-    expected = _run(model, x, cotangent)
+    expected = output_and_grads(model, x, cotangent)
     actual, _ = _accelerated_run(model, x, cotangent)
     for name, a, e in zip(("output", "dx", "dspectrum", "dbias"), actual, expected):
         assert_rel_close(a, e, name=name)
@@ -422,9 +415,9 @@ def test_half_models_as_accurate_as_peft(dtype, autocast_adapter_dtype, method):
                 p.data = p.data.float()
     x = randn(4, 9, 48, dtype=dtype, seed=52)
     cotangent = randn(4, 9, 32, dtype=dtype, seed=53)
-    peft = _run(model, x, cotangent)
+    peft = output_and_grads(model, x, cotangent)
     fused, _ = _accelerated_run(model, x, cotangent)
-    truth = list(_run(peft64, x.to(F64), cotangent.to(F64)))
+    truth = list(output_and_grads(peft64, x.to(F64), cotangent.to(F64)))
     ref = (C3A if method == "c3a" else FourierFT).from_peft(peft64.base_model.model[0])
     x64 = x.to(F64).requires_grad_()
     (truth[1],) = torch.autograd.grad(ref(x64), [x64], cotangent.to(F64))

@@ -21,7 +21,7 @@ from fastadapt.ops import hadamard as ops
 from fastadapt.ops import hadamard_loha, hadamard_lokr
 from fastadapt.ops.hadamard_loha import LohaPlan, loha_plan
 from fastadapt.reference.hadamard import LoHa, LoKr
-from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
+from fastadapt.testing import DTYPES, linear_model, noncontig, output_and_grads, randn, randomize_
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 INTERPRETER_BF16 = "the Triton interpreter has no bfloat16 arithmetic (compiled GPUs run it)"
@@ -411,18 +411,10 @@ def _peft_model(config, d_in, d_out, *, dtype=F32, seed, scale=0.2):
     return model
 
 
-def _run(model, x, cotangent, seed=0):
-    x = x.clone().requires_grad_()
-    torch.manual_seed(seed)
-    y = model(x)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return y.detach(), *torch.autograd.grad(y, [x, *params], cotangent)
-
-
 def _accelerated_run(model, x, cotangent, seed=0):
     fused = copy.deepcopy(model)
     report = fastadapt.accelerate(fused)
-    result = _run(fused, x, cotangent, seed)
+    result = output_and_grads(fused, x, cotangent, seed)
     assert report.fused_calls == 1 and not report.fallbacks, str(report)
     return result
 
@@ -448,7 +440,7 @@ def test_bridge_equals_peft(name):
         assert {n for n in ops.LOKR_FACTORS if "default" in getattr(layer, n)} == want
     x = noncontig(randn(3, 7, 64, dtype=F32, seed=61))
     cotangent = randn(3, 7, 48, dtype=F32, seed=62)
-    expected = _run(model, x, cotangent)
+    expected = output_and_grads(model, x, cotangent)
     actual = _accelerated_run(model, x, cotangent)
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_rel_close(a, e, name=f"output / gradient {i}")
@@ -457,13 +449,12 @@ def test_bridge_equals_peft(name):
 def test_lokr_both_factored_op_equals_peft_layer():
     """The op itself on PEFT's decompose_both layer (w1 and w2 factored): PEFT's numbers."""
     model = _peft_model(copy.deepcopy(BRIDGE_CONFIGS["lokr_both_factored"]), 64, 48, seed=63)
-    layer = model.base_model.model[0]
     x = randn(3, 7, 64, dtype=F32, seed=64)
     cotangent = randn(3, 7, 48, dtype=F32, seed=65)
-    expected = _run(model, x, cotangent)
+    expected = output_and_grads(model, x, cotangent)
     fused = copy.deepcopy(model)
     fused.base_model.model[0].forward = lambda t: layers.lokr_forward(fused.base_model.model[0], "default", t)
-    for i, (a, e) in enumerate(zip(_run(fused, x, cotangent), expected)):
+    for i, (a, e) in enumerate(zip(output_and_grads(fused, x, cotangent), expected)):
         assert_rel_close(a, e, name=f"output / gradient {i}")
     assert len(expected) == 6 and all(g.abs().max() > 0 for g in expected[1:])
 
@@ -474,12 +465,12 @@ def test_loha_rank_dropout_in_training_equals_peft():
     model = _peft_model(config, 32, 24, seed=66).train()
     x = randn(5, 32, dtype=F32, seed=67)
     cotangent = randn(5, 24, dtype=F32, seed=68)
-    expected = _run(model, x, cotangent, seed=5)
+    expected = output_and_grads(model, x, cotangent, seed=5)
     actual = _accelerated_run(model, x, cotangent, seed=5)
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_rel_close(a, e, name=f"output / gradient {i}")
     model.eval()
-    assert rel_error(_run(model, x, cotangent)[0], expected[0]) > 0.01   # the mask mattered
+    assert rel_error(output_and_grads(model, x, cotangent)[0], expected[0]) > 0.01   # the mask mattered
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, F16])
@@ -496,9 +487,9 @@ def test_half_models_as_accurate_as_peft(dtype, autocast_adapter_dtype, name):
                 p.data = p.data.float()
     x = randn(4, 9, 48, dtype=dtype, seed=71)
     cotangent = randn(4, 9, 32, dtype=dtype, seed=72)
-    peft = _run(model, x, cotangent)
+    peft = output_and_grads(model, x, cotangent)
     fused = _accelerated_run(model, x, cotangent)
-    truth = _run(peft64, x.to(F64), cotangent.to(F64))
+    truth = output_and_grads(peft64, x.to(F64), cotangent.to(F64))
     for i, (f, p, t) in enumerate(zip(fused, peft, truth)):
         err, peft_err = rel_error(f, t), rel_error(p, t)
         assert err <= max(tolerance(dtype), 1.5 * peft_err), f"output / gradient {i}: {err:.3e}, PEFT {peft_err:.3e}"

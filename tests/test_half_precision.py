@@ -21,7 +21,7 @@ import torch
 from peft import get_peft_model
 
 import fastadapt
-from fastadapt.numerics import rel_error, tolerance
+from fastadapt.numerics import tolerance
 from fastadapt.peft import bridged_methods
 from fastadapt.testing import generator, peft_configs, perturb_, tiny_llama, triton_launches
 

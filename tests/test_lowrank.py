@@ -14,11 +14,13 @@ from peft import LoraConfig, get_peft_model
 import fastadapt
 from fastadapt.bench import saved_activation_ratio
 from fastadapt.layers import lowrank as layers
-from fastadapt.numerics import assert_rel_close, rel_error, tolerance
+from fastadapt.numerics import assert_rel_close
 from fastadapt.ops import lowrank as ops
 from fastadapt.ops.dropout import philox_uniform
 from fastadapt.reference.lowrank import LoRA
-from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_, triton_launches
+from fastadapt.testing import (
+    DTYPES, assert_fused_as_accurate_as_peft, linear_model, noncontig, output_and_grads, randn, randomize_,
+    triton_launches)
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 INTERPRETER_BF16 = "the Triton interpreter has no bfloat16 arithmetic (compiled GPUs run it)"
@@ -222,20 +224,12 @@ def _peft_model(config, d_in, d_out, *, dtype=F32, seed, conv1d=False, scale=0.3
     return model
 
 
-def _run(model, x, cotangent, seed=0):
-    x = x.clone().requires_grad_()
-    torch.manual_seed(seed)
-    y = model(x)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return y.detach(), *torch.autograd.grad(y, [x, *params], cotangent)
-
-
 def _assert_bridge_equals_peft(model, x, *, train=False, fused_calls=1):
     cotangent = randn(*x.shape[:-1], model(x).shape[-1], dtype=x.dtype, seed=34)
     fused = copy.deepcopy(model)
     report = fastadapt.accelerate(fused, dropout="torch")
     model.train(train), fused.train(train)
-    expected, actual = _run(model, x, cotangent), _run(fused, x, cotangent)
+    expected, actual = output_and_grads(model, x, cotangent), output_and_grads(fused, x, cotangent)
     assert report.fused_calls == fused_calls and not report.fallbacks, str(report)
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert_rel_close(a, e, name="output" if i == 0 else f"gradient {i}")
@@ -292,15 +286,7 @@ def test_half_models_as_accurate_as_peft(dtype, autocast_adapter_dtype):
                 p.data = p.data.float()
     x = randn(4, 9, 48, dtype=dtype, seed=43)
     cotangent = randn(4, 9, 32, dtype=dtype, seed=44)
-    peft = _run(model, x, cotangent)
-    fused_model = copy.deepcopy(model)
-    report = fastadapt.accelerate(fused_model)
-    fused = _run(fused_model, x, cotangent)
-    assert report.fused_calls == 1 and not report.fallbacks, str(report)
-    truth = _run(peft64, x.to(F64), cotangent.to(F64))
-    for i, (f, p, t) in enumerate(zip(fused, peft, truth)):
-        err, peft_err = rel_error(f, t), rel_error(p, t)
-        assert err <= max(tolerance(dtype), 1.5 * peft_err), f"{i}: {err:.3e} vs PEFT's {peft_err:.3e}"
+    assert_fused_as_accurate_as_peft(model, peft64, x, cotangent, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, F16])
@@ -428,7 +414,7 @@ def test_several_active_adapters_equal_peft(dropout):
     cotangent = randn(3, 5, 16, dtype=F32, seed=62)
     for train in (False, True):
         layer.train(train), fused.train(train)
-        expected = _run(layer, x, cotangent)
+        expected = output_and_grads(layer, x, cotangent)
         x_leaf = x.clone().requires_grad_()
         torch.manual_seed(0)
         y = layers.lora_forward_many(fused, ["default", "other", "third"], x_leaf)
@@ -563,6 +549,6 @@ def test_pissa_olora_init_equals_reference_and_keeps_the_model(init, use_rslora)
     report = fastadapt.accelerate(model)
     x = randn(5, 24, dtype=F32, seed=82)
     cotangent = randn(5, 16, dtype=F32, seed=83)
-    for i, (a, e) in enumerate(zip(_run(model, x, cotangent)[:2], _run(original, x, cotangent)[:2])):
+    for i, (a, e) in enumerate(zip(output_and_grads(model, x, cotangent)[:2], output_and_grads(original, x, cotangent)[:2])):
         assert_rel_close(a, e, F32, scale=10, name="output" if i == 0 else "grad x")
     assert report.fused_calls == 1, str(report)

@@ -12,11 +12,12 @@ from peft import AdaLoraConfig, IA3Config, MissConfig, RandLoraConfig, ShiraConf
 
 import fastadapt
 from fastadapt.bench import saved_activation_ratio
-from fastadapt.numerics import assert_rel_close, rel_error, tolerance
+from fastadapt.numerics import assert_rel_close
 from fastadapt.ops import lowrank as ops
 from fastadapt.reference import lowrank as lowrank_ref
 from fastadapt.reference import structured
-from fastadapt.testing import linear_model, noncontig, perturb_, randn, triton_launches
+from fastadapt.testing import (
+    assert_fused_as_accurate_as_peft, linear_model, noncontig, output_and_grads, perturb_, randn, triton_launches)
 
 F16, F32, F64 = torch.float16, torch.float32, torch.float64
 INTERPRETER_BF16 = "the Triton interpreter has no bfloat16 arithmetic (compiled GPUs run it)"
@@ -57,14 +58,6 @@ def _peft_model(method, d_in, d_out, *, dtype=F32, seed, p=0.0, bias=True, conv1
     return model
 
 
-def _run(model, x, cotangent, seed=0):
-    x = x.clone().requires_grad_()
-    torch.manual_seed(seed)
-    y = model(x)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return y.detach(), *torch.autograd.grad(y, [x, *params], cotangent)
-
-
 # ----------------------------------------------------------------------------- PEFT parity (fp32, float64 masks)
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -81,7 +74,7 @@ def test_bridge_equals_peft(method, shape):
     cotangent = randn(3, 7, d_out, dtype=F32, seed=12)
     for train in (False, True) if p else (False,):
         model.train(train), fused.train(train)
-        for i, (a, e) in enumerate(zip(_run(fused, x, cotangent), _run(model, x, cotangent))):
+        for i, (a, e) in enumerate(zip(output_and_grads(fused, x, cotangent), output_and_grads(model, x, cotangent))):
             assert_rel_close(a, e, name=f"train={train}: {'output' if i == 0 else f'gradient {i}'}")
     assert report.fused_calls >= 1 and not report.fallbacks, str(report)
 
@@ -92,7 +85,7 @@ def test_bridge_conv1d_base_equals_peft(method):
     fused = copy.deepcopy(model)
     report = fastadapt.accelerate(fused)
     x, cotangent = randn(4, 20, dtype=F32, seed=14), randn(4, 12, dtype=F32, seed=15)
-    for i, (a, e) in enumerate(zip(_run(fused, x, cotangent), _run(model, x, cotangent))):
+    for i, (a, e) in enumerate(zip(output_and_grads(fused, x, cotangent), output_and_grads(model, x, cotangent))):
         assert_rel_close(a, e, name=f"{'output' if i == 0 else f'gradient {i}'}")
     assert report.fused_calls == 1 and not report.fallbacks, str(report)
 
@@ -126,15 +119,7 @@ def test_every_dtype_as_accurate_as_peft(method, dtype, autocast_adapter_dtype):
             b.data = b.data.to(F32 if autocast_adapter_dtype else dtype)
     x = randn(4, 9, 48, dtype=dtype, seed=19)
     cotangent = randn(4, 9, 32, dtype=dtype, seed=20)
-    peft = _run(model, x, cotangent)
-    fused_model = copy.deepcopy(model)
-    report = fastadapt.accelerate(fused_model)
-    fused = _run(fused_model, x, cotangent)
-    assert report.fused_calls == 1 and not report.fallbacks, str(report)
-    truth = _run(peft64, x.to(F64), cotangent.to(F64))
-    for i, (f, p, t) in enumerate(zip(fused, peft, truth)):
-        err, peft_err = rel_error(f, t), rel_error(p, t)
-        assert err <= max(tolerance(dtype), 1.5 * peft_err), f"{i}: {err:.3e} vs PEFT's {peft_err:.3e}"
+    assert_fused_as_accurate_as_peft(model, peft64, x, cotangent, dtype)
 
 
 # ----------------------------------------------------------------------------- ops: gradcheck, Triton, saved
