@@ -201,7 +201,8 @@ def measured_crossover(layer, x) -> int:
     value after an adapter's configuration changes under the same name only moves the choice
     between two paths that give the same result."""
     tracing = torch.compiler.is_compiling()   # a write to the cache there would recompile the next call
-    key = (str(layer.active_adapter), x.device.type)
+    active = layer.active_adapter   # a name, or a list of names
+    key = (active if isinstance(active, str) else tuple(active), x.is_cuda)   # no torch.device built per call
     cache = layer.__dict__[_ATTR_CROSSOVERS]
     limit = None if tracing else cache.get(key)
     if limit is None:
