@@ -197,9 +197,9 @@ _ATTR_CROSSOVERS = "_fastadapt_crossovers"
 
 def measured_crossover(layer, x) -> int:
     """``BridgeEntry.min_macs`` of the entry serving the layer's first active adapter, for x's
-    device type (0 where nothing is measured).  Kept per (active adapters, device type): a stale
-    value after an adapter's configuration changes under the same name only moves the choice
-    between two paths that give the same result."""
+    device type (0 where nothing is measured).  Kept per (active adapters, CUDA or not): a stale
+    value (an adapter's configuration changed under the same name, another non-CUDA device after
+    the CPU) only moves the choice between two paths that give the same result."""
     tracing = torch.compiler.is_compiling()   # a write to the cache there would recompile the next call
     active = layer.active_adapter   # a name, or a list of names
     key = (active if isinstance(active, str) else tuple(active), x.is_cuda)   # no torch.device built per call
