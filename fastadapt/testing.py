@@ -184,6 +184,34 @@ def assert_fused_as_accurate_as_peft(model, model64, x: torch.Tensor, cotangent:
         assert err <= max(tolerance(dtype), 1.5 * peft_err), f"{i}: {err:.3e} vs PEFT's {peft_err:.3e}"
 
 
+def assert_fused_equals_peft_under_autocast(model, params, x: torch.Tensor, autocast_dtype: torch.dtype,
+                                            cotangent_seed: int) -> None:
+    """A float32 PEFT ``model`` (one adapted layer) called under ``torch.autocast`` on x's device,
+    first as PEFT, then under ``fastadapt.accelerate`` (reverted after): one fused call, no
+    fallback, PEFT's output dtype, and the output and the gradients with respect to x and
+    ``params`` (same dtypes) within the autocast dtype's row of the table."""
+    import fastadapt
+
+    def run():
+        xx = x.clone().requires_grad_()
+        with torch.autocast(x.device.type, dtype=autocast_dtype):
+            y = model(xx)
+        return y, torch.autograd.grad(y, [xx, *params], randn(*y.shape, seed=cotangent_seed).to(y.dtype))
+
+    expected, expected_grads = run()
+    report = fastadapt.accelerate(model)
+    try:
+        actual, actual_grads = run()
+    finally:
+        fastadapt.revert(model)
+    assert report.fused_calls == 1 and not report.fallbacks, str(report)
+    assert actual.dtype == expected.dtype
+    assert_rel_close(actual, expected, autocast_dtype, name="output")
+    for i, (a, e) in enumerate(zip(actual_grads, expected_grads)):
+        assert a.dtype == e.dtype
+        assert_rel_close(a, e, autocast_dtype, name=f"gradient {i} (x, then the adapter's)")
+
+
 def assert_forward_is_merged(ref) -> None:
     """``ref(x) == x merged_weight()^T + merged_bias()`` on a random input."""
     x = randn(3, 5, ref.in_features)

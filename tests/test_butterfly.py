@@ -19,7 +19,8 @@ from fastadapt.layers import butterfly as layers
 from fastadapt.numerics import assert_rel_close, rel_error
 from fastadapt.ops import butterfly as ops
 from fastadapt.reference import butterfly as ref
-from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
+from fastadapt.testing import (DTYPES, assert_fused_equals_peft_under_autocast, linear_model, noncontig, randn,
+                               randomize_)
 
 
 @pytest.fixture(autouse=True)
@@ -372,25 +373,7 @@ def test_autocast_runs_fused_with_peft_semantics(method, autocast_dtype):
     model, _ = _peft(config, 32, 16, names, dtype=F32, scale=0.2)
     params = [p for p in model.parameters() if p.requires_grad]
     x = randn(24, 32, dtype=F32)   # 24 rows > 16 outputs: BOFT rotates W
-
-    def run():
-        xx = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=autocast_dtype):
-            y = model(xx)
-        return y, torch.autograd.grad(y, [xx, *params], randn(*y.shape, seed=5).to(y.dtype))
-
-    expected, expected_grads = run()
-    report = fastadapt.accelerate(model)
-    try:
-        actual, actual_grads = run()
-    finally:
-        fastadapt.revert(model)
-    assert report.fused_calls == 1 and not report.fallbacks, str(report)
-    assert actual.dtype == expected.dtype
-    assert_rel_close(actual, expected, autocast_dtype, name="output")
-    for i, (a, e) in enumerate(zip(actual_grads, expected_grads)):
-        assert a.dtype == e.dtype
-        assert_rel_close(a, e, autocast_dtype, name=f"gradient {i} (x, then the adapter's)")
+    assert_fused_equals_peft_under_autocast(model, params, x, autocast_dtype, cotangent_seed=5)
 
 
 def test_bridge_fallbacks_and_skips():

@@ -18,7 +18,8 @@ from fastadapt.numerics import assert_rel_close, rel_error
 from fastadapt.ops import cayley as ops
 from fastadapt.ops import cayley_maps, cayley_monitor, cayley_oft, cayley_rotate
 from fastadapt.reference import cayley as ref
-from fastadapt.testing import DTYPES, linear_model, noncontig, randn, randomize_
+from fastadapt.testing import (DTYPES, assert_fused_equals_peft_under_autocast, linear_model, noncontig, randn,
+                               randomize_)
 
 F32, F64 = torch.float32, torch.float64
 
@@ -775,25 +776,7 @@ def test_autocast_runs_fused_with_peft_semantics(case, autocast_dtype):
     model, layer = _peft_model(case, 48, 40, F32, seed=130)
     params = _adapter_params(layer)
     x = randn(7, 9, 48, dtype=F32, seed=133)
-
-    def run():
-        xx = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=autocast_dtype):
-            y = model(xx)
-        return y, torch.autograd.grad(y, [xx, *params], randn(*y.shape, seed=134).to(y.dtype))
-
-    expected, expected_grads = run()
-    report = fastadapt.accelerate(model)
-    try:
-        actual, actual_grads = run()
-    finally:
-        fastadapt.revert(model)
-    assert report.fused_calls == 1 and not report.fallbacks, str(report)
-    assert actual.dtype == expected.dtype
-    assert_rel_close(actual, expected, autocast_dtype, name="output")
-    for i, (a, e) in enumerate(zip(actual_grads, expected_grads)):
-        assert a.dtype == e.dtype
-        assert_rel_close(a, e, autocast_dtype, name=f"gradient {i} (x, then the adapter's)")
+    assert_fused_equals_peft_under_autocast(model, params, x, autocast_dtype, cotangent_seed=134)
 
 
 def test_autocast_oft_op_keeps_its_float32_parameter():
