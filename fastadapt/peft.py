@@ -193,40 +193,53 @@ _ATTR_MIN_MACS = "_fastadapt_min_macs"
 
 
 _ATTR_CROSSOVERS = "_fastadapt_crossovers"
+_ATTR_ELEMENT_BOUND = "_fastadapt_element_bound"
 
 
 def measured_crossover(layer, x) -> int:
     """``BridgeEntry.min_macs`` of the entry serving the layer's first active adapter, for x's
-    device type (0 where nothing is measured).  Kept per (active adapters, CUDA or not): a stale
-    value (an adapter's configuration changed under the same name, another non-CUDA device after
-    the CPU) only moves the choice between two paths that give the same result."""
-    tracing = torch.compiler.is_compiling()   # a write to the cache there would recompile the next call
-    active = layer.active_adapter   # a name, or a list of names
-    key = (active if isinstance(active, str) else tuple(active), x.is_cuda)   # no torch.device built per call
-    cache = layer.__dict__[_ATTR_CROSSOVERS]
-    limit = None if tracing else cache.get(key)
-    if limit is None:
-        active = layer.active_adapters
-        entry = next((e for e in layer._fastadapt_entries if e.applies(layer, active[0])), None) if active else None
-        limit = 0 if entry is None else entry.min_macs.get(x.device.type, 0)
-        if not tracing:
-            cache[key] = limit
-    return limit
+    device type (0 where nothing is measured)."""
+    active = layer.active_adapters
+    entry = next((e for e in layer._fastadapt_entries if e.applies(layer, active[0])), None) if active else None
+    return 0 if entry is None else entry.min_macs.get(x.device.type, 0)
 
 
 def _small_call(layer, x) -> bool:
-    limit = layer.__dict__[_ATTR_MIN_MACS]
+    """Whether the call runs PEFT's forward for its size: x.numel() x out_features below the
+    crossover, compared as x.numel() < ceil(min_macs / out_features).  That bound is kept per
+    (active adapters, CUDA or not) outside tracing; a stale value (an adapter's configuration
+    changed under the same name, another non-CUDA device after the CPU) only moves the choice
+    between two paths that give the same result.  Kept lean: this runs before every call."""
+    state = layer.__dict__
+    limit = state[_ATTR_MIN_MACS]
     if limit is None:
-        limit = measured_crossover(layer, x)
-    return limit > 0 and x.numel() * getattr(layer, "out_features", limit) < limit
+        active = layer.active_adapter   # a name, or a list of names
+        key = (active if isinstance(active, str) else tuple(active), x.is_cuda)
+        cache = state[_ATTR_CROSSOVERS]
+        bound = cache.get(key)
+        if bound is None:
+            bound = _element_bound(layer, measured_crossover(layer, x))
+            if not torch.compiler.is_compiling():   # a write to the cache there would recompile the next call
+                cache[key] = bound
+    else:
+        bound = state[_ATTR_ELEMENT_BOUND]
+    return x.numel() < bound
+
+
+def _element_bound(layer, min_macs: int) -> int:
+    """ceil(min_macs / out_features): a call is small iff x.numel() is below it (0: never)."""
+    if not min_macs:
+        return 0
+    out = getattr(layer, "out_features", None)
+    return -(-min_macs // out) if out else 1   # no out_features known: only an empty x counts as small
 
 
 def _patched_forward(layer, x, *args, **kwargs):
-    report: AccelerationReport = layer.__dict__[_ATTR_REPORT]
     if _small_call(layer, x):   # first and alone: this path is all host time
         if not torch.compiler.is_compiling():
-            report.fallbacks[SMALL_CALL_REASON] += 1
+            layer.__dict__[_ATTR_REPORT].fallbacks[SMALL_CALL_REASON] += 1
         return type(layer).forward(layer, x, *args, **kwargs)
+    report: AccelerationReport = layer.__dict__[_ATTR_REPORT]
     reason = _common_reason(layer, args, kwargs)
     adapter_names = kwargs.get("adapter_names")
     chosen, adapters = None, []
@@ -300,6 +313,7 @@ def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox",
         module.__dict__[_ATTR_DROPOUT] = dropout
         module.__dict__[_ATTR_MIN_MACS] = min_macs
         module.__dict__[_ATTR_CROSSOVERS] = {}
+        module.__dict__[_ATTR_ELEMENT_BOUND] = None if min_macs is None else _element_bound(module, min_macs)
         setattr(module, _ATTR_REPORT, report)
         module.forward = types.MethodType(_patched_forward, module)
         report.patched[cls] += 1
@@ -317,6 +331,7 @@ def revert(model: nn.Module) -> int:
             module.__dict__.pop(_ATTR_DROPOUT, None)
             module.__dict__.pop(_ATTR_MIN_MACS, None)
             module.__dict__.pop(_ATTR_CROSSOVERS, None)
+            module.__dict__.pop(_ATTR_ELEMENT_BOUND, None)
             delattr(module, _ATTR_REPORT)
             restored += 1
     if _ATTR_REPORT in vars(model):
