@@ -552,3 +552,50 @@ def test_pissa_olora_init_equals_reference_and_keeps_the_model(init, use_rslora)
     for i, (a, e) in enumerate(zip(output_and_grads(model, x, cotangent)[:2], output_and_grads(original, x, cotangent)[:2])):
         assert_rel_close(a, e, F32, scale=10, name="output" if i == 0 else "grad x")
     assert report.fused_calls == 1, str(report)
+
+
+# ----------------------------------------------------------------------------- VeRA's saved set
+
+BF16 = torch.bfloat16
+# (plan, N, in, out, r, dtype, dropout p, what autograd saves besides parameters)
+VERA_PLANS = [("merged", 64, 16, 16, 8, F32, 0.0, "u, W_eff"),
+              ("merged", 40, 16, 16, 16, F32, 0.0, "u"),            # u + W_eff above bytes(x): W_eff rebuilt
+              ("merged", 200, 8, 16, 12, F32, 0.0, "x"),            # r > in: u above bytes(x), recomputed
+              ("unmerged", 24, 16, 12, 4, F32, 0.25, "u, seed"),
+              ("unmerged", 24, 16, 12, 20, BF16, 0.0, "u")]         # half base: float32 u whatever r
+
+
+@pytest.mark.parametrize("plan, n, d_in, d_out, r, dtype, p, saved", VERA_PLANS)
+def test_vera_saves_u_and_merged_weight_in_place_of_x(plan, n, d_in, d_out, r, dtype, p, saved):
+    """VeRA's backward never reads x but to recompute u: the op saves u (and the merged weight
+    where both fit in bytes(x)) instead, and every gradient stays within the table against float64."""
+    from fastadapt.ops.dropout import draw_seed
+    adapter = F32 if dtype == BF16 else dtype
+    x = randn(n, d_in, dtype=dtype, seed=71, requires_grad=True)
+    weight, bias = randn(d_out, d_in, dtype=dtype, scale=d_in ** -0.5, seed=72), randn(d_out, dtype=dtype, seed=73)
+    vera_a, vera_b = randn(r, d_in, dtype=adapter, seed=74), randn(d_out, r, dtype=adapter, seed=75)
+    lambdas = [randn(d_out, dtype=adapter, seed=76).requires_grad_(), randn(r, dtype=adapter, seed=77).requires_grad_()]
+    bias.requires_grad_()
+    assert ops._vera_plan(x, weight, r, p > 0, adapter, True)[0] == (plan == "merged")
+
+    def call(x):
+        torch.manual_seed(5)
+        return ops.vera_linear(x, weight, bias, vera_a, vera_b, *lambdas, dropout_p=p)
+    elem = {"x": n * d_in * x.element_size(), "u": n * r * 4, "W_eff": d_out * d_in * 4, "seed": 8}
+    expected = sum(elem[name] for name in saved.split(", "))
+    params = [weight, bias, vera_a, vera_b, *lambdas]
+    assert saved_activation_ratio(call, x, exclude=params) == pytest.approx(expected / elem["x"])
+
+    torch.manual_seed(5)
+    masks = _philox_masks(n, d_in, [p], draw_seed)
+    leaves64 = [t.detach().to(F64).requires_grad_() for t in (x, bias, *lambdas)]
+    x64, bias64, lb64, ld64 = leaves64
+    x_d = x64 if masks[0] is None else x64 * masks[0]
+    y64 = x64 @ weight.to(F64).T + bias64 + lb64 * ((ld64 * (x_d @ vera_a.to(F64).T)) @ vera_b.to(F64).T)
+    cotangent = randn(n, d_out, seed=78)
+    y = call(x)
+    grads = torch.autograd.grad(y, [x, bias, *lambdas], cotangent.to(dtype))
+    assert_rel_close(y, y64, dtype, name="y")
+    for name, g, g64 in zip(("x", "bias", "lambda_b", "lambda_d"), grads,
+                            torch.autograd.grad(y64, leaves64, cotangent)):
+        assert_rel_close(g, g64, dtype, name=f"grad of {name}")

@@ -20,7 +20,8 @@ path, "triton" the CUDA one; each module's docstring gives the gradient formulas
     fastadapt::svft_linear (+ _backward)      fastadapt.ops.lowrank_svft (LoRA's bodies, B = U M formed in the op)
 
     fastadapt::vera_linear (+ _backward)      fastadapt.ops.lowrank_lora (LoRA's bodies, B' = lambda_b B
-                                              lambda_d formed in the op: never saved)
+                                              lambda_d formed in the op; u and the merged weight saved
+                                              in place of x where they fit in its bytes)
 
 AdaLoRA and VB-LoRA run on LoRA's op: their factors are built from their parameters by small
 differentiable ops per call (AdaLoRA: A o E and B scaling / (ranknum + 1e-5); VB-LoRA: the top-k
@@ -157,6 +158,23 @@ def _lora_plan(x2d: Tensor, weight: Tensor, rank: int, masked: bool, adapter_dty
     return merged, u_bytes <= KEPT_U_FRACTION * in_features * x2d.element_size()
 
 
+def _vera_plan(x2d: Tensor, weight: Tensor, rank: int, masked: bool, adapter_dtype: torch.dtype,
+               training: bool) -> tuple[bool, bool, bool]:
+    """(merged, keep_u, keep_merged) of one VeRA call: LoRA's merged rule; what autograd saves in
+    training, by bytes, since VeRA's backward never reads x but to recompute u = x A^T: u in place of
+    x where it is not larger (on a half base always: u is float32 there, and PEFT keeps it too),
+    and the merged W_eff beside it where the two together stay within bytes(x) (its rebuild in
+    backward, 2 out r in multiply-adds, then skipped)."""
+    merged, _ = _lora_plan(x2d, weight, rank, masked, adapter_dtype)
+    half = x2d.dtype in (torch.float16, torch.bfloat16)
+    x_bytes = x2d.numel() * x2d.element_size()
+    u_bytes = x2d.shape[0] * rank * (4 if half else x2d.element_size())
+    keep_u = training and (half or u_bytes <= x_bytes)
+    saved = u_bytes if keep_u else x_bytes
+    keep_merged = merged and training and saved + weight.numel() * weight.element_size() <= x_bytes
+    return merged, keep_u, keep_merged
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Union[Tensor, Sequence[Tensor]],
                 lora_B: Union[Tensor, Sequence[Tensor]], scaling: Union[float, Sequence[float]], *,
                 dropout_p: Union[float, Sequence[float]] = 0.0, dropout_stream: str = "philox") -> Tensor:
@@ -281,12 +299,11 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Union
                            [1.0] * count, dropout_p=ps, dropout_stream=dropout_stream)
     x2d = x.reshape(-1, in_features)
     seeds, bits = _mask_inputs(x2d, ps, dropout_stream, adapter_dtype)
-    merged, keep_u = _lora_plan(x2d, weight, ranks[0], ps[0] > 0, adapter_dtype)
-    # A half base keeps u whatever VeRA's rank (PEFT keeps lambda_d o u too): recomputing it is a
-    # float32 product over the tokens after a float32 copy of x, 2.3x the rate of the half GEMMs.
-    keep_u = keep_u or (not merged and x2d.dtype in (torch.float16, torch.bfloat16))
+    training = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                               for t in (x, bias, lb_list[0], ld_list[0]))
+    merged, keep_u, keep_merged = _vera_plan(x2d, weight, ranks[0], ps[0] > 0, adapter_dtype, training)
     y = vera_linear_op(x2d, weight, bias, a_list[0], b_list[0], lb_list[0], ld_list[0], ranks, ps, seeds, bits, merged,
-                       keep_u)[0]
+                       keep_u, keep_merged)[0]
     return y.reshape(*x.shape[:-1], out_features)
 
 

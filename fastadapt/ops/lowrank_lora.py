@@ -164,7 +164,7 @@ def _backward(k: LoraKernels, dy, x, weight, lora_A, lora_B, u, scaling, ranks, 
             if len(segments) > 1 else k.gemm.acc_matmul(t.T, x, mask_b=segments[0][2])
         d_a = d_a.to(lora_A.dtype)
     if needs[3]:
-        if u.shape[0] != x.shape[0]:   # not kept: x_i A_i^T again, the masks regenerated
+        if u.shape[0] != dy.shape[0]:   # not kept: x_i A_i^T again, the masks regenerated
             u = _lowrank_input(k, x, lora_A, segments)
         d_b = (k.gemm.acc_matmul(u.T, dy).T * scaling).to(lora_B.dtype).contiguous()   # u^T dY: BLAS's faster layout
     if needs[1]:
@@ -293,43 +293,65 @@ lora_linear_backward_op.example(_backward_examples)
 # fastadapt::vera_linear: LoRA's bodies with B' = lambda_b o B o lambda_d formed inside the op
 #
 # VeRA's factors: A = vera_A sliced (r, in) and B = vera_B sliced (out, r) frozen, lambda_b (out,) and
-# lambda_d (r,) trained.  B' (out, r) is built in forward and again in backward (never saved: it is
-# parameter-sized but not a parameter), and from dB' = dY^T u (LoRA's dB with s = 1):
+# lambda_d (r,) trained.  From dB' = dY^T u (LoRA's dB with s = 1):
 #     dlambda_b[o] = sum_k dB'[o, k] B[o, k] lambda_d[k],    dlambda_d[k] = sum_o dB'[o, k] B[o, k] lambda_b[o]
-# A being frozen, LoRA's t = dY B' only serves dx.
+# A being frozen, LoRA's t = dY B' only serves dx, and no gradient reads x: the backward needs u
+# (for dB') and, for dx, W (+ t A) or the merged W_eff = W + B' A.  So the op returns u and the
+# merged weight for autograd to save in place of x when the caller asks (``keep_u``,
+# ``keep_merged``: fastadapt.ops.lowrank.vera_linear decides by bytes); x is saved only where u is
+# not (then u = x A^T is recomputed in backward, masks regenerated).  B' is built in forward and
+# again in backward (parameter-sized, not saved); W_eff likewise unless it is kept.
 
 def _vera_b(vera_B: Tensor, lambda_b: Tensor, lambda_d: Tensor) -> Tensor:
     return lambda_b[:, None] * vera_B * lambda_d[None, :]
 
 
+def _vera_forward(k: LoraKernels, x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged,
+                  keep_u, keep_merged):
+    b_scaled = _vera_b(vera_B, lambda_b, lambda_d)
+    no_merged = weight.new_empty(0, 0)
+    if not merged:
+        return [*_forward(k, x, weight, bias, vera_A, b_scaled, 1.0, ranks, ps, seeds, bits, False, keep_u), no_merged]
+    w_eff = _merged_weight(weight, vera_A, b_scaled, 1.0)
+    y = torch.nn.functional.linear(x, w_eff, bias)
+    u = k.gemm.acc_matmul(x, vera_A.T) if keep_u else x.new_empty(0, vera_A.shape[0])   # merged: float32 / float64
+    return [y, u, w_eff if keep_merged else no_merged]
+
+
 @fused_op("vera_linear")
 def vera_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tensor, vera_B: Tensor,
                    lambda_b: Tensor, lambda_d: Tensor, ranks: list[int], ps: list[float], seeds: list[Tensor],
-                   bits: list[Tensor], merged: bool, keep_u: bool) -> list[Tensor]:
-    """[y, u] of VeRA: LoRA's op with A = vera_A, B = lambda_b o vera_B o lambda_d, s = 1."""
-    return _forward(TORCH, x, weight, bias, vera_A, _vera_b(vera_B, lambda_b, lambda_d), 1.0, ranks, ps, seeds, bits,
-                    merged, keep_u)
+                   bits: list[Tensor], merged: bool, keep_u: bool, keep_merged: bool) -> list[Tensor]:
+    """[y, u, W_eff] of VeRA: LoRA's op with A = vera_A, B = lambda_b o vera_B o lambda_d, s = 1;
+    u is (0, r) without ``keep_u``, W_eff = W + B A (out, in) with ``merged`` and ``keep_merged``,
+    else (0, 0)."""
+    return _vera_forward(TORCH, x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged,
+                         keep_u, keep_merged)
 
 
 @vera_linear_op.impl("triton")
-def _(x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, *args):
-    return _forward(_triton() if _triton_serves(x) else TORCH, x, weight, bias, vera_A,
-                    _vera_b(vera_B, lambda_b, lambda_d), 1.0, *args)
+def _(x, *args):
+    return _vera_forward(_triton() if _triton_serves(x) else TORCH, x, *args)
 
 
 @vera_linear_op.fake
-def _(x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u):
+def _(x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u, keep_merged):
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(vera_A.dtype))
-    rows = x.shape[0] if keep_u and not merged else 0
-    return [x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(rows, vera_A.shape[0], dtype=acc)]
+    rows = x.shape[0] if keep_u else 0
+    merged_shape = weight.shape if merged and keep_merged else (0, 0)
+    return [x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(rows, vera_A.shape[0], dtype=acc),
+            weight.new_empty(merged_shape)]
 
 
-def _vera_backward_body(k: LoraKernels, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, ranks, ps, seeds, bits,
-                        merged, needs):
+def _vera_backward_body(k: LoraKernels, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, ranks, ps,
+                        seeds, bits, merged, needs):
     b_scaled = _vera_b(vera_B, lambda_b, lambda_d)
     wants_b = needs[2] or needs[3]
+    dx_by_kept = needs[0] and merged_weight.shape[0] > 0
     dx, d_bias, _, d_b = _backward(k, dy, x, weight, vera_A, b_scaled, u, 1.0, ranks, ps, seeds, bits, merged,
-                                   [needs[0], needs[1], False, wants_b])
+                                   [needs[0] and not dx_by_kept, needs[1], False, wants_b])
+    if dx_by_kept:
+        dx = dy @ merged_weight
     d_lambda_b, d_lambda_d = dy.new_empty(0), dy.new_empty(0)
     if wants_b:
         prod = d_b.to(u.dtype) * vera_B.to(u.dtype)
@@ -342,29 +364,33 @@ def _vera_backward_body(k: LoraKernels, dy, x, weight, vera_A, vera_B, lambda_b,
 
 @fused_op("vera_linear_backward", autocast=False)
 def vera_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, vera_A: Tensor, vera_B: Tensor, lambda_b: Tensor,
-                            lambda_d: Tensor, u: Tensor, ranks: list[int], ps: list[float], seeds: list[Tensor],
-                            bits: list[Tensor], merged: bool, needs: list[bool]) -> list[Tensor]:
-    """[dx, db, dlambda_b, dlambda_d] of ``vera_linear`` (``needs``: which; the others are empty)."""
-    return _vera_backward_body(TORCH, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, ranks, ps, seeds, bits,
-                               merged, needs)
+                            lambda_d: Tensor, u: Tensor, merged_weight: Tensor, ranks: list[int], ps: list[float],
+                            seeds: list[Tensor], bits: list[Tensor], merged: bool, needs: list[bool]) -> list[Tensor]:
+    """[dx, db, dlambda_b, dlambda_d] of ``vera_linear`` (``needs``: which; the others are empty).
+    x may be empty (0, in) where u is given (N, r); ``merged_weight``: the forward's W_eff or (0, 0)."""
+    return _vera_backward_body(TORCH, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, ranks, ps,
+                               seeds, bits, merged, needs)
 
 
 @vera_linear_backward_op.impl("triton")
-def _(dy, x, *args):
-    return _vera_backward_body(_triton() if _triton_serves(x) else TORCH, dy, x, *args)
+def _(dy, *args):
+    return _vera_backward_body(_triton() if _triton_serves(dy) else TORCH, dy, *args)
 
 
 @vera_linear_backward_op.fake
-def _(dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, ranks, ps, seeds, bits, merged, needs):
-    shapes = [(x, x.shape), (u, dy.shape[1:]), (lambda_b, lambda_b.shape), (lambda_d, lambda_d.shape)]
+def _(dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, ranks, ps, seeds, bits, merged, needs):
+    shapes = [(dy, (dy.shape[0], weight.shape[1])), (u, dy.shape[1:]), (lambda_b, lambda_b.shape),
+              (lambda_d, lambda_d.shape)]
     return [like.new_empty(shape) if need else dy.new_empty(0) for (like, shape), need in zip(shapes, needs)]
 
 
 def _vera_setup(ctx, inputs, output):
-    x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u = inputs
-    ctx.mark_non_differentiable(output[1])
+    x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u, keep_merged = inputs
+    _, u, merged_weight = output
+    ctx.mark_non_differentiable(u, merged_weight)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, vera_A, vera_B, lambda_b, lambda_d, output[1], *seeds, *bits)
+    x_saved = x.new_empty(0, x.shape[1]) if keep_u else x      # the backward reads x only to recompute u
+    ctx.save_for_backward(x_saved, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, *seeds, *bits)
     ctx.ranks, ctx.ps, ctx.merged = ranks, ps, merged
     ctx.num_seeds, ctx.num_bits, ctx.bias_dtype = len(seeds), len(bits), None if bias is None else bias.dtype
 
@@ -372,13 +398,13 @@ def _vera_setup(ctx, inputs, output):
 def _vera_backward_entry(ctx, grads):
     n = ctx.needs_input_grad
     needs = [n[0], n[2], n[5], n[6]]     # x, bias, lambda_b, lambda_d
-    no_grads = ([None] * ctx.num_seeds, [None] * ctx.num_bits, None, None)
+    no_grads = ([None] * ctx.num_seeds, [None] * ctx.num_bits, None, None, None)
     if grads[0] is None or not any(needs):
         return (None,) * 9 + no_grads
-    x, weight, vera_A, vera_B, lambda_b, lambda_d, u, *masks = ctx.saved_tensors
+    x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, *masks = ctx.saved_tensors
     seeds, bits = masks[:ctx.num_seeds], masks[ctx.num_seeds:]
     dx, d_bias, d_lb, d_ld = vera_linear_backward_op(grads[0], x, weight, vera_A, vera_B, lambda_b, lambda_d, u,
-                                                     ctx.ranks, ctx.ps, seeds, bits, ctx.merged, needs)
+                                                     merged_weight, ctx.ranks, ctx.ps, seeds, bits, ctx.merged, needs)
     return (dx if needs[0] else None, None, d_bias.to(ctx.bias_dtype) if needs[1] else None, None, None,
             d_lb if needs[2] else None, d_ld if needs[3] else None, None, None, *no_grads)
 
@@ -387,22 +413,26 @@ vera_linear_op.autograd(_vera_backward_entry, _vera_setup)
 
 
 def _vera_examples():
+    """LoRA's examples with VeRA's lambdas; a merged example keeps W_eff, and once u as well."""
     for args, _ in _examples():
         x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits, merged, keep_u = args
         out, r = lora_B.shape
         lambda_b = randn(out, dtype=lora_A.dtype, requires_grad=True, seed=61)
         lambda_d = randn(r, dtype=lora_A.dtype, requires_grad=True, seed=62)
-        yield (x, weight, bias, lora_A.detach(), lora_B.detach(), lambda_b, lambda_d, ranks, ps, seeds, bits, merged,
-               keep_u), {}
+        head = (x, weight, bias, lora_A.detach(), lora_B.detach(), lambda_b, lambda_d, ranks, ps, seeds, bits, merged)
+        yield (*head, keep_u, merged), {}
+        if merged:
+            yield (*head, True, False), {}
 
 
 def _vera_backward_examples():
     for args, _ in _vera_examples():
         with torch.no_grad():
-            _, u = vera_linear_op(*args)
-        x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u = args
+            _, u, merged_weight = vera_linear_op(*args)
+        x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u, _ = args
         dy = randn(x.shape[0], weight.shape[0], dtype=x.dtype, seed=63)
-        inputs = [t.detach() for t in (dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u)]
+        x_saved = x.new_empty(0, x.shape[1]) if keep_u else x
+        inputs = [t.detach() for t in (dy, x_saved, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight)]
         yield (*inputs, ranks, ps, seeds, bits, merged, [True, bias is not None, True, True]), {}
 
 
