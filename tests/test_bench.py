@@ -117,6 +117,39 @@ def test_overhead_ratio_and_time_arms_return_positive_finite_numbers():
     assert all(p.grad is None for p in adapted.parameters())  # set to None between runs
 
 
+class _Sleeps(nn.Module):
+    """An arm whose fwd+bwd takes a scripted wall time: it sleeps the next of ``seconds`` (cycled)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds, self.calls = list(seconds), 0
+
+    def forward(self, x):
+        import time
+        time.sleep(self.seconds[self.calls % len(self.seconds)])
+        self.calls += 1
+        return x * 2
+
+
+def test_median_rse_of_known_samples():
+    assert bench.median_rse([1.0, 1.0, 1.0, 1.0]) == 0.0
+    assert bench.median_rse([1.0, 2.0]) == 0.0   # too few to say
+    # median 2, deviations (1, 0, 1, 0) so MAD 0.5, n = 4: 1.8581 * 0.5 / (2 * 2)
+    assert bench.median_rse([1.0, 2.0, 3.0, 2.0]) == pytest.approx(1.8581 * 0.5 / 4)
+
+
+def test_time_arm_samples_adds_rounds_only_while_a_median_is_uncertain():
+    x = randn(4, 3, dtype=torch.float32)
+    # 1 ms / 6 ms alternating: MAD/median ~ 1 whatever the scheduler adds, so rounds run to max_iters
+    noisy = bench.time_arm_samples({"noisy": _Sleeps([1e-3, 6e-3]), "steady": _Sleeps([1e-3])}, x,
+                                   iters=4, warmup=0, max_iters=9)
+    assert {name: len(s) for name, s in noisy.items()} == {"noisy": 9, "steady": 9}
+    fixed = bench.time_arm_samples({"noisy": _Sleeps([1e-3, 6e-3])}, x, iters=4, warmup=0)
+    assert len(fixed["noisy"]) == 4   # no max_iters: exactly iters
+    with pytest.raises(ValueError, match="max_iters"):
+        bench.time_arm_samples({"a": _Sleeps([0.0])}, x, iters=4, max_iters=3)
+
+
 def test_peak_memory_counts_the_allocations_of_forward_and_backward():
     x = randn(64, 32, dtype=torch.float32)
     lin = nn.Linear(32, 48)

@@ -181,7 +181,7 @@ def _reference_output(reference: Callable, x: torch.Tensor) -> torch.Tensor:
 
 def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iters: int = 20,
                  warmup: int = 3, compile: bool = True, compile_backend: str = "inductor",
-                 measures=DEFAULT_MEASURES) -> list[dict]:
+                 measures=DEFAULT_MEASURES, max_iters: Optional[int] = None) -> list[dict]:
     """Rows for one case: one per arm, ``base`` first.  See :func:`run_cases`."""
     unknown = set(measures) - set(MEASURES)
     if unknown:
@@ -205,13 +205,14 @@ def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iter
     by_arm = {row["arm"]: row for row in rows}
 
     if "time" in measures:
-        samples = time_arm_samples(everything, x, iters=iters, warmup=warmup)
+        samples = time_arm_samples(everything, x, iters=iters, warmup=warmup, max_iters=max_iters)
         times = {name: statistics.median(s) for name, s in samples.items()}
         device_times = (device_time_arms(everything, x, iters=min(iters, DEVICE_TIME_ITERS))
                         if device.type == "cuda" else None)
         for name, row in by_arm.items():
             row["time_s"] = times[name]
             row["min_time_s"] = min(samples[name])
+            row["rounds"] = len(samples[name])
             row["ratio"] = times[name] / times["base"]
             if device_times is not None:
                 row["device_time_s"] = device_times[name]
@@ -237,13 +238,16 @@ def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iter
 
 def run_cases(cases: list[Case], d: int, n: int, dtype: torch.dtype, device, iters: int = 20, *,
               warmup: int = 3, compile: bool = True, compile_backend: str = "inductor",
-              measures=DEFAULT_MEASURES, on_error: str = "record", progress=None) -> list[dict]:
+              measures=DEFAULT_MEASURES, on_error: str = "record", progress=None,
+              max_iters: Optional[int] = None) -> list[dict]:
     """Measure every case at one shape; one row per (case, arm), the base arm included.
 
     Row keys: case, family, method, arm, peer (True for another library's arm), d, n, dtype,
     device, config, metrics, and per measure
       "time":  time_s (median fwd+bwd seconds), min_time_s (the fastest run: the cost without the
-               scheduler's interruptions, what host-overhead tables read), ratio (time / base time); on CUDA also
+               scheduler's interruptions, what host-overhead tables read), ratio (time / base time),
+               rounds (timed runs per arm: ``iters``, or up to ``max_iters`` while a median is
+               uncertain, :func:`fastadapt.bench.time_arm_samples`); on CUDA also
                device_time_s and device_ratio (profiler device time, median of
                min(iters, DEVICE_TIME_ITERS) profiled runs);
       "saved": saved_ratio (saved-activation bytes / bytes(x));
@@ -266,8 +270,8 @@ def run_cases(cases: list[Case], d: int, n: int, dtype: torch.dtype, device, ite
         if progress is not None:
             progress(f"{case.name} (d={d}, n={n}, {str(dtype).removeprefix('torch.')}, {device})")
         try:
-            rows += measure_case(case, d, n, dtype, device, iters=iters, warmup=warmup,
-                                 compile=compile, compile_backend=compile_backend, measures=measures)
+            rows += measure_case(case, d, n, dtype, device, iters=iters, warmup=warmup, compile=compile,
+                                 compile_backend=compile_backend, measures=measures, max_iters=max_iters)
         except Exception as exc:
             if on_error == "raise":
                 raise
@@ -340,7 +344,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
         summary["fused_calls"] = sum(r["fused_calls"] for r in counted) if counted else None
         summary["arms"] = {name: {"ms": _ms(r.get("time_s")), "ratio": r.get("ratio"),
                                   "saved_ratio": r.get("saved_ratio"), "peak_bytes": r.get("peak_bytes"),
-                                  "rel_error": r.get("rel_error"), "peer": r.get("peer", False)}
+                                  "rel_error": r.get("rel_error"), "peer": r.get("peer", False),
+                                  "rounds": r.get("rounds")}
                            for name, r in arms.items()}
         summary["metrics"] = first.get("metrics", {})
         summary["error"] = failed["error"] if failed else None

@@ -98,18 +98,37 @@ def _rotations(names: list[str], iters: int):
         yield names[k:] + names[:k]
 
 
+# Rounds added while an arm's median is this uncertain (relative standard error of the median,
+# estimated as 1.253 x 1.4826 x MAD / (median x sqrt(rounds)) for roughly normal samples).
+MEDIAN_RSE_TARGET = 0.01
+
+
+def median_rse(samples: list[float]) -> float:
+    """Estimated relative standard error of the median of ``samples`` (0 for fewer than 3)."""
+    if len(samples) < 3:
+        return 0.0
+    med = statistics.median(samples)
+    mad = statistics.median(abs(s - med) for s in samples)
+    return 1.8581 * mad / (med * len(samples) ** 0.5) if med > 0 else 0.0
+
+
 def time_arm_samples(arms: dict[str, Callable], x: torch.Tensor, *, iters: int = 20,
-                     warmup: int = 3) -> dict[str, list[float]]:
+                     warmup: int = 3, max_iters: int | None = None) -> dict[str, list[float]]:
     """Forward+backward seconds of each arm on ``x``, ``iters`` runs each, interleaved.
 
     Each arm is a callable (usually an nn.Module) mapping ``x`` to one tensor.  ``warmup``
     interleaved rounds run first (this is where torch.compile compiles).  On CUDA every run is
-    preceded by an L2 flush and bracketed by synchronizes.
+    preceded by an L2 flush and bracketed by synchronizes.  With ``max_iters`` > ``iters``, more
+    interleaved rounds follow (iters // 2 at a time, at least 2) while some arm's median is less
+    certain than MEDIAN_RSE_TARGET (:func:`median_rse`), up to ``max_iters`` rounds: noisy cases
+    get more samples, quiet ones cost nothing extra.
     """
     if not arms:
         raise ValueError("arms is empty; pass at least one {name: callable}")
     if iters < 1:
         raise ValueError(f"iters={iters} must be >= 1")
+    if max_iters is not None and max_iters < iters:
+        raise ValueError(f"max_iters={max_iters} must be None or >= iters={iters}")
     x = _leaf_input(x)
     cuda = x.device.type == "cuda"
     grad_out = _GradOut()
@@ -120,17 +139,26 @@ def time_arm_samples(arms: dict[str, Callable], x: torch.Tensor, *, iters: int =
             _step(arms[name], x, grad_out)
             _clear_grads(x, params[name])
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for order in _rotations(names, iters):
-        for name in order:
-            if cuda:
-                flush_l2(x.device)
-                torch.cuda.synchronize(x.device)
-            start = time.perf_counter()
-            _step(arms[name], x, grad_out)
-            if cuda:
-                torch.cuda.synchronize(x.device)
-            samples[name].append(time.perf_counter() - start)
-            _clear_grads(x, params[name])
+
+    def rounds(count: int) -> None:
+        for order in _rotations(names, count):
+            for name in order:
+                if cuda:
+                    flush_l2(x.device)
+                    torch.cuda.synchronize(x.device)
+                start = time.perf_counter()
+                _step(arms[name], x, grad_out)
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+                samples[name].append(time.perf_counter() - start)
+                _clear_grads(x, params[name])
+
+    rounds(iters)
+    done, limit = iters, max_iters or iters
+    while done < limit and max(median_rse(s) for s in samples.values()) > MEDIAN_RSE_TARGET:
+        more = min(max(iters // 2, 2), limit - done)
+        rounds(more)
+        done += more
     return samples
 
 

@@ -6,6 +6,8 @@ is derived from it alone (as are the charts, :mod:`fastadapt.bench.plot`).
 """
 from __future__ import annotations
 
+from .measure import MEDIAN_RSE_TARGET
+
 MiB = 2 ** 20
 
 
@@ -153,7 +155,9 @@ def document_markdown(result: dict) -> str:
     shape = f"x ({cfg['n']}, {cfg['d']}) {cfg['dtype']} on {cfg['device']}"
     if kind == "bench":
         lines = header_lines(result, "fastadapt benchmark")
-        lines += [f"- shape: {shape}, iters {cfg['iters']} (median, interleaved), compile {cfg['compile']}",
+        extended = (f", up to {cfg['max_iters']} while a median's relative standard error exceeds {MEDIAN_RSE_TARGET:.0%}"
+                    if cfg.get("max_iters", cfg["iters"]) > cfg["iters"] else "")
+        lines += [f"- shape: {shape}, iters {cfg['iters']}{extended} (median, interleaved), compile {cfg['compile']}",
                   "- columns: fwd+bwd time / frozen base fwd+bwd time per arm; saved = bytes saved for backward "
                   "(parameters and buffers excluded) / bytes(x); peak = highest allocation above the start during "
                   "fwd+bwd; error vs float64 reference in eval mode; fallbacks = PEFT forwards run instead of the "

@@ -33,6 +33,7 @@ import torch
 
 from .adapters import Adapter, adapter_case, budget_size
 from .cases import Case, run_cases, selected, summary_rows
+from .measure import MEDIAN_RSE_TARGET
 from .report import document_markdown, fmt
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -41,6 +42,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 STANDARD = {"cpu": (1024, 2048, "float32"), "cuda": (4096, 8192, "bfloat16")}
 # --quick: every bridged method at the standard shape in a few minutes (2 CPU cores: < 4 min).
 QUICK_ITERS, QUICK_WARMUP = 10, 2
+# Timed rounds may grow to this multiple of --iters while a median is uncertain (time_arm_samples).
+MAX_ITERS_FACTOR = 2
 # --host-overhead: a shape where the whole step is host time.
 HOST_SHAPE, HOST_ITERS, HOST_WARMUP = (128, 64), 200, 20
 # --sweep: sizes when --sizes is not given (rank: the powers of two among an adapter's sizes).
@@ -317,6 +320,7 @@ def bench_command(args) -> int:
     quick = args.quick or host
     iters = args.iters or (HOST_ITERS if host else QUICK_ITERS if quick else 20)
     warmup = args.warmup if args.warmup is not None else (HOST_WARMUP if host else QUICK_WARMUP if quick else 3)
+    max_iters = _max_iters(args, iters, extend=not host)
     if quick:  # --only narrows the candidates; a group left without a case is reported only without --only
         _check_methods(args, found)
         chosen = [(g, c) for g, c in representatives(selected(found.cases, args.only))
@@ -326,7 +330,7 @@ def bench_command(args) -> int:
     kind = "host_overhead" if host else "bench"
     result = new_document(kind, device, args=args, config={
         "d": d, "n": n, "dtype": str(dtype).removeprefix("torch."), "device": str(device), "iters": iters,
-        "warmup": warmup, "compile": not args.no_compile, "compile_backend": args.compile_backend,
+        "max_iters": max_iters, "warmup": warmup, "compile": not args.no_compile, "compile_backend": args.compile_backend,
         "quick": quick, "only": args.only, "method": args.method})
     if not host:
         from .measure import machine_ceilings
@@ -340,7 +344,8 @@ def bench_command(args) -> int:
                              "error": f"no benchmark case measures the bridged method(s) {list(group)}: add a Case "
                                       "to benchmarks/cases_<family>.py"})
             continue
-        arm_rows += run_cases([case], d, n, dtype, device, iters, warmup=warmup, compile=not args.no_compile,
+        arm_rows += run_cases([case], d, n, dtype, device, iters, warmup=warmup, max_iters=max_iters,
+                              compile=not args.no_compile,
                               compile_backend=args.compile_backend, measures=measures, progress=_progress)
     serves = {case.name: list(group) for group, case in chosen if case is not None}
     result["rows"] = [{**row, "serves": serves.get(row["case"], [row["method"]])} for row in summary_rows(arm_rows)]
@@ -348,6 +353,16 @@ def bench_command(args) -> int:
     stem = ("host_overhead_" if host else "quick_" if quick else "") + _shape_stem(d, n, dtype)
     failed = _report_errors(arm_rows) + (bool(found.errors) and not (args.only or args.method))
     return _finish(result, args, device, stem, failed)
+
+
+def _max_iters(args, iters: int, *, extend: bool) -> int:
+    """--max-iters, else MAX_ITERS_FACTOR x iters where noisy medians may get more rounds (not for
+    --host-overhead, which reads the fastest run)."""
+    if args.max_iters is not None:
+        if args.max_iters < iters:
+            raise SystemExit(f"--max-iters {args.max_iters} must be >= --iters ({iters})")
+        return args.max_iters
+    return MAX_ITERS_FACTOR * iters if extend else iters
 
 
 def sweep_command(args) -> int:
@@ -530,6 +545,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a family, or a prefix of case names (repeatable)")
     parser.add_argument("--iters", type=int, help=f"timed rounds (median; default 20, --quick {QUICK_ITERS}, "
                                                   f"--host-overhead {HOST_ITERS}, --sweep {SWEEP_ITERS})")
+    parser.add_argument("--max-iters", type=int,
+                        help=f"up to this many timed rounds while a median is uncertain (relative standard error "
+                             f"above {MEDIAN_RSE_TARGET * 100:g}%%; default {MAX_ITERS_FACTOR} x iters, --host-overhead: iters)")
     parser.add_argument("--warmup", type=int, help="untimed rounds first (default 3, --quick/--sweep 2, "
                                                    f"--host-overhead {HOST_WARMUP})")
     mode = parser.add_mutually_exclusive_group()
