@@ -9,7 +9,7 @@ fastadapt/ops/butterfly*.py and fastadapt/layers/butterfly.py run them today.
 from __future__ import annotations
 
 from benchmarks.compile_report import FEATURES, ROWS, Variant, mock_tensor
-from benchmarks.roofline import Method, Shape, Step, base_steps, gemm, small
+from benchmarks.roofline import H200, Method, Shape, Step, base_steps, gemm, small
 
 WY_REASON = ("the rank-k projections P = x U and the update (P K) U^T stay IEEE fp32 whatever x's dtype: "
              "2 k FLOPs per element each (k <= 16, memory-bound either way), and P feeds dU and dK, where a "
@@ -84,7 +84,7 @@ def variants() -> dict[str, list[Variant]]:
 
     def householder(n, b, k, transposed_k):
         def build(dtype):
-            tiles = K.householder_tiles(b, k)
+            tiles = K.householder_tiles(b, k, rows=ROWS, blocks=n, sms=H200.sms)
             k_strides = (0, 1, k) if transposed_k else (0, k, 1)   # backward runs K^T (a view)
             args = (mock_tensor(dtype), mock_tensor("float32"), mock_tensor("float32"), mock_tensor(dtype),
                     mock_tensor("float32"), ROWS, b, k, FEATURES, 1, b * k, k, 1, *k_strides, FEATURES, ROWS * k, k)
@@ -93,7 +93,7 @@ def variants() -> dict[str, list[Variant]]:
 
     for label, n, b, k in (("HRA r=8", 1, FEATURES, 8), ("ETHER n=32", 32, FEATURES // 32, 1),
                            ("ETHER+ n=32", 32, FEATURES // 32, 2)):
-        grid = (triton.cdiv(ROWS, K.householder_tiles(b, k)["BLOCK_M"]), n)
+        grid = (triton.cdiv(ROWS, K.householder_tiles(b, k, rows=ROWS, blocks=n, sms=H200.sms)["BLOCK_M"]), n)
         for direction, transposed in (("z = x - (x U K) U^T", False), ("dx = g - (g U K^T) U^T", True)):
             out["_householder_fwd_kernel"].append(Variant(f"{label}: {direction}", householder(n, b, k, transposed),
                                                           grid=grid, standard=True, ieee_reason=WY_REASON))

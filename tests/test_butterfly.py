@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import BOFTConfig, HRAConfig, PeftModel, RoadConfig, get_peft_model
 
 import fastadapt
@@ -159,6 +160,41 @@ def test_rotate_linear_gradcheck_float64(rows, m):
     assert torch.autograd.gradcheck(ops.boft_linear, (x, R, s, W, bias), fast_mode=True)
     theta = randn(m, d // 2, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, t, W: ops.goft_linear(x, t, W), (x, theta, W), fast_mode=True)
+
+
+def _road_linear(x, W, b, f, g):
+    return ops.road_linear_op(x, W, b, f, g, 4)[0]
+
+
+@pytest.mark.parametrize("trains", ["everything", "coefficients", "base"])
+def test_road_linear_gradcheck_float64(trains, monkeypatch):
+    """RoAd's fused linear op (dx = dy (R W), dW = R^T dy^T x, db = R^T sum_rows dy, df and dg from
+    dy and h) over several row steps of the torch path (7 rows, steps of 3), a strided x; the
+    coefficients trainable (h saved), the base trainable (x saved), or both."""
+    monkeypatch.setattr(ops, "_ROAD_ROWS", 3)
+    base, coefficients = trains != "coefficients", trains != "base"
+    x = noncontig(randn(7, 10, seed=1)).requires_grad_()
+    W, b = randn(12, 10, seed=2, requires_grad=base), randn(12, seed=3, requires_grad=base)
+    f, g = randn(12, seed=4, requires_grad=coefficients), randn(12, seed=5, requires_grad=coefficients)
+    assert torch.autograd.gradcheck(_road_linear, (x, W, b, f, g))
+    assert torch.autograd.gradcheck(lambda x, W, f, g: _road_linear(x, W, None, f, g), (x, W, f, g))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_road_linear_half_base_over_row_steps_against_float64(dtype, monkeypatch):
+    """A half base with float32 f, g: the torch path's float32 tiles (rounded once into h's dtype
+    per step of 4 rows, a short last step) and the gradients against float64 of the same inputs."""
+    monkeypatch.setattr(ops, "_ROAD_ROWS", 4)
+    x, W, b = randn(11, 16, seed=6).to(dtype), randn(8, 16, seed=7).to(dtype), randn(8, seed=8).to(dtype)
+    f, g = randn(8, seed=9, dtype=F32), randn(8, seed=10, dtype=F32)
+    params = [W.requires_grad_(), b.requires_grad_(), f.requires_grad_(), g.requires_grad_()]
+    y, grads = _grads(lambda x: _road_linear(x, W, b, f, g), x, params)
+    params64 = [t.detach().double().requires_grad_() for t in params]
+    y64, grads64 = _grads(lambda x: ref_road(F.linear(x, *params64[:2]), *params64[2:], 4), x.double(), params64)
+    assert y.dtype == dtype
+    assert_rel_close(y, y64, dtype, scale=2.0, name="y")
+    for name, a, e in zip(("x", "W", "b", "f", "g"), grads, grads64):
+        assert_rel_close(a, e, dtype, scale=2.0, name=f"d{name}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -522,6 +558,18 @@ def test_triton_road_kernels_against_float64(dtype, group_size, device):
     assert_rel_close(dg, dg64, F32, name="dg")
     assert kernels.road_backward(dy.to(device), h.to(device), f.float().to(device), g.float().to(device),
                                  group_size, False)[0] is None
+
+
+@triton_missing
+def test_householder_rows_per_program_fill_the_sms():
+    """64 rows per program unless that starts fewer programs than the GPU has SMs: HRA's single
+    block at N = 8192 on 132 SMs takes 32 rows (256 programs, not 128), ETHER's 32 blocks keep 64,
+    a short input stops at 16; the interpreter always runs 16."""
+    from fastadapt.triton_kernels import butterfly as kernels
+    rows_per_program = {(rows, blocks): kernels.householder_tiles(64, 8, rows=rows, blocks=blocks, sms=132)["BLOCK_M"]
+                        for rows, blocks in ((8192, 1), (8192, 32), (100, 1), (8448, 1))}
+    assert rows_per_program == {(8192, 1): 32, (8192, 32): 64, (100, 1): 16, (8448, 1): 64}
+    assert kernels.householder_tiles(64, 8, True, rows=8192, sms=132)["BLOCK_M"] == 16
 
 
 def ref_road(h, f, g, group_size):

@@ -39,6 +39,8 @@ float32.  The interpreter runs fixed small tiles.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -357,10 +359,30 @@ def butterfly_pass_grad(x: torch.Tensor, g: torch.Tensor, geometry, splits: int 
     return partial.sum(0)
 
 
-def householder_tiles(b: int, k: int, interpreted: bool = False) -> dict:
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 in the interpreter (programs run one by one)."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def householder_tiles(b: int, k: int, interpreted: bool = False, *, rows: int = 0, blocks: int = 1,
+                      sms: int = 1) -> dict:
     """Tiles of the compact-WY kernel (shared with benchmarks/compile_butterfly.py): the rank padded
-    to a power of two >= 16, column chunks of up to 64 features, 64 rows (16 in the interpreter)."""
-    return {"BLOCK_M": 16 if interpreted else 64, "BLOCK_B": min(64, block_r(b)), "BLOCK_R": block_r(k),
+    to a power of two >= 16, column chunks of up to 64 features; 64 rows per program, halved (to
+    no fewer than 16) while the launch of ``rows`` rows x ``blocks`` feature blocks would start
+    fewer programs than the GPU's ``sms`` (HRA's one block at N = 8192: 128 programs of 64 rows
+    would leave 4 of the H200's 132 SMs idle for the whole pass; 32 rows give 256); 16 rows in the
+    interpreter."""
+    block_m = 64
+    while block_m > 16 and triton.cdiv(rows, block_m) * blocks < sms:
+        block_m //= 2
+    return {"BLOCK_M": 16 if interpreted else block_m, "BLOCK_B": min(64, block_r(b)), "BLOCK_R": block_r(k),
             "num_warps": 4}
 
 
@@ -377,7 +399,7 @@ def householder_forward(x: torch.Tensor, U: torch.Tensor, K: torch.Tensor) -> tu
         raise ValueError(f"U {tuple(U.shape)} and K {tuple(K.shape)} do not fit x {tuple(x.shape)}")
     z = torch.empty(N, n * b, dtype=x.dtype, device=x.device)
     P = torch.empty(n, N, k, dtype=torch.float32, device=x.device)
-    tiles = householder_tiles(b, k, _interpreted(x))
+    tiles = householder_tiles(b, k, _interpreted(x), rows=N, blocks=n, sms=_sms(x.device))
     _householder_fwd_kernel[(triton.cdiv(N, tiles["BLOCK_M"]), n)](
         x, U, K, z, P, N, b, k, x.stride(0), x.stride(1), U.stride(0), U.stride(1), U.stride(2),
         0 if K.shape[0] == 1 else K.stride(0), K.stride(1), K.stride(2), z.stride(0), P.stride(0), P.stride(1),
