@@ -166,11 +166,14 @@ def _road_linear(x, W, b, f, g):
     return ops.road_linear_op(x, W, b, f, g, 4)[0]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("trains", ["everything", "coefficients", "base"])
-def test_road_linear_gradcheck_float64(trains, monkeypatch):
-    """RoAd's fused linear op (dx = dy (R W), dW = R^T dy^T x, db = R^T sum_rows dy, df and dg from
-    dy and h) over several row steps of the torch path (7 rows, steps of 3), a strided x; the
-    coefficients trainable (h saved), the base trainable (x saved), or both."""
+def test_road_linear_gradcheck_float64(trains, backend, monkeypatch):
+    """RoAd's fused linear op over several row steps of the torch path (7 rows, steps of 3), a
+    strided x; the coefficients trainable (h saved), the base trainable (x saved), or both.  torch:
+    dx = dy (R W), dW = R^T dy^T x, db = R^T sum_rows dy; triton (float64 runs its torch
+    primitives): dh formed, dx = dh W, dW = dh^T x, db = sum_rows dh while f, g train."""
+    monkeypatch.setenv("FASTADAPT_BACKEND", backend)
     monkeypatch.setattr(ops, "_ROAD_ROWS", 3)
     base, coefficients = trains != "coefficients", trains != "base"
     x = noncontig(randn(7, 10, seed=1)).requires_grad_()

@@ -33,9 +33,10 @@ kernel and a backward op):
     Saved: h (the base output) only.  Backward: dh_a = f_a dy_a + g_b dy_b,
     dh_b = f_b dy_b - g_a dy_a, df = sum_rows dy o h, dg_a = -sum dy_a h_b, dg_b = sum dy_b h_a.
 ``road_linear(x, W, b, f, g, group_size)``: RoAd's layer, h = x W^T + b and y = road_rotate(h).
-    Saved: h while f or g trains (for df, dg), x only while W trains.  Backward never forms dh:
-    with y = h R^T, dx = dy (R W) (the pair rotation applied to W's rows: out x in numbers instead
-    of an N x out pass), dW = R^T (dy^T x), db = R^T sum_rows dy, and df, dg as road_rotate's.
+    Saved: h while f or g trains (for df, dg), x only while W trains.  Backward on the torch path
+    never forms dh: with y = h R^T, dx = dy (R W) (the pair rotation applied to W's rows: out x in
+    numbers instead of an N x out pass), dW = R^T (dy^T x), db = R^T sum_rows dy, and df, dg as
+    road_rotate's; the Triton path writes dh in its df, dg pass and runs dx = dh W.
 
 Every op computes in float32 for float16 / bfloat16 / float32 inputs (float64 in float64): the
 small adapter tensors (pass blocks, U, K, f, g) come in that accumulation dtype, the activations
@@ -473,21 +474,28 @@ def _(x, weight, bias, f, g, group_size):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _road_linear_backward(rotate_backward, grad: Tensor, x: Tensor, weight: Tensor, h: Tensor, f: Tensor, g: Tensor,
-                          group_size: int, need_x: bool, need_weight: bool, need_bias: bool,
+def _road_linear_backward(rotate_backward, fold: bool, grad: Tensor, x: Tensor, weight: Tensor, h: Tensor, f: Tensor,
+                          g: Tensor, group_size: int, need_x: bool, need_weight: bool, need_bias: bool,
                           need_coefficients: bool) -> list[Tensor]:
-    """[dx, dW, db, df, dg] of road_linear (empty where not needed), with R the rotation
-    (y = h R^T along the features): dx = dy (R W) (the rotation on W's rows: out x in numbers,
-    no pass over an N x out dh), dW = R^T (dy^T x), db = R^T sum_rows dy; df, dg from dy and h
-    through ``rotate_backward`` (road_rotate_backward's implementation, dh not formed)."""
+    """[dx, dW, db, df, dg] of road_linear (empty where not needed), with R the rotation (y = h R^T
+    along the features); df, dg from dy and h through ``rotate_backward`` (road_rotate_backward's
+    implementation).  ``fold`` (the torch path, and any path while f and g are frozen): dh is never
+    formed, dx = dy (R W) (the rotation on W's rows: out x in numbers instead of an N x out pass),
+    dW = R^T (dy^T x), db = R^T sum_rows dy.  Otherwise (Triton: the df, dg kernel writes dh in the
+    same pass over dy and h, and the GEMM reads dh instead of dy; R W would move as many bytes as
+    dh at the GPU shapes, where out x in ~ N x out / 2) dx = dh W, dW = dh^T x, db = sum_rows dh."""
     empty = x.new_empty(0)
-    dx = grad @ _road_pairs(weight, f, g, group_size, False).to(weight.dtype) if need_x else empty
-    dW = _road_pairs(grad.T @ x, f, g, group_size, True).to(weight.dtype) if need_weight else empty
-    db = _road_pairs(grad.sum(0, dtype=f.dtype)[:, None], f, g, group_size, True)[:, 0] if need_bias else empty
-    df = dg = empty
-    if need_coefficients:
-        _, df, dg = rotate_backward(grad, h, f, g, group_size, False)
-    return [dx, dW, db, df, dg]
+    if fold or not need_coefficients:   # without the coefficients' gradients h is not saved
+        dx = grad @ _road_pairs(weight, f, g, group_size, False).to(weight.dtype) if need_x else empty
+        dW = _road_pairs(grad.T @ x, f, g, group_size, True).to(weight.dtype) if need_weight else empty
+        db = _road_pairs(grad.sum(0, dtype=f.dtype)[:, None], f, g, group_size, True)[:, 0] if need_bias else empty
+        df = dg = empty
+        if need_coefficients:
+            _, df, dg = rotate_backward(grad, h, f, g, group_size, False)
+        return [dx, dW, db, df, dg]
+    dh, df, dg = rotate_backward(grad, h, f, g, group_size, True)
+    return [dh @ weight if need_x else empty, dh.T @ x if need_weight else empty,
+            dh.sum(0, dtype=f.dtype) if need_bias else empty, df, dg]
 
 
 @fused_op("road_linear_backward", autocast=False)
@@ -496,14 +504,14 @@ def road_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, h: Tensor, 
                             need_coefficients: bool) -> list[Tensor]:
     """[dx, dW, db (f's dtype), df, dg] of road_linear; x is empty unless need_weight, h unless
     need_coefficients."""
-    return _road_linear_backward(_road_backward_torch, grad, x, weight, h, f, g, group_size, need_x, need_weight,
-                                 need_bias, need_coefficients)
+    return _road_linear_backward(_road_backward_torch, True, grad, x, weight, h, f, g, group_size, need_x,
+                                 need_weight, need_bias, need_coefficients)
 
 
 @road_linear_backward_op.impl("triton")
 def _(grad, x, weight, h, f, g, group_size, need_x, need_weight, need_bias, need_coefficients):
-    return _road_linear_backward(_road_backward_triton, grad, x, weight, h, f, g, group_size, need_x, need_weight,
-                                 need_bias, need_coefficients)
+    return _road_linear_backward(_road_backward_triton, False, grad, x, weight, h, f,
+                                 g, group_size, need_x, need_weight, need_bias, need_coefficients)
 
 
 @road_linear_backward_op.fake
