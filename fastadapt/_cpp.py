@@ -5,7 +5,10 @@ Nothing is compiled at import.  The first op that asks for ``extension()`` trigg
 ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, and rebuilt only when a source or a
 flag changes; concurrent processes wait on torch's lock file in that directory).  A missing
 compiler or ninja degrades to the torch path with a single warning, never an import error.
-Sources: every ``*.cpp`` in the installed ``fastadapt/csrc`` package directory.
+Sources: every ``*.cpp`` in the installed ``fastadapt/csrc`` package directory, one module: the
+pybind functions of csrc/dropout.cpp (``extension().seeded_dropout``, ...) and the ops other files
+register with TORCH_LIBRARY (csrc/sampled_product.cpp: ``torch.ops.fastadapt_cpu.sampled_product``,
+reachable once ``extension()`` has loaded the module).
 
 Flags: -O3; -ffp-contract=off (no fused multiply-add where the Triton kernels round a product
 before adding it: the C++ ops promise the same bits); -fno-trapping-math (changes no value; lets
@@ -13,7 +16,8 @@ the compiler turn ``keep ? x * scale : 0`` into a vector select instead of a bra
 -fopenmp where torch's own parallel backend is OpenMP (at::parallel_for is a header template that
 runs serially without it).  Instruction sets: csrc/philox_avx512.cpp and philox_avx2.cpp are
 compiled for theirs by pragma and picked at run time from the CPU's flags, so one build runs on
-any x86-64 CPU.
+any x86-64 CPU (csrc/sampled_product.cpp does the same for its AVX2 section, between push_options
+and pop_options).
 """
 from __future__ import annotations
 

@@ -18,7 +18,10 @@ tensors (2 K + out of them: K = r (in + out), 3 % of bytes(x) at r = 16, d = 102
 parameters.
 
 On the Triton path the K dot products run in fastadapt.triton_kernels.lowrank's sampled-product
-kernel (float32 partial sums over token chunks).
+kernel (float32 partial sums over token chunks); on the CPU, where csrc/ builds, in the C++ op
+``torch.ops.fastadapt_cpu.sampled_product`` (csrc/sampled_product.cpp: token chunks transposed into
+L2-sized buffers, 8 positions of a row per load of dY's vector, AVX2; its result does not depend on
+the thread count), else by ``torch.sparse.sampled_addmm``.
 
 The CSR plan of the positions (``shira_plan``: a stable sort of the flat positions, row pointers by
 searchsorted; static shapes, no host read) is built per call; the range check (``check_indices``,
@@ -139,6 +142,14 @@ def shira_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, shira_weight
     """[dx, db, dw] of ``shira_linear`` (``needs``: which of them; the others are empty)."""
     return _backward(dy, x, weight, shira_weight, scaling, crow, ccol, order, needs,
                      lambda: sampled_product(dy, x, crow, ccol))
+
+
+@shira_linear_backward_op.impl("cpp")
+def _(dy, x, weight, shira_weight, scaling, crow, ccol, order, needs):
+    from .. import _cpp
+    _cpp.extension()   # loads csrc/, which registers torch.ops.fastadapt_cpu
+    return _backward(dy, x, weight, shira_weight, scaling, crow, ccol, order, needs,
+                     lambda: torch.ops.fastadapt_cpu.sampled_product(dy, x, crow, ccol))
 
 
 @shira_linear_backward_op.impl("triton")
