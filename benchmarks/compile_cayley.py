@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from benchmarks.compile_report import FEATURES, FLOAT_DTYPES, HALF_DTYPES, ROWS, Variant, mock_tensor
-from benchmarks.roofline import Method, Shape, Step, base_steps, gemm, small
+from benchmarks.roofline import ACHIEVABLE, H200, Method, Shape, Step, base_steps, gemm, small
 
 TILE_REASON = ("b x b tiles in fp32 whatever the parameter dtype (R orthogonal to fp32 rounding); "
                "parameter-sized: d / b programs of O(b^3), independent of the tokens")
@@ -18,6 +18,45 @@ TILE_SPILL = ("IEEE fp32 (B, B) tile products at B >= 64: 3-4 live fp32 tiles pe
               "32 registers and a stack.  Parameter-sized (d / b programs, independent of N).  To remove: the "
               "b >= 64 products on tensor cores (tf32x3 / bf16x3 splits: the b = 128 programs then need > 227 KB "
               "of shared memory) or split over K; the GPU run's benchmarks/cayley_solvers.py times them first")
+# Work per block of each Cayley launch as the kernels run it: (FLOPs in units of one b x b x b product,
+# 2 b^3; the dependent chain that keeps a block in one program).  Newton-Schulz: per iteration (its
+# count depends on ||Q||: 3 at ||Q||_2 ~ 0.5, module docstring of triton_kernels/cayley.py).
+BLOCK_WORK = {
+    "exact elimination": (2, "b pivots, each a rank-1 update of two tiles that needs the previous pivot's"),
+    "exact newton_schulz": (2, "per iteration 2 tile products, each needing the previous"),
+    "neumann 5": (3, "3 chained tile products (Q^2, Q^3, Q^4)"),
+    "exact": (2, "2 chained tile products (N^T G, then times N^T) and the skew adjoint dQ - dQ^T, which "
+                 "pairs entry (r, c) with (c, r)"),
+    "neumann 5 (closed form)": (5, "5 tile products in 3 dependent rounds and the skew adjoint"),
+    "neumann 7 (Horner)": (15, "5 Horner steps of 3 tile products, each step needing the previous"),
+}
+
+
+def block_launch_reason(b: int, what: str) -> str:
+    """Why a Cayley launch keeps one program per b x b block (d / b programs), with the microseconds
+    at stake: the block's FFMA work on one SM each against the same work spread over all the SMs
+    (the roofline's achievable fp32 rate); elimination: its b dependent pivots set a latency floor."""
+    n = FEATURES // b
+    products, chain = BLOCK_WORK[what]
+    flops = products * 2.0 * b ** 3
+    rate = H200.fp32_flops * ACHIEVABLE.fp32
+    on_blocks, spread = flops / (rate / H200.sms), n * flops / rate
+    per = " per iteration" if "newton" in what else ""
+    text = (f"one program per {b} x {b} rotation block ({n} at d = {FEATURES}): {chain}; splitting a block over "
+            f"programs needs its intermediate tiles exchanged between programs at every dependent step (a launch "
+            f"each) or recomputed in each; {flops / 1e6:.2f} MFLOP per block{per}: "
+            f"{on_blocks * 1e6:.2f} us on {n} SMs vs {spread * 1e6:.2f} us spread over {H200.sms} (fp32 FFMA at the "
+            f"roofline's achievable rate): {(on_blocks - spread) * 1e6:.2f} us at stake{per}")
+    if what == "exact elimination":
+        text += (f"; latency-bound anyway: {b} pivots x {ELIMINATION_STEP_S * 1e6:.1f} us = "
+                 f"{b * ELIMINATION_STEP_S * 1e6:.1f} us whatever the SM count")
+    elif on_blocks - spread < H200.launch_gap_s:
+        text += f", under the {H200.launch_gap_s * 1e6:.0f} us launch gap"
+    else:
+        text += "; the b >= 64 fp32 tiles spill too (accepted_spill): benchmarks/cayley_solvers.py times them first"
+    return text
+
+
 HORNER_SPILL = ("Neumann k != 5 only (PEFT's default k = 5 runs the closed form): the Horner step keeps S, dQ, "
                 "G and P live; parameter-sized")
 
@@ -91,21 +130,27 @@ def variants() -> dict[str, list[Variant]]:
         dtypes, extra = (FLOAT_DTYPES, ()) if b <= 32 else (("float32",), HALF_DTYPES)
         tiles = dict(grid=(FEATURES // b,), scope="parameters", ieee_reason=TILE_REASON)
         spill = {t: TILE_SPILL for t in FLOAT_DTYPES} if b >= 64 else None
+        def launch(what):
+            return block_launch_reason(b, what) if FEATURES // b < H200.sms else ""
         for solver in C.EXACT_SOLVERS:
             out["_cayley_fwd_kernel"].append(Variant(
                 f"b={b} exact {solver}", fwd(b, 0, solver), dtypes, extra, **tiles,
                 standard=b in (32, 128) and solver == C.DEFAULT_EXACT_SOLVER,
-                accepted_spill=spill if solver == "newton_schulz" else None))
+                accepted_spill=spill if solver == "newton_schulz" else None, accepted_launch=launch(f"exact {solver}")))
         out["_cayley_fwd_kernel"].append(Variant(f"b={b} neumann 5", fwd(b, 5, C.DEFAULT_EXACT_SOLVER), dtypes, extra,
-                                                 **tiles, standard=b in (32, 128), accepted_spill=spill))
+                                                 **tiles, standard=b in (32, 128), accepted_spill=spill,
+                                                 accepted_launch=launch("neumann 5")))
         out["_cayley_bwd_kernel"].append(Variant(f"b={b} exact", bwd(b, 0), dtypes, extra, **tiles,   # 2 products
-                                                 standard=b in (32, 128), accepted_spill=spill if b >= 128 else None))
+                                                 standard=b in (32, 128), accepted_spill=spill if b >= 128 else None,
+                                                 accepted_launch=launch("exact")))
         out["_cayley_bwd_kernel"].append(Variant(f"b={b} neumann 5 (closed form)", bwd(b, 5), dtypes, extra, **tiles,
-                                                 standard=b in (32, 128), accepted_spill=spill))
+                                                 standard=b in (32, 128), accepted_spill=spill,
+                                                 accepted_launch=launch("neumann 5 (closed form)")))
         horner = (dtypes, extra) if b <= 64 else ((), FLOAT_DTYPES)   # PEFT's default is 5 terms
         horner_spill = {t: TILE_SPILL if b >= 64 else HORNER_SPILL for t in FLOAT_DTYPES} if b >= 32 else None
         out["_cayley_bwd_kernel"].append(Variant(f"b={b} neumann 7 (Horner)", bwd(b, 7), *horner, **tiles,
-                                                 accepted_spill=horner_spill))
+                                                 accepted_spill=horner_spill,
+                                                 accepted_launch=launch("neumann 7 (Horner)")))
     for b in (32, 128):
         grid = rotate_grid(b)
         out["_block_rotate_fwd_kernel"].append(Variant(f"b={b} y = x R", rotate(b, False), grid=grid, standard=True))
@@ -119,14 +164,32 @@ def variants() -> dict[str, list[Variant]]:
         out["_block_rotate_bwd_weight_kernel"].append(Variant(f"b={b} dR", build, grid=grid, standard=True))
     for r in (32, 128):
         grid = (-(-ROWS // C.svd_core_tiles(r)["BLOCK_M"]),)
+        launch = svd_core_launch_reason(r) if grid[0] < H200.sms else ""
         out["_svd_core_fwd_kernel"].append(Variant(
             f"r={r}", svd_core(r), grid=grid, standard=r == 32,
             ieee_reason="the r x r core product u = z C^T stays IEEE fp32 on the fp32 accumulator z "
-                        "(2 N r^2 FLOPs: r / d of z = x A^T's)"))
+                        "(2 N r^2 FLOPs: r / d of z = x A^T's)", accepted_launch=launch))
         out["_svd_core_fwd_kernel"].append(Variant(
             f"r={r}, float32 A and C split in two half products", svd_core(r, split=True), HALF_DTYPES, grid=grid,
-            standard=r == 32, ieee_reason="u = z C^T on the fp32 z, as above"))
+            standard=r == 32, ieee_reason="u = z C^T on the fp32 z, as above", accepted_launch=launch))
     return out
+
+
+def svd_core_launch_reason(r: int, elem: int = 2) -> str:
+    """Why svd_core keeps its row tiles when N / BLOCK_M is just under the SMs (128 of 132 at the
+    standard shape): the microseconds the idle SMs can cost against the L2 reads halving the tile adds."""
+    from fastadapt.triton_kernels import cayley as C
+    block_m = C.svd_core_tiles(r)["BLOCK_M"]
+    programs = -(-ROWS // block_m)
+    x_bytes = ROWS * FEATURES * elem
+    floor = x_bytes / H200.hbm_bytes_per_s
+    a_reads = programs * C.svd_core_tiles(r)["BLOCK_R"] * FEATURES * elem
+    return (f"{block_m}-row tiles: {programs} programs, {H200.sms - programs} of {H200.sms} SMs idle; the pass streams "
+            f"x ({x_bytes / 2 ** 20:.0f} MiB: {floor * 1e6:.1f} us at 4.8 TB/s), so at most "
+            f"{(H200.sms - programs) / H200.sms:.0%} of it, {floor * (H200.sms - programs) / H200.sms * 1e6:.2f} us, "
+            f"is at stake; {block_m // 2}-row tiles ({2 * programs} programs) would double A's reads from L2 "
+            f"(every program reads all of A: {a_reads / 2 ** 20:.0f} -> {2 * a_reads / 2 ** 20:.0f} MiB beside x's "
+            f"{x_bytes / 2 ** 20:.0f} MiB), and a split over K needs z whole before u = z C^T (a second launch)")
 
 
 # --------------------------------------------------------------------------------------------

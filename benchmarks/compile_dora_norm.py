@@ -7,48 +7,95 @@ fused GEMM and the float32 products are lowrank_gemm.py's, the Philox masks drop
 """
 from __future__ import annotations
 
+import torch
 import triton
 
 from benchmarks.compile_lowrank_gemm import RANK, float32_matmul_steps, fused_gemm_step
 from benchmarks.compile_report import FEATURES, HALF_DTYPES, ROWS, Variant, mock_tensor
-from benchmarks.roofline import Method, Shape, Step, gemm, small
+from benchmarks.roofline import H200, Method, Shape, Step, gemm, small
 
+CUDA = torch.device("cuda")   # the launchers' tiles for a GPU (a device object only: no GPU is needed)
 GPU_TARGET = 1.15       # DESIGN section 7: DoRA r=16 GPU bf16 <= 1.15 (dropout: physical floor 2.0)
+
+
+def norm_launch(out_features: int, in_features: int, sms: int = H200.sms) -> dict:
+    """The norm launcher's tiles and split-K at a shape on a GPU of ``sms`` SMs."""
+    from fastadapt.triton_kernels import dora_norm as K
+    block_m, block_k = K.norm_tiles(CUDA)
+    row_blocks = triton.cdiv(out_features, block_m)
+    k_per_split, splits = K.split_extent(in_features, K.fill_splits(row_blocks, sms, triton.cdiv(in_features, block_k)),
+                                         block_k)
+    return dict(block_m=block_m, block_k=block_k, row_blocks=row_blocks, k_per_split=k_per_split, splits=splits)
+
+
+def row_pass_launch(n: int, out_features: int, sms: int = H200.sms) -> dict:
+    """The row pass launcher's tiles and column split at a shape on a GPU of ``sms`` SMs."""
+    from fastadapt.triton_kernels import dora_norm as K
+    block_n, block_o, warps = K.row_pass_tiles(CUDA)
+    n_blocks = triton.cdiv(n, block_n)
+    o_per_split, splits = K.split_extent(out_features, K.fill_splits(n_blocks, sms, triton.cdiv(out_features, block_o)),
+                                         block_o)
+    return dict(block_n=block_n, block_o=block_o, num_warps=warps, n_blocks=n_blocks, o_per_split=o_per_split,
+                splits=splits)
 
 
 def variants() -> dict[str, list[Variant]]:
     from fastadapt.triton_kernels import _tiles as T
-    out = {"_dora_norm_fwd_kernel": [], "_dora_dy_row_pass_kernel": []}
+    from fastadapt.triton_kernels import dora_norm as K
+    out = {"_dora_norm_fwd_kernel": [], "_dora_norm_finish_kernel": [], "_dora_dy_row_pass_kernel": []}
     f = mock_tensor
+    norm_at = norm_launch(FEATURES, FEATURES)
+    rows_at = row_pass_launch(ROWS, FEATURES)
 
     def norm(r, has_wsq):
         def build(dtype):
             args = (f(dtype), f(dtype), f(dtype), f("float32"), f("float32"), f("float32"), FEATURES, FEATURES, r,
-                    FEATURES, 1, FEATURES, 1, r, 1, 2.0, 1e-12)
-            return args, dict(HAS_WSQ=has_wsq, DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
-                              BLOCK_M=64, BLOCK_K=64, BLOCK_R=T.block_r(r))
+                    norm_at["k_per_split"], FEATURES, 1, FEATURES, 1, r, 1, 2.0, 1e-12)
+            return args, dict(HAS_WSQ=has_wsq, FINISH=norm_at["splits"] == 1,
+                              DOT_PRECISION="ieee" if dtype == "float32" else "tf32",
+                              BLOCK_M=norm_at["block_m"], BLOCK_K=norm_at["block_k"], BLOCK_R=T.block_r(r))
+        return build
+
+    def finish(has_wsq):
+        def build(dtype):
+            args = (f("float32"), f("float32"), f("float32"), f("float32"), FEATURES, norm_at["splits"], 2.0, 1e-12)
+            return args, dict(HAS_WSQ=has_wsq, BLOCK=K.FINISH_BLOCK)
         return build
 
     def row_pass(r, mixed):
         def build(dtype):
             compute = "float32" if mixed else dtype     # u, b_scaled, v: float32 adapter on a half dY
-            args = (f(dtype), f(compute), f(compute), f(dtype), f(compute), f("float32"), f("float32"),
-                    ROWS, FEATURES, r, FEATURES, 1, r, 1, r, 1, FEATURES, 1)
-            return args, dict(IEEE=compute == "float32", UPCAST=compute != dtype, BLOCK_N=128, BLOCK_O=32,
-                              BLOCK_R=T.block_r(r), num_warps=8)
+            v = "float32" if rows_at["splits"] > 1 else compute   # several column slabs: a float32 v partial
+            args = (f(dtype), f(compute), f(compute), f(dtype), f(v), f("float32"), f("float32"),
+                    ROWS, FEATURES, r, rows_at["o_per_split"], FEATURES, 1, r, 1, r, 1, FEATURES, 1)
+            return args, dict(IEEE=compute == "float32", UPCAST=compute != dtype, BLOCK_N=rows_at["block_n"],
+                              BLOCK_O=rows_at["block_o"], BLOCK_R=T.block_r(r), num_warps=rows_at["num_warps"])
         return build
 
+    norm_grid = (norm_at["row_blocks"], norm_at["splits"])
+    norm_tile = f"{norm_at['block_m']}x{norm_at['block_k']}, {norm_at['splits']} K slabs"
     for r in (16, 128):
         for has_wsq in (False, True):   # W is frozen: the first call computes ||W||^2, later calls load it
             out["_dora_norm_fwd_kernel"].append(Variant(
-                f"r={r} {'cached' if has_wsq else 'computed'} W row norms", norm(r, has_wsq),
-                grid=(triton.cdiv(FEATURES, 64),), scope="parameters", standard=r == RANK))
-    row_grid = (triton.cdiv(ROWS, 128),)
+                f"r={r} {'cached' if has_wsq else 'computed'} W row norms, {norm_tile}", norm(r, has_wsq),
+                grid=norm_grid, scope="parameters", standard=r == RANK))
+    finish_programs = triton.cdiv(FEATURES, K.FINISH_BLOCK)
+    for has_wsq in (False, True):
+        out["_dora_norm_finish_kernel"].append(Variant(
+            f"{norm_at['splits']} partials, {'cached' if has_wsq else 'computed'} W row norms", finish(has_wsq),
+            ("float32",), grid=(finish_programs,), scope="parameters", standard=True,
+            accepted_launch=f"sums the {norm_at['splits']} x {FEATURES} float32 partial row sums and reads q "
+                            f"(and the cached W row norms), writes n: <= {(norm_at['splits'] + 3) * FEATURES * 4 // 1024} KiB, "
+                            f"{(norm_at['splits'] + 3) * FEATURES * 4 / H200.hbm_bytes_per_s * 1e6:.2f} us at 4.8 TB/s "
+                            f"on all SMs: the launch itself ({H200.launch_gap_s * 1e6:.0f} us gap) is the cost, "
+                            f"not the {finish_programs} programs of {K.FINISH_BLOCK} rows"))
+    rows_grid = (rows_at["n_blocks"], rows_at["splits"])
+    rows_tile = f"{rows_at['block_n']}x{rows_at['block_o']} w{rows_at['num_warps']}, {rows_at['splits']} column slabs"
     for r in (RANK, 64):
-        out["_dora_dy_row_pass_kernel"].append(Variant(f"r={r} 128x32 w8", row_pass(r, False), grid=row_grid,
+        out["_dora_dy_row_pass_kernel"].append(Variant(f"r={r} {rows_tile}", row_pass(r, False), grid=rows_grid,
                                                        standard=r == RANK))
     out["_dora_dy_row_pass_kernel"].append(Variant(
-        f"r={RANK} 128x32 w8 mixed (fp32 u, b_s)", row_pass(RANK, True), HALF_DTYPES, grid=row_grid, standard=True,
+        f"r={RANK} {rows_tile} mixed (fp32 u, b_s)", row_pass(RANK, True), HALF_DTYPES, grid=rows_grid, standard=True,
         ieee_reason="PEFT's float32 adapter: v = dY (s g o B) and u^T dY in fp32, as PEFT computes them from "
                     "dY.to(float32) (4 N d r FLOPs)"))
     return out
@@ -58,25 +105,37 @@ def variants() -> dict[str, list[Variant]]:
 # roofline: what each benchmark case launches on the GPU path (r = 16, bias-free base)
 
 def _row_pass(s: Shape, mixed: bool, r: int = RANK) -> list[Step]:
-    """v = dY b_s, P = u^T dY, colsum(dY o y_pre) from one read of dY (and y_pre), 128 rows per program."""
+    """v = dY b_s, P = u^T dY, colsum(dY o y_pre) from one read of dY (and y_pre), 128 rows per program
+    and the columns in as many slabs as fill the SMs (each slab's v share a float32 partial)."""
     e, lr = s.elem, 4 if mixed else s.elem
-    blocks = triton.cdiv(s.n, 128)
-    partial = blocks * (r + 1) * s.d_out * 4
+    at = row_pass_launch(s.n, s.d_out)
+    partial = at["n_blocks"] * (r + 1) * s.d_out * 4
+    v_partial = at["splits"] * s.n * r * 4 if at["splits"] > 1 else 0
     flops = 2 * 2.0 * s.n * s.d_out * r
-    return [Step("row pass: v, u^T dY, colsum(dY o y_pre)", 2 * s.n * s.d_out * e + 2 * s.n * r * lr + partial,
+    sums = 5 + (0 if at["splits"] == 1 else 1 if mixed else 2)   # + v.sum(0) (and its cast to a half u)
+    return [Step(f"row pass: v, u^T dY, colsum(dY o y_pre) ({at['splits']} column slabs)",
+                 2 * s.n * s.d_out * e + 2 * s.n * r * lr + partial + v_partial,
                  tensor_flops=0.0 if mixed else flops, fp32_flops=flops if mixed else 0.0,
-                 kernel="_dora_dy_row_pass_kernel", programs=blocks),
-            small("sum the row-pass partials, dB, dm", 5, partial + 2 * r * s.d_out * 4)]
+                 kernel="_dora_dy_row_pass_kernel", programs=at["n_blocks"] * at["splits"]),
+            small("sum the row-pass partials, dB, dm", sums, partial + v_partial + 2 * r * s.d_out * 4)]
 
 
 def _norm(s: Shape, mixed: bool, r: int = RANK) -> list[Step]:
-    """||W + s B A||_row per forward (W frozen, ||W||^2 cached): the kernel for one dtype; for a
-    float32 adapter on a half W, torch: W converted to fp32 by 2^20-element blocks, W A^T by cuBLAS fp32."""
+    """||W + s B A||_row per forward (W frozen, ||W||^2 cached): the kernel for one dtype (split-K
+    with a finish launch when the row blocks do not fill the SMs); for a float32 adapter on a half W,
+    torch: W converted to fp32 by 2^20-element blocks, W A^T by cuBLAS fp32."""
     e, w = s.elem, s.d_out * s.d_in
     if not mixed:
-        return [small("q = rowsum((B A A^T) o B), g = m / n", 6),
-                Step("norm: W A^T and rowsum((W A^T) o B) in one pass over W", w * e,
-                     tensor_flops=2.0 * w * r, kernel="_dora_norm_fwd_kernel", programs=triton.cdiv(s.d_out, 64))]
+        at = norm_launch(s.d_out, s.d_in)
+        steps = [small("q = rowsum((B A A^T) o B), g = m / n", 6),
+                 Step(f"norm: W A^T and rowsum((W A^T) o B) in one pass over W ({at['splits']} K slabs)",
+                      w * e + (at["splits"] * s.d_out * 4 if at["splits"] > 1 else 0),
+                      tensor_flops=2.0 * w * r, kernel="_dora_norm_fwd_kernel",
+                      programs=at["row_blocks"] * at["splits"])]
+        if at["splits"] > 1:
+            steps.append(Step("norm: sum the K slabs' row sums, root", (at["splits"] + 3) * s.d_out * 4,
+                              kernel="_dora_norm_finish_kernel"))
+        return steps
     blocks = triton.cdiv(w, 1 << 20)
     return [small("q, cross, g = m / n (torch)", 8),
             Step(f"norm (torch): W.to(float32) by blocks ({blocks})", w * (e + 4), launches=blocks),

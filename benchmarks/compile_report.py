@@ -28,7 +28,11 @@ with ``knobs.nvidia.dump_ptxas_log`` on.  Per variant it records:
 Checks (each a finding; exit status 1 if any, or if a row fails): a variant with half or tf32 dots
 and no tensor-core instruction; spill stores above ``SPILL_BUDGET`` for the variant's scope (unless
 the variant states ``accepted_spill``, which must then still be needed); IEEE fp32 dots in a half
-dtype without ``ieee_reason`` (fp32 inputs default to torch's IEEE fp32 matmul semantics).
+dtype without ``ieee_reason`` (fp32 inputs default to torch's IEEE fp32 matmul semantics); a
+``standard`` variant in a half dtype that launches fewer programs than the H200 has SMs at the
+standard shape (some SMs idle for the whole launch) unless it states ``accepted_launch`` (the
+reason, with the microseconds at stake), which must then still launch under one wave.  Other
+launches under one wave are listed as notes.
 
 Variant tables by convention: for every kernel module ``fastadapt/triton_kernels/<module>.py`` there is
 ``benchmarks/compile_<module>.py`` defining ``variants() -> dict[kernel_name, list[Variant]]``, built from
@@ -95,7 +99,10 @@ class Variant:
     GPU standard shape (tests/test_compile_sm90.py compiles these in bfloat16).  ``ieee_reason``:
     why IEEE fp32 dots are used on purpose in a half-dtype variant.  ``accepted_spill``: {dtype:
     reason} for spills above the budget that are known, with the reason and what would remove them
-    (a statement that is no longer needed is itself a finding)."""
+    (a statement that is no longer needed is itself a finding).  ``accepted_launch``: why the
+    launch may start fewer programs than the SMs at the standard shape (e.g. one program per
+    independent parameter block), with the microseconds at stake; required of a standard variant in
+    a half dtype that does, a finding when the launch fills the SMs."""
     name: str
     build: Callable
     dtypes: tuple = FLOAT_DTYPES
@@ -105,6 +112,7 @@ class Variant:
     standard: bool = False
     ieee_reason: str = ""
     accepted_spill: dict | None = None
+    accepted_launch: str = ""
 
 
 def mock_tensor(dtype: str):
@@ -301,8 +309,8 @@ def waves(grid: tuple, blocks_per_sm: int, gpu: GPU = H200) -> dict:
     slots = blocks_per_sm * gpu.sms
     if not slots:
         return dict(programs=programs, waves=None, tail=None)
-    full, rest = divmod(programs, slots)
-    return dict(programs=programs, waves=round(programs / slots, 2), tail=round(rest / slots, 2) if rest else 0.0,
+    rest = programs % slots      # 3 significant digits: a launch of a few programs is not 0 waves
+    return dict(programs=programs, waves=float(f"{programs / slots:.3g}"), tail=float(f"{rest / slots:.3g}"),
                 sms_busy=min(programs, gpu.sms))
 
 
@@ -337,9 +345,7 @@ def _analyse(row: dict, compiled, variant: Variant, to_cubin: bool) -> None:
     row.update(occupancy(row["registers"], row["shared_bytes"], row["num_warps"]))
     if row["grid"]:
         row.update(waves(row["grid"], row["blocks_per_sm"]))
-        if row["programs"] < H200.sms:
-            row["notes"].append(f"{row['programs']} programs for {H200.sms} SMs: {H200.sms - row['programs']} "
-                                "SMs idle at the standard shape")
+        _check_launch(row, variant)
     budget = SPILL_BUDGET[variant.scope]
     row["spill_budget"] = budget
     accepted = (variant.accepted_spill or {}).get(row["dtype"], "")
@@ -351,6 +357,27 @@ def _analyse(row: dict, compiled, variant: Variant, to_cubin: bool) -> None:
     elif accepted:
         findings.append(f"accepted_spill[{row['dtype']!r}] is stated but it spills {row['spill_store_bytes']} B "
                         f"<= {budget} B: remove the statement")
+
+
+def _check_launch(row: dict, variant: Variant, gpu: GPU = H200) -> None:
+    """Programs at the standard shape against the SMs (in place): under one wave, a standard
+    half-precision variant needs ``accepted_launch`` (else a finding); an accepted one is recorded,
+    any other is a note; a stated ``accepted_launch`` on a launch that fills the SMs is a finding."""
+    programs = row["programs"]
+    if programs >= gpu.sms:
+        if variant.accepted_launch:
+            row["findings"].append(f"accepted_launch is stated but it launches {programs} programs for {gpu.sms} "
+                                   "SMs: remove the statement")
+        return
+    idle = f"{programs} programs for {gpu.sms} SMs: {gpu.sms - programs} SMs idle at the standard shape"
+    if variant.accepted_launch:
+        row["accepted_launch"] = variant.accepted_launch
+    elif variant.standard and row["dtype"] in HALF_DTYPES:
+        row["findings"].append(f"{idle}: launch at least one program per SM (e.g. fewer rows per program or a "
+                               "split with a second-stage reduction) or state Variant.accepted_launch with the "
+                               "reason and the microseconds at stake")
+    else:
+        row["notes"].append(idle)
 
 
 def _configure_worker(cache_dir: str) -> None:
@@ -547,9 +574,19 @@ def _markdown(header: dict, rows: list[dict]) -> str:
         lines += [f"- {r['kernel']} [{_cell(r['variant'])}, {r['dtype']}]: {r['spill_store_bytes']} B per thread "
                   f"(budget {r['spill_budget']}): {r['accepted_spill']}" for r in accepted]
         lines.append("")
+    launches = collections.defaultdict(list)
+    for r in rows:
+        if r.get("accepted_launch"):
+            launches[(r["kernel"], r["variant"], r["programs"], r["accepted_launch"])].append(r["dtype"])
+    if launches:
+        lines += ["## Launches under one wave, accepted with a reason (fewer programs than the H200's SMs)", ""]
+        lines += [f"- {kernel} [{_cell(variant)}, {' / '.join(dtypes)}]: {programs} programs for {H200.sms} SMs: "
+                  f"{_cell(reason)}" for (kernel, variant, programs, reason), dtypes in launches.items()]
+        lines.append("")
     under = [r for r in rows if r["notes"]]
     if under:
-        lines += ["## Launches smaller than the GPU (fewer programs than the H200's SMs)", ""]
+        lines += ["## Other launches smaller than the GPU (fewer programs than the H200's SMs; not a standard "
+                  "half-precision variant)", ""]
         lines += [f"- {r['kernel']} [{_cell(r['variant'])}, {r['dtype']}]: {'; '.join(r['notes'])}" for r in under]
         lines.append("")
     reasons = collections.defaultdict(list)

@@ -115,6 +115,56 @@ def test_ieee_fp32_in_a_half_dtype_states_its_reason(compile_rows):
     assert not missing, "\n".join(missing)
 
 
+def test_standard_half_variants_fill_the_sms_or_state_why(compile_rows):
+    """Every standard half-precision variant launches at least one program per H200 SM at the
+    standard shape, or states Variant.accepted_launch (with the microseconds at stake), and no
+    stated reason is stale."""
+    missing = [f"{_where(r)}: {f}" for r in compile_rows for f in r["findings"] if "SMs idle" in f
+               or f.startswith("accepted_launch")]
+    assert not missing, "\n".join(missing)
+    half = [r for r in compile_rows if r["status"] == "ok" and r["standard"] and r["dtype"] in report.HALF_DTYPES]
+    assert all(r["programs"] >= roofline.H200.sms or r.get("accepted_launch") for r in half)
+    filled = {r["kernel"] for r in half if r["programs"] >= roofline.H200.sms}
+    assert {"_dora_norm_fwd_kernel", "_dora_dy_row_pass_kernel"} <= filled, filled
+
+
+def test_a_launch_under_one_wave_is_a_finding():
+    """The launch check can fail: a standard bfloat16 variant with 64 programs is a finding; the
+    same with accepted_launch is recorded and listed in the report; a stated reason on a launch that
+    fills the SMs is a finding; a variant outside the standard set is a note."""
+    reason = _ptxas_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    script = textwrap.dedent("""
+        import dataclasses, json
+        from benchmarks import compile_report as R
+        from benchmarks.compile_cayley import variants
+        good = variants()["_block_rotate_fwd_kernel"][0]
+        table = {"_block_rotate_fwd_kernel": [
+            dataclasses.replace(good, name="small", grid=(64,), standard=True, accepted_launch=""),
+            dataclasses.replace(good, name="small, accepted", grid=(64,), standard=True, accepted_launch="why"),
+            dataclasses.replace(good, name="full, stale reason", grid=(264,), standard=True, accepted_launch="why"),
+            dataclasses.replace(good, name="small, not standard", grid=(64,), standard=False, accepted_launch="")]}
+        R.variants_for = lambda module: table
+        jobs = [("fastadapt.triton_kernels.cayley", "_block_rotate_fwd_kernel", v.name, "bfloat16", "")
+                for v in table["_block_rotate_fwd_kernel"]]
+        rows = R._run(jobs, 90, 1, True)
+        markdown = R._markdown({"target": "cuda sm_90"}, rows)
+        print(json.dumps([[r["status"], r["findings"], r.get("accepted_launch"), r["notes"]] for r in rows]
+                         + ["accepted with a reason" in markdown and "why" in markdown]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=_compiler_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    small, accepted, stale, other, listed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [row[0] for row in (small, accepted, stale, other)] == ["ok"] * 4
+    assert len(small[1]) == 1 and "64 programs for 132 SMs" in small[1][0] and "accepted_launch" in small[1][0]
+    assert accepted[1] == [] and accepted[2] == "why" and accepted[3] == []
+    assert len(stale[1]) == 1 and stale[1][0].startswith("accepted_launch is stated")
+    assert other[1] == [] and other[3] == ["64 programs for 132 SMs: 68 SMs idle at the standard shape"]
+    assert listed
+
+
 def test_occupancy_and_waves_of_every_variant(compile_rows):
     for r in (r for r in compile_rows if r["status"] == "ok"):
         assert r["blocks_per_sm"] >= 1, f"{_where(r)} cannot be resident on an H200 SM: {r}"

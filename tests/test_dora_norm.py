@@ -816,17 +816,33 @@ def count_launchers(monkeypatch):
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("r, cached", [(5, True), (16, False)])
-@pytest.mark.parametrize("tiles", [(16, 32), (None, None)])  # None: the launcher's default for the device
+# None: the launcher's default for the device; splits 2 / 3: split-K over 72 columns in 32-column
+# chunks (slabs of 64 + 8, and 32 + 32 + 8) summed by the finish kernel
+@pytest.mark.parametrize("tiles", [(16, 32, None), (None, None, None), (16, 32, 2), (16, 32, 3)])
 def test_triton_norm_kernel_matches_reference(device, dtype, r, cached, tiles):
     from fastadapt.triton_kernels.dora_norm import dora_norm_forward
-    block_m, block_k = tiles
-    ref = DoRA(randn(40, 72), None, randn(r, 72, scale=0.3), randn(40, r, scale=0.3), randn(40), 1.7)
+    block_m, block_k, splits = tiles
+    ref = DoRA(randn(40, 72, seed=11), None, randn(r, 72, scale=0.3, seed=12), randn(40, r, scale=0.3, seed=13),
+               randn(40, seed=14), 1.7)
     w, a, b = (t.to(dtype=dtype, device=device) for t in (ref.weight, ref.lora_A, ref.lora_B))
     w_sq = ops.weight_row_sq_norm(w) if cached else None
-    norm = dora_norm_forward(w, a, b, ref.scaling, w_sq, block_m=block_m, block_k=block_k)
+    kw = dict(block_m=block_m, block_k=block_k, splits=splits)
+    norm = dora_norm_forward(w, a, b, ref.scaling, w_sq, **kw)
     assert_rel_close(norm, ref.weight_norm(), dtype)
-    assert_rel_close(dora_norm_forward(w.T.contiguous().T, a, b, ref.scaling, w_sq, block_m=block_m, block_k=block_k),
+    assert_rel_close(dora_norm_forward(w.T.contiguous().T, a, b, ref.scaling, w_sq, **kw),
                      ref.weight_norm(), dtype, name="strided W")
+
+
+def test_fill_splits_fills_the_sms_in_whole_waves():
+    from fastadapt.triton_kernels.dora_norm import fill_splits, split_extent
+    assert fill_splits(64, 132, 64) == 4           # 256 programs, not 192 (a second wave of 60)
+    assert fill_splits(128, 132, 64) == 2          # 256 programs
+    assert fill_splits(132, 132, 64) == fill_splits(200, 132, 64) == 1
+    assert fill_splits(64, 132, 2) == 2            # the work runs out of chunks: as many as there are
+    assert fill_splits(64, 114, 64) * 64 >= 114    # an H100 PCIe's 114 SMs
+    assert split_extent(4096, 4, 64) == (1024, 4)
+    assert split_extent(72, 3, 32) == (32, 3) and split_extent(72, 2, 32) == (64, 2)
+    assert split_extent(40, 8, 32) == (32, 2)      # 2 chunks: 2 splits, not 8
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
@@ -1045,11 +1061,12 @@ def test_triton_dy_row_pass_matches_reference(device, dtype):
     dy64, y64 = dy.double(), y_pre.double()
     for adapter_dtype in {dtype, torch.float32}:
         u, b_s = (randn(*s).to(dtype=adapter_dtype, device=device) for s in ((n, r), (out_features, r)))
-        v, p, colsum = dora_dy_row_pass(noncontig(dy), u, b_s, y_pre, block_n=16, block_o=16)
-        assert v.dtype == p.dtype == adapter_dtype and colsum.dtype == torch.float32
-        assert_rel_close(v, dy64 @ b_s.double(), adapter_dtype, name="v = dY b_s")
-        assert_rel_close(p, u.double().T @ dy64, adapter_dtype, name="P = u^T dY")
-        assert_rel_close(colsum, (dy64 * y64).sum(0), torch.float32, name="colsum(dY o y_pre)")
+        for splits in (None, 2):   # 2: column slabs of 32 + 13, v summed from a float32 partial
+            v, p, colsum = dora_dy_row_pass(noncontig(dy), u, b_s, y_pre, block_n=16, block_o=16, splits=splits)
+            assert v.dtype == p.dtype == adapter_dtype and colsum.dtype == torch.float32
+            assert_rel_close(v, dy64 @ b_s.double(), adapter_dtype, name=f"v = dY b_s, splits={splits}")
+            assert_rel_close(p, u.double().T @ dy64, adapter_dtype, name=f"P = u^T dY, splits={splits}")
+            assert_rel_close(colsum, (dy64 * y64).sum(0), torch.float32, name=f"colsum(dY o y_pre), splits={splits}")
 
 
 def test_triton_float32_matmul_matches_reference(device):
