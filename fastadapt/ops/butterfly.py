@@ -528,6 +528,7 @@ def _road_linear_setup(ctx, inputs, output):
     keep_x, keep_h = weight.requires_grad, f.requires_grad or g.requires_grad
     ctx.save_for_backward(x if keep_x else None, weight, output[1] if keep_h else None, f, g)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)   # else backward receives an N x out zero gradient for h (a fill)
     ctx.group_size = group_size
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -536,7 +537,7 @@ def _road_linear_backward_autograd(ctx, grad, _grad_h):
     x, weight, h, f, g = ctx.saved_tensors
     need_x, need_weight, need_bias, need_f, need_g, _ = ctx.needs_input_grad
     need_bias = need_bias and ctx.bias_dtype is not None
-    if not (need_x or need_weight or need_bias or need_f or need_g):
+    if grad is None or not (need_x or need_weight or need_bias or need_f or need_g):
         return None, None, None, None, None, None
     empty = weight.new_empty(0)
     dx, dW, db, df, dg = road_linear_backward_op(

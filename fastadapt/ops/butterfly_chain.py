@@ -398,6 +398,7 @@ def _linear_setup(ctx, inputs, output):
     x, blocks, geometry, weight, scale, bias, weight_side, keep_pre = inputs
     ctx.save_for_backward(x, weight, scale, output[1], *blocks)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)   # else backward receives an N x out zero gradient for h (a fill)
     ctx.geometry, ctx.weight_side, ctx.has_bias = geometry, weight_side, bias is not None
     ctx.bias_dtype = None if bias is None else bias.dtype
 
@@ -408,7 +409,7 @@ def _linear_backward(ctx, grad, _grad_pre):
     need_blocks = any(need_blocks)
     need_bias = need_bias and ctx.has_bias
     need_scale = bool(need_scale) and scale is not None
-    if not (need_x or need_blocks or need_weight or need_scale or need_bias):
+    if grad is None or not (need_x or need_blocks or need_weight or need_scale or need_bias):
         return None, [None] * len(blocks), None, None, None, None, None, None
     dx, dW, ds, db, *dblocks = butterfly_linear_backward_op(
         grad, x, blocks, ctx.geometry, weight, scale, pre, ctx.weight_side, need_x, need_blocks, need_weight,
