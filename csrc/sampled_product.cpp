@@ -8,22 +8,26 @@
 //
 // Each entry is a dot over the tokens of one dY column and one x column, both strided in (N, d)
 // rows, so the work runs over token chunks of T tokens (T from ``in`` alone: the transposed x chunk,
-// in x T floats, is ~256 KiB and stays in L2):
+// in x T floats, is ~256 KiB and stays in L2).  The chunks form token blocks (a split fixed by N and
+// T, at least kMinBlockTokens tokens each); at::parallel_for runs one block per task, with no other
+// synchronisation, and per chunk:
 //
-//   1. x's chunk is transposed into xT (in, Tp) in the accumulation type (half inputs converted
-//      here; Tp = T rounded up to 8 lanes, the padding zero), in parallel over column blocks;
-//   2. in parallel over row ranges balanced by their positions: each task transposes its rows of
-//      dY's chunk into dyT (out, Tp), then for each row p computes the chunk's dots of dyT[p] with
-//      xT[q_k] for blocks of 8 positions (register blocking: one load of dY's vector serves 8
-//      positions), 8 lanes per position, and adds each chunk sum to values[k].
+//   1. x's and dY's chunks are transposed into xT (in, Tp) and dyT (out, Tp) in the accumulation
+//      type (half inputs converted here; Tp = T rounded up to 8 lanes, the padding zero);
+//   2. for each row p, the chunk's dots of dyT[p] with xT[q_k] for blocks of 8 positions (register
+//      blocking: one load of dY's vector serves 8 positions), 8 lanes per position, each chunk sum
+//      added to the block's partial values (block 0: values itself).
+//
+// The partials of blocks 1, 2, ... are added to values in block order at the end.
 //
 // Arithmetic order, the same on every instruction set and thread count (the result does not depend
 // on either, bit for bit): lane l of position k sums dY x over tokens t = l mod 8 of the chunk in
 // token order, each product rounded before its add (no fused multiply-add: the extension is built
 // with -ffp-contract=off, and Zen / Intel cores run the adds beside the multiplies); the chunk sum
-// is ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) and chunk sums add to values[k] in token
-// order.  T depends on ``in`` only (or is given).  AVX2 where the CPU has it (picked at run time;
-// this file's AVX2 functions are compiled for it by target pragma), portable C++ otherwise.
+// is ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)); chunk sums add up in token order within a
+// block, blocks in block order.  T depends on ``in`` only (or is given), blocks on N and T.  AVX2
+// where the CPU has it (picked at run time; this file's AVX2 functions are compiled for it by
+// target pragma), portable C++ otherwise.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -50,7 +54,8 @@ constexpr int64_t kLanes = 8;                  // float32 lanes of a 256-bit reg
 constexpr int64_t kBlock = 8;                  // positions of one row per load of dY's vector
 constexpr int64_t kChunkBytes = 256 * 1024;    // xT per chunk: in x T floats, well inside a 1 MiB L2
 constexpr int64_t kMinChunkTokens = 32, kMaxChunkTokens = 512;
-constexpr int64_t kColumnBlock = 64;           // columns of x per transpose task
+constexpr int64_t kMinBlockTokens = 256, kMaxBlocks = 32;  // token blocks: one task and one partial each
+constexpr int64_t kAddGrain = 1 << 14;          // partials' entries per task of the final sum
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -227,52 +232,41 @@ std::vector<std::string> isas() {
   return found;
 }
 
-// Row boundaries of `tasks` ranges with about equal work (positions, plus one unit per row for its
-// share of dY's transpose).
-std::vector<int64_t> balanced_rows(const int32_t* crow, int64_t out, int64_t tasks) {
-  std::vector<int64_t> bounds{0};
-  const auto cost = [&](int64_t p) { return static_cast<int64_t>(crow[p]) + p; };
-  const int64_t total = cost(out);
-  int64_t p = 0;
-  for (int64_t i = 1; i < tasks; ++i) {
-    const int64_t target = total * i / tasks;
-    while (p < out && cost(p) < target) ++p;
-    bounds.push_back(p);
-  }
-  bounds.push_back(out);
-  return bounds;
-}
-
 template <typename Kernel, typename T, typename Acc>
-void run_chunks(const at::Tensor& dy, const at::Tensor& x, const int32_t* crow, const int32_t* ccol, int64_t T_,
+void run_blocks(const at::Tensor& dy, const at::Tensor& x, const int32_t* crow, const int32_t* ccol, int64_t T_,
                 Acc* values) {
-  const int64_t N = x.size(0), in = x.size(1), out = dy.size(1), ld = round_up(T_, kLanes);
-  const int64_t K = crow[out];
+  const int64_t N = x.size(0), in = x.size(1), out = dy.size(1), ld = round_up(T_, kLanes), K = crow[out];
   const T* x_ptr = x.const_data_ptr<T>();
   const T* dy_ptr = dy.const_data_ptr<T>();
   const int64_t xs0 = x.stride(0), xs1 = x.stride(1), ds0 = dy.stride(0), ds1 = dy.stride(1);
-  std::vector<Acc> xT(static_cast<size_t>(in * ld)), dyT(static_cast<size_t>(out * ld)), zeros(ld, Acc(0));
-  // One task per thread when the work is worth it (a task per ~2^16 multiply-adds per chunk at least).
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (K * ld) >> 16));
-  const std::vector<int64_t> bounds = balanced_rows(crow, out, tasks);
-  const int64_t column_blocks = (in + kColumnBlock - 1) / kColumnBlock;
-  const int64_t transpose_grain = tasks == 1 ? column_blocks : 1;
-  for (int64_t t0 = 0; t0 < N; t0 += T_) {
-    const int64_t rows = std::min(T_, N - t0);
-    const T* x_chunk = x_ptr + t0 * xs0;
-    const T* dy_chunk = dy_ptr + t0 * ds0;
-    at::parallel_for(0, column_blocks, transpose_grain, [&](int64_t b0, int64_t b1) {
-      const int64_t c0 = b0 * kColumnBlock, c1 = std::min(in, b1 * kColumnBlock);
-      Kernel::transpose(x_chunk, xs0, xs1, rows, c0, c1, xT.data() + c0 * ld, ld);
-    });
-    at::parallel_for(0, tasks, 1, [&](int64_t task0, int64_t task1) {
-      for (int64_t task = task0; task < task1; ++task) {
-        const int64_t p0 = bounds[task], p1 = bounds[task + 1];
-        Kernel::transpose(dy_chunk, ds0, ds1, rows, p0, p1, dyT.data() + p0 * ld, ld);
-        for (int64_t p = p0; p < p1; ++p) {
+  // Token blocks: a split of the chunks fixed by N and T alone (never by the thread count); each
+  // block is summed by one task into its own partial (block 0 into values), partials added after
+  // in block order.
+  const int64_t chunks = (N + T_ - 1) / T_;
+  const int64_t wanted = std::clamp<int64_t>(N / kMinBlockTokens, 1, kMaxBlocks);
+  const int64_t chunks_per_block = (chunks + wanted - 1) / wanted;
+  const int64_t blocks = (chunks + chunks_per_block - 1) / chunks_per_block;
+  std::vector<Acc> partials(static_cast<size_t>((blocks - 1) * K), Acc(0));
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<Acc> xT(static_cast<size_t>(in * ld)), dyT(static_cast<size_t>(out * ld)), zeros(ld, Acc(0));
+    for (int64_t b = b0; b < b1; ++b) {
+      Acc* sums = b == 0 ? values : partials.data() + (b - 1) * K;
+      for (int64_t c = b * chunks_per_block; c < std::min(chunks, (b + 1) * chunks_per_block); ++c) {
+        const int64_t t0 = c * T_, rows = std::min(T_, N - t0);
+        Kernel::transpose(x_ptr + t0 * xs0, xs0, xs1, rows, 0, in, xT.data(), ld);
+        Kernel::transpose(dy_ptr + t0 * ds0, ds0, ds1, rows, 0, out, dyT.data(), ld);
+        for (int64_t p = 0; p < out; ++p) {
           const int64_t k0 = crow[p], k1 = crow[p + 1];
-          if (k1 > k0) Kernel::row(dyT.data() + p * ld, xT.data(), ld, ccol + k0, k1 - k0, values + k0, zeros.data());
+          if (k1 > k0) Kernel::row(dyT.data() + p * ld, xT.data(), ld, ccol + k0, k1 - k0, sums + k0, zeros.data());
         }
+      }
+    }
+  });
+  if (blocks > 1) {
+    at::parallel_for(0, K, kAddGrain, [&](int64_t k0, int64_t k1) {
+      for (int64_t b = 1; b < blocks; ++b) {
+        const Acc* partial = partials.data() + (b - 1) * K;
+        for (int64_t k = k0; k < k1; ++k) values[k] += partial[k];
       }
     });
   }
@@ -324,7 +318,7 @@ at::Tensor sampled_product(const at::Tensor& dy, const at::Tensor& x, const at::
     using Kernel = decltype(kernel);
     using T = decltype(element);
     using Acc = acc_t<T>;
-    run_chunks<Kernel, T, Acc>(dy, x, crow_ptr, ccol_ptr, T_, values.mutable_data_ptr<Acc>());
+    run_blocks<Kernel, T, Acc>(dy, x, crow_ptr, ccol_ptr, T_, values.mutable_data_ptr<Acc>());
   };
 #if FASTADAPT_SAMPLED_AVX2
   if (chosen == "avx2" && dtype != at::kDouble) {

@@ -15,7 +15,7 @@ from fastadapt.numerics import assert_rel_close
 from fastadapt.ops import lowrank_shira as S
 from fastadapt.testing import noncontig, randn
 
-SHAPES = [(1, 5, 7), (9, 13, 41), (75, 6, 341), (130, 17, 9)]   # (N, out, in)
+SHAPES = [(1, 5, 7), (9, 13, 41), (75, 6, 341), (130, 17, 9), (700, 3, 11)]   # (N, out, in); 700: 2 token blocks
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -101,10 +101,10 @@ def test_empty_inputs():
 
 
 def test_same_bits_on_every_instruction_set_and_thread_count():
-    """Lanes, the chunk sum's tree and the chunk order are fixed: AVX2 == portable C++ bit for bit,
-    and 1 thread == 2 threads (row ranges split by positions, each position summed by one task)."""
+    """Lanes, the chunk sum's tree, the token blocks and their order are fixed: AVX2 == portable C++
+    bit for bit, and 1 thread == 2 threads."""
     op = sampled_product()
-    n, out, in_ = 300, 64, 96                     # K * 64 tokens >= 2^17: two tasks on two threads
+    n, out, in_ = 600, 64, 96                     # two token blocks of at least 256 tokens: two tasks
     plan = S.shira_plan(positions(out, in_, 2048, seed=40), out, in_)
     before = torch.get_num_threads()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
