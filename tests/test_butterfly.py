@@ -166,29 +166,31 @@ def _road_linear(x, W, b, f, g):
     return ops.road_linear_op(x, W, b, f, g, 4)[0]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend,rows", [("torch", 7), ("torch", 13), ("triton", 13)])
 @pytest.mark.parametrize("trains", ["everything", "coefficients", "base"])
-def test_road_linear_gradcheck_float64(trains, backend, monkeypatch):
-    """RoAd's fused linear op over several row steps of the torch path (7 rows, steps of 3), a
-    strided x; the coefficients trainable (h saved), the base trainable (x saved), or both.  torch:
-    dx = dy (R W), dW = R^T dy^T x, db = R^T sum_rows dy; triton (float64 runs its torch
-    primitives): dh formed, dx = dh W, dW = dh^T x, db = sum_rows dh while f, g train."""
+def test_road_linear_gradcheck_float64(trains, backend, rows, monkeypatch):
+    """RoAd's fused linear op over several row steps of the torch path (steps of 3), a strided x;
+    the coefficients trainable (h saved), the base trainable (x saved), or both.  torch with
+    13 rows >= 10 in_features, or f, g frozen: dx = dy (R W), dW = R^T dy^T x, db = R^T sum_rows dy;
+    torch with 7 rows and triton (float64 runs its torch primitives) while f, g train: dh formed,
+    dx = dh W, dW = dh^T x, db = sum_rows dh."""
     monkeypatch.setenv("FASTADAPT_BACKEND", backend)
     monkeypatch.setattr(ops, "_ROAD_ROWS", 3)
     base, coefficients = trains != "coefficients", trains != "base"
-    x = noncontig(randn(7, 10, seed=1)).requires_grad_()
+    x = noncontig(randn(rows, 10, seed=1)).requires_grad_()
     W, b = randn(12, 10, seed=2, requires_grad=base), randn(12, seed=3, requires_grad=base)
     f, g = randn(12, seed=4, requires_grad=coefficients), randn(12, seed=5, requires_grad=coefficients)
     assert torch.autograd.gradcheck(_road_linear, (x, W, b, f, g))
     assert torch.autograd.gradcheck(lambda x, W, f, g: _road_linear(x, W, None, f, g), (x, W, f, g))
 
 
+@pytest.mark.parametrize("rows", [11, 19])   # 11 < 16 in_features: dh formed; 19: R W
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_road_linear_half_base_over_row_steps_against_float64(dtype, monkeypatch):
+def test_road_linear_half_base_over_row_steps_against_float64(dtype, rows, monkeypatch):
     """A half base with float32 f, g: the torch path's float32 tiles (rounded once into h's dtype
     per step of 4 rows, a short last step) and the gradients against float64 of the same inputs."""
     monkeypatch.setattr(ops, "_ROAD_ROWS", 4)
-    x, W, b = randn(11, 16, seed=6).to(dtype), randn(8, 16, seed=7).to(dtype), randn(8, seed=8).to(dtype)
+    x, W, b = randn(rows, 16, seed=6).to(dtype), randn(8, 16, seed=7).to(dtype), randn(8, seed=8).to(dtype)
     f, g = randn(8, seed=9, dtype=F32), randn(8, seed=10, dtype=F32)
     params = [W.requires_grad_(), b.requires_grad_(), f.requires_grad_(), g.requires_grad_()]
     y, grads = _grads(lambda x: _road_linear(x, W, b, f, g), x, params)

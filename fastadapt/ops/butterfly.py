@@ -34,9 +34,10 @@ kernel and a backward op):
     dh_b = f_b dy_b - g_a dy_a, df = sum_rows dy o h, dg_a = -sum dy_a h_b, dg_b = sum dy_b h_a.
 ``road_linear(x, W, b, f, g, group_size)``: RoAd's layer, h = x W^T + b and y = road_rotate(h).
     Saved: h while f or g trains (for df, dg), x only while W trains.  Backward on the torch path
-    never forms dh: with y = h R^T, dx = dy (R W) (the pair rotation applied to W's rows: out x in
-    numbers instead of an N x out pass), dW = R^T (dy^T x), db = R^T sum_rows dy, and df, dg as
-    road_rotate's; the Triton path writes dh in its df, dg pass and runs dx = dh W.
+    with N >= in_features never forms dh: with y = h R^T, dx = dy (R W) (the pair rotation applied
+    to W's rows: out x in numbers instead of an N x out pass), dW = R^T (dy^T x),
+    db = R^T sum_rows dy, and df, dg as road_rotate's; otherwise (and on the Triton path, whose
+    df, dg pass writes dh) dx = dh W.
 
 Every op computes in float32 for float16 / bfloat16 / float32 inputs (float64 in float64): the
 small adapter tensors (pass blocks, U, K, f, g) come in that accumulation dtype, the activations
@@ -479,11 +480,12 @@ def _road_linear_backward(rotate_backward, fold: bool, grad: Tensor, x: Tensor, 
                           need_coefficients: bool) -> list[Tensor]:
     """[dx, dW, db, df, dg] of road_linear (empty where not needed), with R the rotation (y = h R^T
     along the features); df, dg from dy and h through ``rotate_backward`` (road_rotate_backward's
-    implementation).  ``fold`` (the torch path, and any path while f and g are frozen): dh is never
-    formed, dx = dy (R W) (the rotation on W's rows: out x in numbers instead of an N x out pass),
-    dW = R^T (dy^T x), db = R^T sum_rows dy.  Otherwise (Triton: the df, dg kernel writes dh in the
-    same pass over dy and h, and the GEMM reads dh instead of dy; R W would move as many bytes as
-    dh at the GPU shapes, where out x in ~ N x out / 2) dx = dh W, dW = dh^T x, db = sum_rows dh."""
+    implementation).  ``fold`` (the torch path when in_features <= N, and any path while f and g
+    are frozen): dh is never formed, dx = dy (R W) (the rotation on W's rows: out x in numbers in a
+    few contiguous ops instead of an N x out pass of strided ones), dW = R^T (dy^T x),
+    db = R^T sum_rows dy.  Otherwise (Triton: the df, dg kernel writes dh in the same pass over dy
+    and h, and the GEMM reads dh instead of dy; R W would move as many bytes as dh at the GPU
+    shapes, where out x in ~ N x out / 2) dx = dh W, dW = dh^T x, db = sum_rows dh."""
     empty = x.new_empty(0)
     if fold or not need_coefficients:   # without the coefficients' gradients h is not saved
         dx = grad @ _road_pairs(weight, f, g, group_size, False).to(weight.dtype) if need_x else empty
@@ -504,7 +506,8 @@ def road_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, h: Tensor, 
                             need_coefficients: bool) -> list[Tensor]:
     """[dx, dW, db (f's dtype), df, dg] of road_linear; x is empty unless need_weight, h unless
     need_coefficients."""
-    return _road_linear_backward(_road_backward_torch, True, grad, x, weight, h, f, g, group_size, need_x,
+    fold = weight.shape[1] <= grad.shape[0]   # R W (out x in) no larger than dh (N x out)
+    return _road_linear_backward(_road_backward_torch, fold, grad, x, weight, h, f, g, group_size, need_x,
                                  need_weight, need_bias, need_coefficients)
 
 
