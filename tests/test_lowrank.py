@@ -562,13 +562,15 @@ VERA_PLANS = [("merged", 64, 16, 16, 8, F32, 0.0, "u, W_eff"),
               ("merged", 40, 16, 16, 16, F32, 0.0, "u"),            # u + W_eff above bytes(x): W_eff rebuilt
               ("merged", 200, 8, 16, 12, F32, 0.0, "x"),            # r > in: u above bytes(x), recomputed
               ("unmerged", 24, 16, 12, 4, F32, 0.25, "u, seed"),
-              ("unmerged", 24, 16, 12, 20, BF16, 0.0, "u")]         # half base: float32 u whatever r
+              ("unmerged", 24, 16, 12, 20, BF16, 0.0, "u, h"),      # half base: PEFT's float32 u and h
+              ("unmerged", 24, 16, 12, 4, BF16, 0.25, "u, h, seed")]
 
 
 @pytest.mark.parametrize("plan, n, d_in, d_out, r, dtype, p, saved", VERA_PLANS)
 def test_vera_saves_u_and_merged_weight_in_place_of_x(plan, n, d_in, d_out, r, dtype, p, saved):
     """VeRA's backward never reads x but to recompute u: the op saves u (and the merged weight
-    where both fit in bytes(x)) instead, and every gradient stays within the table against float64."""
+    where both fit in bytes(x); on a half base PEFT's h) instead, and every gradient stays within
+    the table against float64."""
     from fastadapt.ops.dropout import draw_seed
     adapter = F32 if dtype == BF16 else dtype
     x = randn(n, d_in, dtype=dtype, seed=71, requires_grad=True)
@@ -581,7 +583,7 @@ def test_vera_saves_u_and_merged_weight_in_place_of_x(plan, n, d_in, d_out, r, d
     def call(x):
         torch.manual_seed(5)
         return ops.vera_linear(x, weight, bias, vera_a, vera_b, *lambdas, dropout_p=p)
-    elem = {"x": n * d_in * x.element_size(), "u": n * r * 4, "W_eff": d_out * d_in * 4, "seed": 8}
+    elem = {"x": n * d_in * x.element_size(), "u": n * r * 4, "W_eff": d_out * d_in * 4, "h": n * d_out * 4, "seed": 8}
     expected = sum(elem[name] for name in saved.split(", "))
     params = [weight, bias, vera_a, vera_b, *lambdas]
     assert saved_activation_ratio(call, x, exclude=params) == pytest.approx(expected / elem["x"])

@@ -11,6 +11,9 @@ body with its set (``fused_op(...)`` registers ``body(TORCH, ...)`` and ``body(t
         operands converted to float32 (tile by tile in the kernel, no float32 copy), the optional
         dropout mask (fastadapt.ops._dropout_mask.DropoutMask) applied to that operand after the
         conversion (in-kernel for a Philox mask)
+    acc_operand(t)
+        an operand that several acc_matmul calls share, as they read it: torch converts a half t
+        to float32 once; Triton passes t itself (its kernels convert tile by tile)
 
 The torch twins are the CPU path and the reference of the kernels: the same roundings (a half
 base product rounded where ``round_base`` says, ``k_scale`` applied to a half x before rounding it
@@ -63,7 +66,9 @@ def lowrank_gemm(x: torch.Tensor, y: torch.Tensor, u: torch.Tensor, v: torch.Ten
             base = xk.to(acc) @ y.to(acc)
             if bias_in_pre:
                 base.add_(bias)
-        pre = torch.addmm(base, cast(u, acc), cast(v, acc))
+        # base is this call's own float32 tensor: u v accumulates into it unless the residual reads it after
+        pre = (torch.addmm(base, cast(u, acc), cast(v, acc)) if residual is not None
+               else base.addmm_(cast(u, acc), cast(v, acc)))
     bias_left = bias is not None and not bias_in_pre
     if with_pre and residual is None and out_scale is not None:   # DoRA's y from y_pre: one pass
         out = torch.addcmul(bias, pre, out_scale) if bias_left else pre * out_scale
@@ -90,6 +95,12 @@ def acc_matmul(a: torch.Tensor, b: torch.Tensor, *, mask_a=None, mask_b=None) ->
     return a @ b
 
 
+def acc_operand(t: torch.Tensor) -> torch.Tensor:
+    """torch twin: ``t`` converted to the accumulation dtype once, for an operand that several
+    ``acc_matmul`` calls read (each would convert a half operand again)."""
+    return cast(t, acc_dtype(t.dtype))
+
+
 def _triton_lowrank_gemm(x, y, u, v, **options):
     if x.dtype == torch.float64:
         return lowrank_gemm(x, y, u, v, **options)
@@ -114,12 +125,13 @@ class Kernels(NamedTuple):
 
     lowrank_gemm: Callable
     acc_matmul: Callable
+    acc_operand: Callable
 
 
-TORCH = Kernels(lowrank_gemm, acc_matmul)
+TORCH = Kernels(lowrank_gemm, acc_matmul, acc_operand)
 
 
 @functools.lru_cache(maxsize=None)
 def triton() -> Kernels:
     """The Triton set (imports nothing until asked: triton is optional)."""
-    return Kernels(_triton_lowrank_gemm, _triton_acc_matmul)
+    return Kernels(_triton_lowrank_gemm, _triton_acc_matmul, lambda t: t)   # the kernels convert tile by tile

@@ -159,20 +159,24 @@ def _lora_plan(x2d: Tensor, weight: Tensor, rank: int, masked: bool, adapter_dty
 
 
 def _vera_plan(x2d: Tensor, weight: Tensor, rank: int, masked: bool, adapter_dtype: torch.dtype,
-               training: bool) -> tuple[bool, bool, bool]:
-    """(merged, keep_u, keep_merged) of one VeRA call: LoRA's merged rule; what autograd saves in
-    training, by bytes, since VeRA's backward never reads x but to recompute u = x A^T: u in place of
-    x where it is not larger (on a half base always: u is float32 there, and PEFT keeps it too),
-    and the merged W_eff beside it where the two together stay within bytes(x) (its rebuild in
-    backward, 2 out r in multiply-adds, then skipped)."""
+               training: bool) -> tuple[bool, bool, bool, bool]:
+    """(merged, keep_u, keep_merged, keep_h) of one VeRA call: LoRA's merged rule, and what autograd
+    saves in training.  VeRA's backward never reads x but to recompute u = x A^T, so u is saved in
+    place of x where it is not larger, and the merged W_eff beside it where the two stay within
+    bytes(x) (its rebuild in backward, 2 out r in multiply-adds, then skipped).  A half base with
+    float32 adapters (PEFT's default) on the CPU keeps u and PEFT's float32 h = (lambda_d o u) B^T
+    (N, out), PEFT's own saved set: float32 products run at about half the rate of the half GEMMs
+    there, and h spares the fifth one, dY^T u (benchmarks/NOTES.md, lowrank)."""
     merged, _ = _lora_plan(x2d, weight, rank, masked, adapter_dtype)
     half = x2d.dtype in (torch.float16, torch.bfloat16)
+    keep_h = (training and half and adapter_dtype == torch.float32
+              and select("vera_linear", x2d.device, ("torch", "triton")) == "torch")
     x_bytes = x2d.numel() * x2d.element_size()
     u_bytes = x2d.shape[0] * rank * (4 if half else x2d.element_size())
     keep_u = training and (half or u_bytes <= x_bytes)
     saved = u_bytes if keep_u else x_bytes
     keep_merged = merged and training and saved + weight.numel() * weight.element_size() <= x_bytes
-    return merged, keep_u, keep_merged
+    return merged, keep_u, keep_merged, keep_h
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Union[Tensor, Sequence[Tensor]],
@@ -301,9 +305,9 @@ def vera_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Union
     seeds, bits = _mask_inputs(x2d, ps, dropout_stream, adapter_dtype)
     training = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                for t in (x, bias, lb_list[0], ld_list[0]))
-    merged, keep_u, keep_merged = _vera_plan(x2d, weight, ranks[0], ps[0] > 0, adapter_dtype, training)
+    merged, keep_u, keep_merged, keep_h = _vera_plan(x2d, weight, ranks[0], ps[0] > 0, adapter_dtype, training)
     y = vera_linear_op(x2d, weight, bias, a_list[0], b_list[0], lb_list[0], ld_list[0], ranks, ps, seeds, bits, merged,
-                       keep_u, keep_merged)[0]
+                       keep_u, keep_merged, keep_h)[0]
     return y.reshape(*x.shape[:-1], out_features)
 
 

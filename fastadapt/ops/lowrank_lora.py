@@ -136,29 +136,36 @@ def _forward(k: LoraKernels, x, weight, bias, lora_A, lora_B, scaling, ranks, ps
     return [y, u if keep_u else u.new_empty(0, u.shape[1])]
 
 
+def _input_grad(k: LoraKernels, dy, weight, t, a, segments) -> Tensor:
+    """dx = dY W + sum_i mask_i o (t_i A_i) (unmasked segments: t A as the base GEMM's accumulator start)."""
+    plain = [(s, e) for s, e, mask in segments if mask is None]
+    masked = [(s, e, mask) for s, e, mask in segments if mask is not None]
+    if not masked:
+        return k.gemm.lowrank_gemm(dy, weight, t, a, round_base=True)
+    if len(masked) == 1 and not plain:
+        return k.masked_dx(dy, weight, t, a, masked[0][2])
+    # several masks: the base GEMM (with the unmasked segments), then one masked add each
+    cols = torch.cat([torch.arange(s, e, device=t.device) for s, e in plain]) if plain else None
+    dx = (dy @ weight if cols is None else
+          k.gemm.lowrank_gemm(dy, weight, t[:, cols], a[cols], round_base=True, out_dtype=t.dtype))
+    for s, e, mask in masked:
+        dx = mask.add_(dx, t[:, s:e] @ a[s:e])
+    return dx.to(dy.dtype)
+
+
 def _backward(k: LoraKernels, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged, needs):
     segments = _segments(ranks, ps, seeds, bits, lora_A.dtype)
     acc = u.dtype
     dx, d_bias, d_a, d_b = (dy.new_empty(0) for _ in range(4))   # distinct tensors: outputs may not alias
-    t = k.gemm.acc_matmul(dy, lora_B) * scaling if (needs[2] or (needs[0] and not merged)) else None  # s dY B
+    wants_t = needs[2] or (needs[0] and not merged)
+    dy_acc = k.gemm.acc_operand(dy) if wants_t or needs[3] else dy      # read by t and dB
+    t = k.gemm.acc_matmul(dy_acc, lora_B) if wants_t else None        # s dY B
+    if t is not None and scaling != 1.0:
+        t.mul_(scaling)
     if needs[0] and merged:
         dx = dy @ _merged_weight(weight, lora_A, lora_B, scaling)
     elif needs[0]:
-        plain = [(s, e) for s, e, mask in segments if mask is None]
-        masked = [(s, e, mask) for s, e, mask in segments if mask is not None]
-        a = lora_A.to(acc)
-        if not masked:
-            dx = k.gemm.lowrank_gemm(dy, weight, t, a, round_base=True)
-        elif len(masked) == 1 and not plain:
-            s, e, mask = masked[0]
-            dx = k.masked_dx(dy, weight, t, a, mask)
-        else:   # several masks: the base GEMM (with the unmasked segments), then one masked add each
-            cols = torch.cat([torch.arange(s, e, device=t.device) for s, e in plain]) if plain else None
-            dx = (dy @ weight if cols is None else
-                  k.gemm.lowrank_gemm(dy, weight, t[:, cols], a[cols], round_base=True, out_dtype=acc))
-            for s, e, mask in masked:
-                dx = mask.add_(dx, t[:, s:e] @ a[s:e])
-            dx = dx.to(dy.dtype)
+        dx = _input_grad(k, dy, weight, t, lora_A.to(acc), segments)
     if needs[2]:
         d_a = torch.cat([k.gemm.acc_matmul(t[:, s:e].T, x, mask_b=mask) for s, e, mask in segments]) \
             if len(segments) > 1 else k.gemm.acc_matmul(t.T, x, mask_b=segments[0][2])
@@ -166,7 +173,8 @@ def _backward(k: LoraKernels, dy, x, weight, lora_A, lora_B, u, scaling, ranks, 
     if needs[3]:
         if u.shape[0] != dy.shape[0]:   # not kept: x_i A_i^T again, the masks regenerated
             u = _lowrank_input(k, x, lora_A, segments)
-        d_b = (k.gemm.acc_matmul(u.T, dy).T * scaling).to(lora_B.dtype).contiguous()   # u^T dY: BLAS's faster layout
+        d_b = k.gemm.acc_matmul(u.T, dy_acc).T   # u^T dY: BLAS's faster layout
+        d_b = (d_b * scaling if scaling != 1.0 else d_b).to(lora_B.dtype).contiguous()
     if needs[1]:
         d_bias = dy.sum(dim=0, dtype=acc)
     return [dx, d_bias, d_a, d_b]
@@ -298,35 +306,49 @@ lora_linear_backward_op.example(_backward_examples)
 # A being frozen, LoRA's t = dY B' only serves dx, and no gradient reads x: the backward needs u
 # (for dB') and, for dx, W (+ t A) or the merged W_eff = W + B' A.  So the op returns u and the
 # merged weight for autograd to save in place of x when the caller asks (``keep_u``,
-# ``keep_merged``: fastadapt.ops.lowrank.vera_linear decides by bytes); x is saved only where u is
-# not (then u = x A^T is recomputed in backward, masks regenerated).  B' is built in forward and
-# again in backward (parameter-sized, not saved); W_eff likewise unless it is kept.
+# ``keep_merged``: fastadapt.ops.lowrank.vera_linear decides); x is saved only where u is not
+# (then u = x A^T is recomputed in backward, masks regenerated).  B' is built in forward and again
+# in backward (parameter-sized, not saved); W_eff likewise unless it is kept.
+#
+# ``keep_h`` (a half base with float32 adapters, PEFT's default; CPU): PEFT's order and saved set.
+# h = (lambda_d o u) B^T (N, out) in float32 is kept, y = fl_h(fl32(fl_h(x W^T + b)) + lambda_b o h),
+# and with t0 = dY diag(lambda_b) B (N, r):
+#     dlambda_b = colsum(dY o h),   dlambda_d = colsum(u o t0),   dx = dY W + (t0 diag(lambda_d)) A
+# four float32 products over the tokens instead of five (no dY^T u), for an (N, out) float32 save.
 
 def _vera_b(vera_B: Tensor, lambda_b: Tensor, lambda_d: Tensor) -> Tensor:
     return lambda_b[:, None] * vera_B * lambda_d[None, :]
 
 
 def _vera_forward(k: LoraKernels, x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged,
-                  keep_u, keep_merged):
+                  keep_u, keep_merged, keep_h):
+    acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(vera_A.dtype))
+    no_merged, no_h = weight.new_empty(0, 0), x.new_empty(0, weight.shape[0], dtype=acc)
+    if keep_h:
+        u = _lowrank_input(k, x, vera_A, _segments(ranks, ps, seeds, bits, vera_A.dtype))
+        h = k.gemm.acc_matmul(u, (vera_B * lambda_d).T)
+        y = torch.nn.functional.linear(x, weight, bias).to(acc).addcmul_(h, lambda_b.to(acc)).to(x.dtype)
+        return [y, u, no_merged, h]
     b_scaled = _vera_b(vera_B, lambda_b, lambda_d)
-    no_merged = weight.new_empty(0, 0)
     if not merged:
-        return [*_forward(k, x, weight, bias, vera_A, b_scaled, 1.0, ranks, ps, seeds, bits, False, keep_u), no_merged]
+        return [*_forward(k, x, weight, bias, vera_A, b_scaled, 1.0, ranks, ps, seeds, bits, False, keep_u), no_merged,
+                no_h]
     w_eff = _merged_weight(weight, vera_A, b_scaled, 1.0)
     y = torch.nn.functional.linear(x, w_eff, bias)
     u = k.gemm.acc_matmul(x, vera_A.T) if keep_u else x.new_empty(0, vera_A.shape[0])   # merged: float32 / float64
-    return [y, u, w_eff if keep_merged else no_merged]
+    return [y, u, w_eff if keep_merged else no_merged, no_h]
 
 
 @fused_op("vera_linear")
 def vera_linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], vera_A: Tensor, vera_B: Tensor,
                    lambda_b: Tensor, lambda_d: Tensor, ranks: list[int], ps: list[float], seeds: list[Tensor],
-                   bits: list[Tensor], merged: bool, keep_u: bool, keep_merged: bool) -> list[Tensor]:
-    """[y, u, W_eff] of VeRA: LoRA's op with A = vera_A, B = lambda_b o vera_B o lambda_d, s = 1;
-    u is (0, r) without ``keep_u``, W_eff = W + B A (out, in) with ``merged`` and ``keep_merged``,
-    else (0, 0)."""
+                   bits: list[Tensor], merged: bool, keep_u: bool, keep_merged: bool, keep_h: bool) -> list[Tensor]:
+    """[y, u, W_eff, h] of VeRA: LoRA's op with A = vera_A, B = lambda_b o vera_B o lambda_d, s = 1;
+    u is (0, r) without ``keep_u`` (``keep_h`` keeps it), W_eff = W + B A (out, in) with ``merged``
+    and ``keep_merged``, else (0, 0); h = (lambda_d o u) vera_B^T (N, out) with ``keep_h`` (a half
+    x, float32 adapters, not merged), else (0, out)."""
     return _vera_forward(TORCH, x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged,
-                         keep_u, keep_merged)
+                         keep_u, keep_merged, keep_h)
 
 
 @vera_linear_op.impl("triton")
@@ -335,16 +357,36 @@ def _(x, *args):
 
 
 @vera_linear_op.fake
-def _(x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u, keep_merged):
+def _(x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u, keep_merged, keep_h):
     acc = torch.promote_types(acc_dtype(x.dtype), acc_dtype(vera_A.dtype))
-    rows = x.shape[0] if keep_u else 0
+    rows = x.shape[0] if keep_u or keep_h else 0
     merged_shape = weight.shape if merged and keep_merged else (0, 0)
     return [x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(rows, vera_A.shape[0], dtype=acc),
-            weight.new_empty(merged_shape)]
+            weight.new_empty(merged_shape), x.new_empty(x.shape[0] if keep_h else 0, weight.shape[0], dtype=acc)]
 
 
-def _vera_backward_body(k: LoraKernels, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, ranks, ps,
-                        seeds, bits, merged, needs):
+def _vera_kept_h_backward(k: LoraKernels, dy, weight, vera_A, vera_B, lambda_b, lambda_d, u, h, segments, needs):
+    """[dx, db, dlambda_b, dlambda_d] from the kept u and h (the ``keep_h`` formulas above)."""
+    acc = u.dtype
+    dx, d_bias, d_lambda_b, d_lambda_d = (dy.new_empty(0) for _ in range(4))
+    dy_acc = k.gemm.acc_operand(dy)
+    t = k.gemm.acc_matmul(dy_acc, lambda_b.to(acc)[:, None] * vera_B.to(acc))      # t0 = dY diag(lambda_b) B
+    if needs[3]:
+        d_lambda_d = (u * t).sum(dim=0).to(lambda_d.dtype)
+    if needs[2]:   # dY o h in dY's float32 copy where it is one (a half dY)
+        d_lambda_b = (dy_acc.mul_(h) if dy_acc is not dy else dy_acc * h).sum(dim=0).to(lambda_b.dtype)
+    if needs[0]:
+        dx = _input_grad(k, dy, weight, t.mul_(lambda_d.to(acc)), vera_A.to(acc), segments)
+    if needs[1]:
+        d_bias = dy.sum(dim=0, dtype=acc)
+    return [dx, d_bias, d_lambda_b, d_lambda_d]
+
+
+def _vera_backward_body(k: LoraKernels, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, h, ranks,
+                        ps, seeds, bits, merged, needs):
+    if h.shape[0] > 0:
+        return _vera_kept_h_backward(k, dy, weight, vera_A, vera_B, lambda_b, lambda_d, u, h,
+                                     _segments(ranks, ps, seeds, bits, vera_A.dtype), needs)
     b_scaled = _vera_b(vera_B, lambda_b, lambda_d)
     wants_b = needs[2] or needs[3]
     dx_by_kept = needs[0] and merged_weight.shape[0] > 0
@@ -364,12 +406,14 @@ def _vera_backward_body(k: LoraKernels, dy, x, weight, vera_A, vera_B, lambda_b,
 
 @fused_op("vera_linear_backward", autocast=False)
 def vera_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, vera_A: Tensor, vera_B: Tensor, lambda_b: Tensor,
-                            lambda_d: Tensor, u: Tensor, merged_weight: Tensor, ranks: list[int], ps: list[float],
-                            seeds: list[Tensor], bits: list[Tensor], merged: bool, needs: list[bool]) -> list[Tensor]:
+                            lambda_d: Tensor, u: Tensor, merged_weight: Tensor, h: Tensor, ranks: list[int],
+                            ps: list[float], seeds: list[Tensor], bits: list[Tensor], merged: bool,
+                            needs: list[bool]) -> list[Tensor]:
     """[dx, db, dlambda_b, dlambda_d] of ``vera_linear`` (``needs``: which; the others are empty).
-    x may be empty (0, in) where u is given (N, r); ``merged_weight``: the forward's W_eff or (0, 0)."""
-    return _vera_backward_body(TORCH, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, ranks, ps,
-                               seeds, bits, merged, needs)
+    x may be empty (0, in) where u is given (N, r); ``merged_weight``: the forward's W_eff or (0, 0);
+    ``h``: the forward's h or (0, out)."""
+    return _vera_backward_body(TORCH, dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, h, ranks,
+                               ps, seeds, bits, merged, needs)
 
 
 @vera_linear_backward_op.impl("triton")
@@ -378,19 +422,20 @@ def _(dy, *args):
 
 
 @vera_linear_backward_op.fake
-def _(dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, ranks, ps, seeds, bits, merged, needs):
+def _(dy, x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, h, ranks, ps, seeds, bits, merged, needs):
     shapes = [(dy, (dy.shape[0], weight.shape[1])), (u, dy.shape[1:]), (lambda_b, lambda_b.shape),
               (lambda_d, lambda_d.shape)]
     return [like.new_empty(shape) if need else dy.new_empty(0) for (like, shape), need in zip(shapes, needs)]
 
 
 def _vera_setup(ctx, inputs, output):
-    x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u, keep_merged = inputs
-    _, u, merged_weight = output
-    ctx.mark_non_differentiable(u, merged_weight)
+    x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u, keep_merged, keep_h \
+        = inputs
+    _, u, merged_weight, h = output
+    ctx.mark_non_differentiable(u, merged_weight, h)
     ctx.set_materialize_grads(False)
-    x_saved = x.new_empty(0, x.shape[1]) if keep_u else x      # the backward reads x only to recompute u
-    ctx.save_for_backward(x_saved, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, *seeds, *bits)
+    x_saved = x.new_empty(0, x.shape[1]) if keep_u or keep_h else x    # the backward reads x only to recompute u
+    ctx.save_for_backward(x_saved, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, h, *seeds, *bits)
     ctx.ranks, ctx.ps, ctx.merged = ranks, ps, merged
     ctx.num_seeds, ctx.num_bits, ctx.bias_dtype = len(seeds), len(bits), None if bias is None else bias.dtype
 
@@ -398,13 +443,14 @@ def _vera_setup(ctx, inputs, output):
 def _vera_backward_entry(ctx, grads):
     n = ctx.needs_input_grad
     needs = [n[0], n[2], n[5], n[6]]     # x, bias, lambda_b, lambda_d
-    no_grads = ([None] * ctx.num_seeds, [None] * ctx.num_bits, None, None, None)
+    no_grads = ([None] * ctx.num_seeds, [None] * ctx.num_bits, None, None, None, None)
     if grads[0] is None or not any(needs):
         return (None,) * 9 + no_grads
-    x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, *masks = ctx.saved_tensors
+    x, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, h, *masks = ctx.saved_tensors
     seeds, bits = masks[:ctx.num_seeds], masks[ctx.num_seeds:]
     dx, d_bias, d_lb, d_ld = vera_linear_backward_op(grads[0], x, weight, vera_A, vera_B, lambda_b, lambda_d, u,
-                                                     merged_weight, ctx.ranks, ctx.ps, seeds, bits, ctx.merged, needs)
+                                                     merged_weight, h, ctx.ranks, ctx.ps, seeds, bits, ctx.merged,
+                                                     needs)
     return (dx if needs[0] else None, None, d_bias.to(ctx.bias_dtype) if needs[1] else None, None, None,
             d_lb if needs[2] else None, d_ld if needs[3] else None, None, None, *no_grads)
 
@@ -413,26 +459,29 @@ vera_linear_op.autograd(_vera_backward_entry, _vera_setup)
 
 
 def _vera_examples():
-    """LoRA's examples with VeRA's lambdas; a merged example keeps W_eff, and once u as well."""
+    """LoRA's examples with VeRA's lambdas; a merged example keeps W_eff, and once u as well; the
+    float32 adapter on a bfloat16 base keeps h as well."""
     for args, _ in _examples():
         x, weight, bias, lora_A, lora_B, scaling, ranks, ps, seeds, bits, merged, keep_u = args
         out, r = lora_B.shape
         lambda_b = randn(out, dtype=lora_A.dtype, requires_grad=True, seed=61)
         lambda_d = randn(r, dtype=lora_A.dtype, requires_grad=True, seed=62)
         head = (x, weight, bias, lora_A.detach(), lora_B.detach(), lambda_b, lambda_d, ranks, ps, seeds, bits, merged)
-        yield (*head, keep_u, merged), {}
+        yield (*head, keep_u, merged, False), {}
         if merged:
-            yield (*head, True, False), {}
+            yield (*head, True, False, False), {}
+        if x.dtype == torch.bfloat16:
+            yield (*head, True, False, True), {}
 
 
 def _vera_backward_examples():
     for args, _ in _vera_examples():
         with torch.no_grad():
-            _, u, merged_weight = vera_linear_op(*args)
-        x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u, _ = args
+            _, u, merged_weight, h = vera_linear_op(*args)
+        x, weight, bias, vera_A, vera_B, lambda_b, lambda_d, ranks, ps, seeds, bits, merged, keep_u, _, keep_h = args
         dy = randn(x.shape[0], weight.shape[0], dtype=x.dtype, seed=63)
-        x_saved = x.new_empty(0, x.shape[1]) if keep_u else x
-        inputs = [t.detach() for t in (dy, x_saved, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight)]
+        x_saved = x.new_empty(0, x.shape[1]) if keep_u or keep_h else x
+        inputs = [t.detach() for t in (dy, x_saved, weight, vera_A, vera_B, lambda_b, lambda_d, u, merged_weight, h)]
         yield (*inputs, ranks, ps, seeds, bits, merged, [True, bias is not None, True, True]), {}
 
 
