@@ -9,8 +9,8 @@
 // Each entry is a dot over the tokens of one dY column and one x column, both strided in (N, d)
 // rows, so the work runs over token chunks of T tokens (T from ``in`` alone: the transposed x chunk,
 // in x T floats, is ~256 KiB and stays in L2).  The chunks form token blocks (a split fixed by N and
-// T, at least kMinBlockTokens tokens each); at::parallel_for runs one block per task, with no other
-// synchronisation, and per chunk:
+// T, at least kMinBlockTokens tokens each); the at::parallel_for tasks take blocks one at a time
+// (an atomic counter), with no other synchronisation, and per chunk:
 //
 //   1. x's and dY's chunks are transposed into xT (in, Tp) and dyT (out, Tp) in the accumulation
 //      type (half inputs converted here; Tp = T rounded up to 8 lanes, the padding zero);
@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -247,9 +248,12 @@ void run_blocks(const at::Tensor& dy, const at::Tensor& x, const int32_t* crow, 
   const int64_t chunks_per_block = (chunks + wanted - 1) / wanted;
   const int64_t blocks = (chunks + chunks_per_block - 1) / chunks_per_block;
   std::vector<Acc> partials(static_cast<size_t>((blocks - 1) * K), Acc(0));
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+  // Each task takes the next block until none is left (a task on a core another process holds takes
+  // fewer), so parallel_for's split of [0, blocks) only sets the number of tasks.
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, blocks, 1, [&](int64_t, int64_t) {
     std::vector<Acc> xT(static_cast<size_t>(in * ld)), dyT(static_cast<size_t>(out * ld)), zeros(ld, Acc(0));
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = next_block++; b < blocks; b = next_block++) {
       Acc* sums = b == 0 ? values : partials.data() + (b - 1) * K;
       for (int64_t c = b * chunks_per_block; c < std::min(chunks, (b + 1) * chunks_per_block); ++c) {
         const int64_t t0 = c * T_, rows = std::min(T_, N - t0);
