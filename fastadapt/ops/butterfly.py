@@ -486,18 +486,20 @@ def _road_linear_backward(rotate_backward, fold: bool, grad: Tensor, x: Tensor, 
     db = R^T sum_rows dy.  Otherwise (Triton: the df, dg kernel writes dh in the same pass over dy
     and h, and the GEMM reads dh instead of dy; R W would move as many bytes as dh at the GPU
     shapes, where out x in ~ N x out / 2) dx = dh W, dW = dh^T x, db = sum_rows dh."""
-    empty = x.new_empty(0)
+    def empty():   # a fresh one per output: a custom op's outputs must not alias each other
+        return grad.new_empty(0)
     if fold or not need_coefficients:   # without the coefficients' gradients h is not saved
-        dx = grad @ _road_pairs(weight, f, g, group_size, False).to(weight.dtype) if need_x else empty
-        dW = _road_pairs(grad.T @ x, f, g, group_size, True).to(weight.dtype) if need_weight else empty
-        db = _road_pairs(grad.sum(0, dtype=f.dtype)[:, None], f, g, group_size, True)[:, 0] if need_bias else empty
-        df = dg = empty
+        dx = grad @ _road_pairs(weight, f, g, group_size, False).to(weight.dtype) if need_x else empty()
+        dW = _road_pairs(grad.T @ x, f, g, group_size, True).to(weight.dtype) if need_weight else empty()
+        db = (_road_pairs(grad.sum(0, dtype=f.dtype)[:, None], f, g, group_size, True)[:, 0] if need_bias
+              else empty())
+        df, dg = empty(), empty()
         if need_coefficients:
             _, df, dg = rotate_backward(grad, h, f, g, group_size, False)
         return [dx, dW, db, df, dg]
     dh, df, dg = rotate_backward(grad, h, f, g, group_size, True)
-    return [dh @ weight if need_x else empty, dh.T @ x if need_weight else empty,
-            dh.sum(0, dtype=f.dtype) if need_bias else empty, df, dg]
+    return [dh @ weight if need_x else empty(), dh.T @ x if need_weight else empty(),
+            dh.sum(0, dtype=f.dtype) if need_bias else empty(), df, dg]
 
 
 @fused_op("road_linear_backward", autocast=False)
@@ -520,10 +522,12 @@ def _(grad, x, weight, h, f, g, group_size, need_x, need_weight, need_bias, need
 @road_linear_backward_op.fake
 def _(grad, x, weight, h, f, g, group_size, need_x, need_weight, need_bias, need_coefficients):
     out, inp = weight.shape
-    empty = grad.new_empty(0)
-    return [grad.new_empty(grad.shape[0], inp) if need_x else empty, weight.new_empty(out, inp) if need_weight else empty,
-            f.new_empty(out) if need_bias else empty, f.new_empty(out) if need_coefficients else empty,
-            g.new_empty(out) if need_coefficients else empty]
+
+    def empty():
+        return grad.new_empty(0)
+    return [grad.new_empty(grad.shape[0], inp) if need_x else empty(),
+            weight.new_empty(out, inp) if need_weight else empty(), f.new_empty(out) if need_bias else empty(),
+            f.new_empty(out) if need_coefficients else empty(), g.new_empty(out) if need_coefficients else empty()]
 
 
 def _road_linear_setup(ctx, inputs, output):
@@ -542,10 +546,9 @@ def _road_linear_backward_autograd(ctx, grad, _grad_h):
     need_bias = need_bias and ctx.bias_dtype is not None
     if grad is None or not (need_x or need_weight or need_bias or need_f or need_g):
         return None, None, None, None, None, None
-    empty = weight.new_empty(0)
     dx, dW, db, df, dg = road_linear_backward_op(
-        grad, empty if x is None else x, weight, empty if h is None else h, f, g, ctx.group_size, need_x,
-        need_weight, need_bias, need_f or need_g)
+        grad, weight.new_empty(0) if x is None else x, weight, weight.new_empty(0) if h is None else h, f, g,
+        ctx.group_size, need_x, need_weight, need_bias, need_f or need_g)
     return (dx if need_x else None, dW if need_weight else None, db.to(ctx.bias_dtype) if need_bias else None,
             df if need_f else None, dg if need_g else None, None)
 
@@ -591,6 +594,7 @@ def _():
     weight = randn(12, 12, dtype=torch.float32, seed=18)
     h = F.linear(x, weight)
     yield (randn(5, 12, dtype=torch.float32, seed=19), x, weight, h, f, g, gs, True, True, True, True), {}
+    yield (randn(5, 12, dtype=torch.float32, seed=20), x[:0], weight, h, f, g, gs, True, False, False, True), {}
 
 
 def road_rotate(h: Tensor, f: Tensor, g: Tensor, group_size: int) -> Tensor:
