@@ -257,7 +257,7 @@ def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
     if not a_list or len(b_list) != len(a_list):
         raise ValueError(f"lora_A has {len(a_list)} entries and lora_B {len(b_list)}: pass one of each per adapter")
     scalings = [float(s) for s in _as_list("scaling", scaling, len(a_list))]
-    ranks = _check_lora_factors(a_list, b_list, in_features, out_features)
+    _check_lora_factors(a_list, b_list, in_features, out_features)
     adapter_compute_dtype("x", x, [(f"lora_A[{i}]", a) for i, a in enumerate(a_list)]
                           + [(f"lora_B[{i}]", b) for i, b in enumerate(b_list)])
     index = [int(i) for i in adapter_index]
@@ -267,8 +267,8 @@ def lora_mixed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
         raise ValueError(f"adapter_index={index} must hold -1 (no adapter) or 0..{len(a_list) - 1}")
     x2d = x.reshape(-1, in_features)
     rows, counts = _sample_rows(index, len(a_list), x2d.shape[0] // max(x.shape[0], 1))
-    y = lora_mixed_linear_op(x2d, weight, bias, torch.cat(a_list), torch.cat(b_list, dim=1), scalings, ranks,
-                             rows.to(x.device, non_blocking=True), counts)[0]
+    y = lora_mixed_linear_op(x2d, weight, bias, a_list, b_list, scalings, rows.to(x.device, non_blocking=True),
+                             counts)[0]
     return y.reshape(*x.shape[:-1], out_features)
 
 
