@@ -6,6 +6,8 @@ launcher that takes a half base with PEFT's float32 adapter obey :func:`check_op
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
@@ -40,3 +42,16 @@ def check_tiles(**tiles) -> None:
     for name, value in tiles.items():
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name}={value} must be a power of two >= 16, e.g. {name}=32")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (programs that run side by side); 1 for a CPU
+    tensor, where the interpreter runs programs one after another and splitting gains nothing."""
+    if device.type != "cuda":
+        return 1
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())

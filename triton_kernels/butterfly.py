@@ -39,13 +39,12 @@ float32.  The interpreter runs fixed small tiles.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._tiles import block_r
+from ._tiles import block_r, sm_count
 
 HALF = (torch.float16, torch.bfloat16)
 
@@ -359,18 +358,6 @@ def butterfly_pass_grad(x: torch.Tensor, g: torch.Tensor, geometry, splits: int 
     return partial.sum(0)
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 1 in the interpreter (programs run one by one)."""
-    if device.type != "cuda":
-        return 1
-    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def householder_tiles(b: int, k: int, interpreted: bool = False, *, rows: int = 0, blocks: int = 1,
                       sms: int = 1) -> dict:
     """Tiles of the compact-WY kernel (shared with benchmarks/compile_butterfly.py): the rank padded
@@ -399,7 +386,7 @@ def householder_forward(x: torch.Tensor, U: torch.Tensor, K: torch.Tensor) -> tu
         raise ValueError(f"U {tuple(U.shape)} and K {tuple(K.shape)} do not fit x {tuple(x.shape)}")
     z = torch.empty(N, n * b, dtype=x.dtype, device=x.device)
     P = torch.empty(n, N, k, dtype=torch.float32, device=x.device)
-    tiles = householder_tiles(b, k, _interpreted(x), rows=N, blocks=n, sms=_sms(x.device))
+    tiles = householder_tiles(b, k, _interpreted(x), rows=N, blocks=n, sms=sm_count(x.device))
     _householder_fwd_kernel[(triton.cdiv(N, tiles["BLOCK_M"]), n)](
         x, U, K, z, P, N, b, k, x.stride(0), x.stride(1), U.stride(0), U.stride(1), U.stride(2),
         0 if K.shape[0] == 1 else K.stride(0), K.stride(1), K.stride(2), z.stride(0), P.stride(0), P.stride(1),

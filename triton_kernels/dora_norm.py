@@ -36,32 +36,18 @@ fp32 (v and P float32, as PEFT's float32 adapter path computes them from dY.to(f
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from ._tiles import block_r, check_operands, check_tiles
+from ._tiles import block_r, check_operands, check_tiles, sm_count
 
 FINISH_BLOCK = 1024     # rows per program of the split-K norm's finish kernel (a few KiB each)
 
 
 # ----------------------------------------------------------------------------------------------
 # Filling the GPU: how many ways to split work whose natural tiles are fewer than the SMs.
-
-@functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA ``device`` (programs that run side by side); 1 for a CPU
-    tensor, where the interpreter runs programs one after another and splitting gains nothing."""
-    if device.type != "cuda":
-        return 1
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
 
 def fill_splits(blocks: int, sms: int, max_splits: int) -> int:
     """Ways s to split each of ``blocks`` equal, independent pieces of work so that blocks x s
