@@ -213,6 +213,7 @@ def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iter
             row["time_s"] = times[name]
             row["min_time_s"] = min(samples[name])
             row["rounds"] = len(samples[name])
+            row["samples_s"] = samples[name]
             row["ratio"] = times[name] / times["base"]
             if device_times is not None:
                 row["device_time_s"] = device_times[name]
@@ -247,7 +248,8 @@ def run_cases(cases: list[Case], d: int, n: int, dtype: torch.dtype, device, ite
       "time":  time_s (median fwd+bwd seconds), min_time_s (the fastest run: the cost without the
                scheduler's interruptions, what host-overhead tables read), ratio (time / base time),
                rounds (timed runs per arm: ``iters``, or up to ``max_iters`` while a median is
-               uncertain, :func:`fastadapt.bench.time_arm_samples`); on CUDA also
+               uncertain, :func:`fastadapt.bench.time_arm_samples`), samples_s (every timed run, in
+               order); on CUDA also
                device_time_s and device_ratio (profiler device time, median of
                min(iters, DEVICE_TIME_ITERS) profiled runs);
       "saved": saved_ratio (saved-activation bytes / bytes(x));
