@@ -42,3 +42,21 @@ def fuse_every_call(monkeypatch):
     unless a test asks for the crossover (tests/test_bridge.py tests it)."""
     import fastadapt.peft
     monkeypatch.setattr(fastadapt.peft, "measured_crossover", lambda layer, x: 0)
+
+
+@pytest.fixture
+def without_compiler(monkeypatch):
+    """csrc/ as on a machine without a C++ compiler: every build raises, FASTADAPT_BACKEND unset,
+    the extension's cached load cleared before and after (so the next test builds for real)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    from fastadapt import _cpp, backend
+
+    def no_compiler(*args, **kwargs):
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.delenv(backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    _cpp.extension.cache_clear()
+    yield
+    _cpp.extension.cache_clear()

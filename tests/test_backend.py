@@ -58,21 +58,12 @@ def test_forced_triton_on_cpu_uses_interpreter(monkeypatch):
         backend.select("op", CPU, ("torch", "triton"))
 
 
-def test_missing_compiler_degrades_to_torch_with_one_warning(monkeypatch):
-    import torch.utils.cpp_extension as ext
-
-    def no_compiler(*args, **kwargs):
-        raise OSError("no C++ compiler found")
-
-    monkeypatch.setattr(ext, "load", no_compiler)
+def test_missing_compiler_degrades_to_torch_with_one_warning(without_compiler, monkeypatch):
     monkeypatch.setattr(_cpp, "_sources", lambda: ["fake.cpp"])
     _cpp.extension.cache_clear()
-    try:
-        with pytest.warns(UserWarning, match="could not be built"):
-            assert _cpp.extension() is None
-        monkeypatch.setenv(backend.ENV_VAR, "cpp")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # the build is not retried, so no second warning
-            assert backend.select("op", CPU, ("torch", "cpp")) == "torch"
-    finally:
-        _cpp.extension.cache_clear()
+    with pytest.warns(UserWarning, match="could not be built"):
+        assert _cpp.extension() is None
+    monkeypatch.setenv(backend.ENV_VAR, "cpp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the build is not retried, so no second warning
+        assert backend.select("op", CPU, ("torch", "cpp")) == "torch"
