@@ -53,6 +53,15 @@ class BridgeEntry:
                 below which PEFT's own forward is faster than this entry's fused one (its host time:
                 argument checks, the op's autograd wrapper, more Python per op, outweighs the work it
                 saves); measured crossovers (benchmarks/NOTES.md, platform), none = always fused.
+    small_forward: ``small_forward(layer, adapter_name, x) -> y`` for the calls below min_macs:
+                PEFT's forward for one active adapter without its per-call Python (property lookups,
+                argument plumbing, submodule ``__call__``s): the same torch ops in the same order on
+                the same tensors, so the same numbers bit for bit, the same random draws and the same
+                autograd graph.  The bridge calls it only for a call with no extra arguments, one
+                active adapter that the layer holds and this entry applies to, adapters enabled and
+                unmerged; it checks what else it relies on (``hookless`` on every submodule it
+                bypasses, dtypes, the adapter's variant) and returns ``peft_forward(layer, x)`` where
+                that does not hold.  Without it such calls run PEFT's forward.
     """
 
     peft_class: str
@@ -66,6 +75,26 @@ class BridgeEntry:
     forward_many: Optional[Callable] = None
     check_many: Optional[Callable] = None
     min_macs: dict = field(default_factory=dict)
+    small_forward: Optional[Callable] = None
+
+
+def peft_forward(layer, x, *args, **kwargs):
+    """PEFT's own forward of a (possibly patched) tuner layer."""
+    return type(layer).forward(layer, x, *args, **kwargs)
+
+
+_module_hooks = nn.modules.module
+
+
+def hookless(*modules: nn.Module) -> bool:
+    """Whether running these modules' forward math directly (``F.linear(x, m.weight, m.bias)`` for
+    an nn.Linear ``m``, ...) is what calling them does: no forward or backward hooks on any of them
+    and no global module hooks (the test ``nn.Module.__call__`` makes before its fast path)."""
+    if (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks
+            or _module_hooks._global_backward_hooks or _module_hooks._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in modules)
 
 
 @dataclass
@@ -188,12 +217,9 @@ def _choose(layer, x, adapters: list[str], adapter_names):
     return chosen, None
 
 
-SMALL_CALL_REASON = "small call: PEFT's forward takes less host time (below min_macs)"
+SMALL_CALL_REASON = "small call: PEFT's math takes less host time there (below min_macs)"
 _ATTR_MIN_MACS = "_fastadapt_min_macs"
-
-
-_ATTR_CROSSOVERS = "_fastadapt_crossovers"
-_ATTR_ELEMENT_BOUND = "_fastadapt_element_bound"
+_ATTR_SMALL_PLANS = "_fastadapt_small_plans"
 
 
 def measured_crossover(layer, x) -> int:
@@ -204,26 +230,26 @@ def measured_crossover(layer, x) -> int:
     return 0 if entry is None else entry.min_macs.get(x.device.type, 0)
 
 
-def _small_call(layer, x) -> bool:
-    """Whether the call runs PEFT's forward for its size: x.numel() x out_features below the
-    crossover, compared as x.numel() < ceil(min_macs / out_features).  That bound is kept per
-    (active adapters, CUDA or not) outside tracing; a stale value (an adapter's configuration
-    changed under the same name, another non-CUDA device after the CPU) only moves the choice
-    between two paths that give the same result.  Kept lean: this runs before every call."""
+def _small_plan(layer, x) -> tuple:
+    """(bound, lean) for the layer's active adapters on x's kind of device: a call is small iff
+    x.numel() < bound (x.numel() x out_features below the crossover, as x.numel() < ceil(min_macs /
+    out_features)); lean = (small_forward, adapter) that serves a small call, or None (PEFT's
+    forward).  Kept per (active adapters, CUDA or not) outside tracing; a stale plan (an adapter's
+    configuration changed under the same name, another non-CUDA device after the CPU) only moves the
+    choice between paths that give the same result: each small_forward checks the configuration it
+    relies on.  Kept lean: this runs before every call."""
     state = layer.__dict__
-    limit = state[_ATTR_MIN_MACS]
-    if limit is None:
-        active = layer.active_adapter   # a name, or a list of names
-        key = (active if isinstance(active, str) else tuple(active), x.is_cuda)
-        cache = state[_ATTR_CROSSOVERS]
-        bound = cache.get(key)
-        if bound is None:
-            bound = _element_bound(layer, measured_crossover(layer, x))
-            if not torch.compiler.is_compiling():   # a write to the cache there would recompile the next call
-                cache[key] = bound
-    else:
-        bound = state[_ATTR_ELEMENT_BOUND]
-    return x.numel() < bound
+    active = layer.active_adapter   # a name, or a list of names
+    key = (active if isinstance(active, str) else tuple(active), x.is_cuda)
+    cache = state[_ATTR_SMALL_PLANS]
+    plan = cache.get(key)
+    if plan is None:
+        min_macs = state[_ATTR_MIN_MACS]
+        plan = (_element_bound(layer, measured_crossover(layer, x) if min_macs is None else min_macs),
+                _lean_forward(layer))
+        if not torch.compiler.is_compiling():   # a write to the cache there would recompile the next call
+            cache[key] = plan
+    return plan
 
 
 def _element_bound(layer, min_macs: int) -> int:
@@ -234,11 +260,23 @@ def _element_bound(layer, min_macs: int) -> int:
     return -(-min_macs // out) if out else 1   # no out_features known: only an empty x counts as small
 
 
+def _lean_forward(layer) -> Optional[tuple]:
+    """(small_forward, adapter) of the entry serving the layer's one active adapter, if it has one."""
+    active = layer.active_adapters
+    if len(active) != 1 or not _held(layer, active):
+        return None
+    entry = next((e for e in layer._fastadapt_entries if e.applies(layer, active[0])), None)
+    return None if entry is None or entry.small_forward is None else (entry.small_forward, active[0])
+
+
 def _patched_forward(layer, x, *args, **kwargs):
-    if _small_call(layer, x):   # first and alone: this path is all host time
+    bound, lean = _small_plan(layer, x)
+    if x.numel() < bound:   # first and alone: this path is all host time
         if not torch.compiler.is_compiling():
             layer.__dict__[_ATTR_REPORT].fallbacks[SMALL_CALL_REASON] += 1
-        return type(layer).forward(layer, x, *args, **kwargs)
+        if lean is None or args or kwargs or layer._disable_adapters or layer.merged_adapters:
+            return type(layer).forward(layer, x, *args, **kwargs)
+        return lean[0](layer, lean[1], x)
     report: AccelerationReport = layer.__dict__[_ATTR_REPORT]
     reason = _common_reason(layer, args, kwargs)
     adapter_names = kwargs.get("adapter_names")
@@ -285,8 +323,9 @@ def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox",
         bit-identical to PEFT on CPU (the mask is kept as 1 bit per element for backward); on
         other devices such calls run PEFT's forward.
     min_macs: a call whose base layer does fewer multiply-adds (x.numel() x out_features) runs
-        PEFT's own forward, which costs less host time than a fused call there (the report counts
-        it with SMALL_CALL_REASON).  None (default): the method's measured crossover on x's device
+        PEFT's own math, which costs less host time than a fused call there (the report counts it
+        with SMALL_CALL_REASON): the entry's ``small_forward`` where it has one (PEFT's ops without
+        PEFT's per-call Python), else PEFT's forward.  None (default): the method's measured crossover on x's device
         (``BridgeEntry.min_macs``); 0: every call fused.
     Calling it again first reverts, then patches afresh.
     """
@@ -312,8 +351,7 @@ def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox",
         module._fastadapt_entries = entries
         module.__dict__[_ATTR_DROPOUT] = dropout
         module.__dict__[_ATTR_MIN_MACS] = min_macs
-        module.__dict__[_ATTR_CROSSOVERS] = {}
-        module.__dict__[_ATTR_ELEMENT_BOUND] = None if min_macs is None else _element_bound(module, min_macs)
+        module.__dict__[_ATTR_SMALL_PLANS] = {}
         setattr(module, _ATTR_REPORT, report)
         module.forward = types.MethodType(_patched_forward, module)
         report.patched[cls] += 1
@@ -330,8 +368,7 @@ def revert(model: nn.Module) -> int:
             del module._fastadapt_entries
             module.__dict__.pop(_ATTR_DROPOUT, None)
             module.__dict__.pop(_ATTR_MIN_MACS, None)
-            module.__dict__.pop(_ATTR_CROSSOVERS, None)
-            module.__dict__.pop(_ATTR_ELEMENT_BOUND, None)
+            module.__dict__.pop(_ATTR_SMALL_PLANS, None)
             delattr(module, _ATTR_REPORT)
             restored += 1
     if _ATTR_REPORT in vars(model):

@@ -189,6 +189,45 @@ def test_an_active_adapter_the_layer_does_not_hold_runs_peft(monkeypatch):
     assert report.fallbacks == {"the active adapter is not on this layer (PEFT runs the base layer)": 1}
 
 
+def test_small_forward_serves_plain_calls_only():
+    """A small call runs the entry's small_forward (LoRA's: PEFT's ops without PEFT's per-call Python)
+    only where that is what PEFT's forward does; with a hook on a submodule it bypasses, the adapters
+    disabled or merged, PEFT's forward runs (and the hook fires)."""
+    model = _lora_model()
+    x = randn(3, 5, 12)
+    expected = model(x)
+    report = fastadapt.accelerate(model, min_macs=1 << 40)
+    layer = model.base_model.model[0]
+    small_forward, adapter = bridge._lean_forward(layer)
+    served = []
+
+    def count_small_calls():   # the plan the first call cached, its small_forward wrapped to count calls
+        model(x)
+        plans = layer.__dict__[bridge._ATTR_SMALL_PLANS]
+        for key, (bound, _) in plans.items():
+            plans[key] = (bound, (lambda *args: served.append(1) or small_forward(*args), adapter))
+        served.clear()
+
+    count_small_calls()
+    assert torch.equal(model(x), expected) and len(served) == 1
+    assert report.fused_calls == 0 and report.fallbacks == {bridge.SMALL_CALL_REASON: 4}
+    handle = layer.lora_A["default"].register_forward_hook(lambda module, args, out: 2 * out)
+    with_hook = model(x)   # small_forward sees the hook and hands the call to PEFT's forward
+    fastadapt.revert(model)
+    assert torch.equal(with_hook, model(x)) and not torch.equal(with_hook, expected)
+    handle.remove()
+    fastadapt.accelerate(model, min_macs=1 << 40)
+    count_small_calls()
+    with model.disable_adapter():
+        assert torch.equal(model(x), linear_forward(model, x))
+    model.merge_adapter()
+    assert_rel_close(model(x), expected)
+    model.unmerge_adapter()
+    assert not served
+    assert_rel_close(model(x), expected)   # the unmerged weight is W + dW - dW: rounding
+    assert len(served) == 1
+
+
 def test_calls_below_the_crossover_run_peft(monkeypatch):
     """Below min_macs multiply-adds (x.numel() x out_features) a call runs PEFT's own forward,
     counted with its reason; the entry's measured crossover by default, 0 fuses every call."""

@@ -10,7 +10,8 @@ bases, modules_to_save.  Scenarios: eval and training calls (training with
 ``accelerate(model, dropout="torch")``: nn.Dropout's own masks, bit-identical to PEFT's on CPU)
 and calls with the adapters disabled; input shapes (1-D x, empty batch, extra leading dims) and
 torch.inference_mode; a second adapter on some layers only, set_adapter, delete_adapter; merge /
-unmerge / merge_and_unload; save_pretrained / from_pretrained round trips.  A call the fused path
+unmerge / merge_and_unload; save_pretrained / from_pretrained round trips; calls below the
+crossover (the entries' ``small_forward``: PEFT's math bit for bit).  A call the fused path
 does not serve falls back to PEFT's forward with a reason; only configurations the generator marks
 ``FallsBack`` may do so in eval.  A sweep dtype below float64 (SWEEP_DTYPE) is held to the
 half-precision contract's rule instead: error against a float64 copy within the table or at most
@@ -34,6 +35,7 @@ from safetensors.torch import load_file
 
 import fastadapt
 from fastadapt.numerics import assert_rel_close, rel_error, tolerance
+from fastadapt import peft as bridge
 from fastadapt.peft import bridged_methods
 from fastadapt.testing import FallsBack, Targets, generator, noncontig, peft_configs, perturb_, randn
 
@@ -112,7 +114,7 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
                                         "exact (table 1e-5)",
 }
 
-SCENARIOS = ("calls", "shapes", "adapters", "merge", "checkpoint")
+SCENARIOS = ("calls", "shapes", "adapters", "merge", "checkpoint", "small")
 
 
 def _known_failure(scenario: str, case: Case):
@@ -375,3 +377,36 @@ def test_checkpoint_round_trip(case, tmp_path):
     loaded_report = fastadapt.accelerate(loaded["fused"], methods=[case.method])
     _assert_same_step(case, loaded["peft"], loaded["fused"], what="loaded checkpoint")
     _assert_served(loaded_report, 0, falls_back, 2 * len(MODELS[case.model].targets.names), what="loaded")
+
+
+@pytest.mark.parametrize("case", _params("small"))
+def test_small_calls(case, monkeypatch):
+    """Calls below the crossover run PEFT's math: the entry's ``small_forward`` (PEFT's ops without
+    its per-call Python) where the method has one, else PEFT's forward.  Eval and training steps
+    (nn.Dropout's draws from the same RNG state) give PEFT's output and every gradient bit for bit,
+    and a method with a small_forward never runs PEFT's forward for such a call."""
+    peft_model, fused, _, _ = _build(case)
+    report = fastadapt.accelerate(fused, methods=[case.method], min_macs=1 << 62)
+    layers = [m for m in fused.modules() if hasattr(m, "_fastadapt_entries")]
+    lean = all(bridge._lean_forward(layer) is not None for layer in layers)
+    layer_class = type(layers[0])
+    peft_calls = []
+    d_in = MODELS[case.model].sizes[0]
+    for training in (False, True):
+        peft_model.train(training), fused.train(training)
+        x, strided = randn(2, 3, d_in, dtype=case.dtype), noncontig(randn(2, 3, d_in, dtype=case.dtype))
+        seed = int(torch.randint(2 ** 31, ()))
+        want = _step(peft_model, x, strided, seed)
+        with monkeypatch.context() as patch:
+            peft_forward = layer_class.forward
+            patch.setattr(layer_class, "forward",
+                          lambda layer, *args, **kwargs: peft_calls.append(1) or peft_forward(layer, *args, **kwargs))
+            have = _step(fused, x, strided, seed)
+        assert sorted(have) == sorted(want)
+        for name, expected in want.items():
+            got = have[name]
+            assert (got is None) == (expected is None) and (got is None or torch.equal(got, expected)), \
+                f"{'training' if training else 'eval'}: {name} differs from PEFT's"
+    assert report.fused_calls == 0 and list(report.fallbacks) == [bridge.SMALL_CALL_REASON], str(report)
+    if lean:
+        assert not peft_calls, f"{len(peft_calls)} small calls ran PEFT's forward"

@@ -33,7 +33,8 @@ from ..ops._policy import HALF_DTYPES
 from ..ops.lowrank import ia3_linear, lora_linear, lora_mixed_linear, miss_linear, randlora_linear, shira_linear, \
     svft_linear, vera_linear
 from ..reference.structured import svft_pattern
-from ..peft import BridgeEntry, dropout_stream
+from ..peft import BridgeEntry, dropout_stream, hookless, peft_forward
+from ._lean import run, submodule
 
 PHILOX_DROPOUT_NOTE = "dropout mask from fastadapt's Philox stream (nn.Dropout's distribution, not PEFT's bits)"
 BASE_CLASSES = ("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D")
@@ -150,11 +151,23 @@ def lora_forward_many(layer, adapters: list[str], x, adapter_names=None):
     return lora_forward_mixed(layer, adapters, x, adapter_names)
 
 
+def lora_small_forward(layer, adapter: str, x):
+    """PEFT's ``lora.Linear.forward`` for one vanilla adapter, for small calls: base(x) + lora_B(
+    lora_A(dropout(x))) * scaling, then the base output's dtype, as the same ops (fastadapt.peft:
+    ``BridgeEntry.small_forward``); PEFT's forward where x needs PEFT's input cast or a module has hooks."""
+    a, b = submodule(layer, "lora_A", adapter), submodule(layer, "lora_B", adapter)
+    dropout, base = submodule(layer, "lora_dropout", adapter), layer._modules["base_layer"]
+    if adapter in layer.lora_variant or x.dtype != a.weight.dtype or not hookless(base, a, b, dropout):
+        return peft_forward(layer, x)
+    result = run(base, x)
+    return (result + run(b, run(a, run(dropout, x))) * layer.scaling[adapter]).to(result.dtype)
+
+
 def _lora_entry(method: str) -> BridgeEntry:
     return BridgeEntry(peft_class="peft.tuners.lora.layer.Linear", method=method, forward=lora_forward,
                        applies=_lora_applies, check=_lora_check, note=_lora_note, base_classes=BASE_CLASSES,
                        autocast=True, forward_many=lora_forward_many, check_many=_lora_check_many,
-                       min_macs={"cpu": 400 << 20})
+                       min_macs={"cpu": 400 << 20}, small_forward=lora_small_forward)
 
 
 def _not_mixed(layer, adapters, x, adapter_names) -> Optional[str]:
