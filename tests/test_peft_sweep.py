@@ -403,10 +403,12 @@ def test_small_calls(case, monkeypatch):
                           lambda layer, *args, **kwargs: peft_calls.append(1) or peft_forward(layer, *args, **kwargs))
             have = _step(fused, x, strided, seed)
         assert sorted(have) == sorted(want)
-        for name, expected in want.items():
+        for name, expected in want.items():   # bit for bit, NaN where PEFT's is (LoHa's rank dropout at 1-2 units)
             got = have[name]
-            assert (got is None) == (expected is None) and (got is None or torch.equal(got, expected)), \
-                f"{'training' if training else 'eval'}: {name} differs from PEFT's"
+            assert (got is None) == (expected is None), f"{name}: {got} vs PEFT's {expected}"
+            if got is not None:
+                torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True,
+                                           msg=lambda m: f"{'training' if training else 'eval'}: {name}: {m}")
     assert report.fused_calls == 0 and list(report.fallbacks) == [bridge.SMALL_CALL_REASON], str(report)
     if lean:
         assert not peft_calls, f"{len(peft_calls)} small calls ran PEFT's forward"
