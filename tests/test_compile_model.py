@@ -24,6 +24,7 @@ from peft import LoraConfig, get_peft_model
 import fastadapt
 from fastadapt import peft as bridge
 from fastadapt.numerics import assert_rel_close
+from fastadapt.layers.lowrank import lora_small_forward
 from fastadapt.peft import bridged_methods
 from fastadapt.testing import peft_configs, perturb_, tiny_llama
 
@@ -177,12 +178,14 @@ def test_the_bridge_traces_in_one_graph_and_counts_only_in_eager(monkeypatch):
 
 def test_the_crossover_traces_in_one_graph(monkeypatch):
     """The small-call choice (BridgeEntry.min_macs, its per-layer cache) traces without a graph
-    break or a recompile on the next call, on both sides of the crossover."""
+    break or a recompile on the next call, on both sides of the crossover; below it, LoRA's
+    small_forward (PEFT's ops run directly) traces too."""
     monkeypatch.setattr(bridge, "measured_crossover", MEASURED_CROSSOVER)
     ids = torch.randint(0, 64, (2, 5))
     for min_macs, fused in [(1 << 40, False), (4, True)]:
         entry = bridge.BridgeEntry(LORA_CLASS, "lora", _toy_lora_forward,
-                                   applies=lambda layer, a: not layer.use_dora[a], min_macs={"cpu": min_macs})
+                                   applies=lambda layer, a: not layer.use_dora[a], min_macs={"cpu": min_macs},
+                                   small_forward=lora_small_forward)
         monkeypatch.setattr(bridge, "registry", lambda: {LORA_CLASS: [entry]})
         model = get_peft_model(tiny_llama(3, dtype=torch.float32, layers=1), LoraConfig(r=4, target_modules=["q_proj"]))
         perturb_(model, scale=0.05)
