@@ -24,7 +24,9 @@ calls under torch.autocast run fused with PEFT's semantics (the ops cast x and W
 dtype and keep the small adapter tensors in float32; BOFT and HRA return x's dtype, RoAd the
 base output's, as PEFT);
 dtypes outside PEFT's adapter dtype policy (fastadapt.ops._policy) run PEFT's forward, which
-then does whatever PEFT does with them.
+then does whatever PEFT does with them.  BOFT and RoAd calls below the method's crossover
+(``BridgeEntry.min_macs``) run PEFT's own ops without PEFT's per-call Python
+(``boft_small_forward``, ``road_small_forward``): PEFT's numbers, random draws and autograd graph.
 
 BOFT with n_butterfly_factor > 1.  Without its CUDA block-diagonal extension PEFT builds every
 BOFT layer with one factor whatever the config says (with a warning), so a checkpoint trained
@@ -37,6 +39,8 @@ PEFT's behaviour for the whole process, so nothing calls it on import: a user op
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from typing import Optional
 
@@ -46,7 +50,8 @@ from torch import nn
 from .. import _validate
 from ..ops import butterfly as ops
 from ..ops._policy import acc_dtype, fallback_reason, is_mixed
-from ..peft import BridgeEntry
+from ..peft import BridgeEntry, hookless, peft_forward
+from ._lean import run, submodule
 
 
 def _frozen_linear(base_layer) -> nn.Linear:
@@ -416,6 +421,51 @@ def boft_forward(layer, adapter: str, x):
     return out.to(x.dtype)  # PEFT's output dtype, also under torch.autocast
 
 
+@functools.cache
+def _peft_layers(method: str):
+    """PEFT's ``peft.tuners.<method>.layer`` module (imported on first use: PEFT is optional)."""
+    return importlib.import_module(f"peft.tuners.{method}.layer")
+
+
+def boft_small_forward(layer, adapter: str, x):
+    """PEFT's BOFT ``Linear.forward`` for one active adapter, for small calls (fastadapt.peft:
+    ``BridgeEntry.small_forward``): the Cayley blocks of boft_R, PEFT's block dropout, the block
+    diagonal (PEFT's CUDA extension's autograd function where the layer has it, else block_diag),
+    the permutation products, x @ R through the base layer, the output rows scaled around the bias,
+    as PEFT's ops.  PEFT's forward where a module has hooks."""
+    base, dropout = layer._modules["base_layer"], submodule(layer, "boft_dropout", adapter)
+    if not hookless(base, dropout):
+        return peft_forward(layer, x)
+    previous_dtype = x.dtype
+    boft_R = layer._modules["boft_R"]._parameters[adapter]
+    boft_s = layer._modules["boft_s"]._parameters[adapter]
+    state = layer.__dict__
+    boft_rotation = torch.eye(state["in_features"], device=x.device, dtype=previous_dtype)
+    boft_scale = torch.ones((int(state["out_features"]), 1), device=x.device, dtype=previous_dtype)
+    N, D, H, _ = boft_R.shape
+    blocks = dropout.forward(layer.cayley_batch(boft_R.view(N * D, H, H)).view(N, D, H, H))
+    if state["fbd_cuda_available"]:
+        block_diagonal = _peft_layers("boft").FastBlockDiag.apply(blocks)
+    else:
+        block_diagonal = torch.block_diag(*torch.unbind(blocks.squeeze(0))).unsqueeze(0)
+    boft_P = layer._buffers["boft_P"].to(x)
+    block_diagonal = block_diagonal.to(x)
+    butterflies = torch.bmm(boft_P, torch.bmm(block_diagonal, boft_P.permute(0, 2, 1)))
+    rotation = butterflies[0]
+    for i in range(1, butterflies.shape[0]):
+        rotation = butterflies[i] @ rotation
+    boft_rotation = rotation @ boft_rotation
+    boft_scale = boft_s * boft_scale
+    result = run(base, x @ boft_rotation.to(previous_dtype))
+    bias = base.bias
+    if bias is not None:
+        result = result - bias
+    result = result * boft_scale.squeeze(-1)
+    if bias is not None:
+        result = result + bias
+    return result.to(previous_dtype)
+
+
 def hra_check(layer, adapter: str, x) -> Optional[str]:
     base = layer.get_base_layer()
     return (_features_reason(layer, x)
@@ -450,15 +500,34 @@ def road_forward(layer, adapter: str, x):
                            layer.road_alpha[adapter], base.weight, base.bias)
 
 
+def road_small_forward(layer, adapter: str, x):
+    """PEFT's RoAd ``Linear.forward`` for one active adapter, for small calls (fastadapt.peft:
+    ``BridgeEntry.small_forward``): the base output, cast to the adapter's dtype as PEFT casts it,
+    rotated by PEFT's ``_apply_road``, back in the base output's dtype.  PEFT's forward where the
+    base layer has hooks."""
+    base = layer._modules["base_layer"]
+    if not hookless(base):
+        return peft_forward(layer, x)
+    result = run(base, x)
+    result_dtype = result.dtype
+    road_theta = layer._modules["road_theta"]._parameters[adapter]
+    if result_dtype != road_theta.dtype:
+        result = layer._cast_input_dtype(result, road_theta.dtype)
+    state = layer.__dict__
+    result = _peft_layers("road")._apply_road(state["variant"][adapter], state["group_size"][adapter], road_theta,
+                                              layer._modules["road_alpha"]._parameters[adapter], result)
+    return result.to(result_dtype)
+
+
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.boft.layer.Linear", method="boft", forward=boft_forward,
                 applies=lambda layer, a: a in layer.boft_R, check=boft_check, autocast=True,
-                min_macs={"cpu": 4 << 20}),
+                min_macs={"cpu": 4 << 20}, small_forward=boft_small_forward),
     BridgeEntry(peft_class="peft.tuners.hra.layer.HRALinear", method="hra", forward=hra_forward,
                 applies=lambda layer, a: a in layer.hra_u, check=hra_check, autocast=True),
     BridgeEntry(peft_class="peft.tuners.road.layer.Linear", method="road", forward=road_forward,
                 applies=lambda layer, a: a in layer.road_theta, check=road_check, autocast=True,
-                min_macs={"cpu": 400 << 20}),
+                min_macs={"cpu": 400 << 20}, small_forward=road_small_forward),
 ]
 
 __all__ = ["BOFTLinear", "ETHERLinear", "GOFTLinear", "HRALinear", "PEFT_BRIDGE", "RoAdLinear", "TorchBlockDiagonal",
