@@ -23,9 +23,11 @@ distribution, not PEFT's bits: the report counts such calls under :data:`PHILOX_
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops._policy import fallback_reason
@@ -70,6 +72,14 @@ def _weight(layer):
     """The base weight as (out, in): a transposed view for fan_in_fan_out (Conv1D) storage."""
     base = layer.get_base_layer()
     return base.weight.T if layer.fan_in_fan_out else base.weight
+
+
+def _cast_input(layer, x, dtype):
+    """PEFT's ``BaseTunerLayer._cast_input_dtype``: x in ``dtype`` unless the layer's input cast is
+    disabled (``cast_input_dtype_enabled``, read only when the dtypes differ)."""
+    if x.dtype == dtype or not getattr(layer, "cast_input_dtype_enabled", True):
+        return x
+    return x.to(dtype=dtype)
 
 
 def _base_reason(layer, x, adapter_tensors, *, casts_x: bool) -> Optional[str]:
@@ -390,6 +400,35 @@ def _randlora_forward(layer, adapter, x):
     return y.to(x.dtype)
 
 
+def randlora_small_forward(layer, adapter: str, x):
+    """PEFT's ``randlora.Linear.forward`` (with ``get_scaled_bases``) for one adapter, for small calls:
+    base(x), the bases sliced and scaled by PEFT's own ``UniqueBaseGrad``, result + linear(linear(
+    dropout(x), first), second) * scaling in PEFT's order (float32 bases on CPU for a half adapter),
+    then x's dtype; PEFT's forward where a module has hooks."""
+    modules, state = layer._modules, layer.__dict__
+    base, dropout = modules["base_layer"], modules["randlora_dropout"]._modules[adapter]
+    if not hookless(base, dropout):
+        return peft_forward(layer, x)
+    previous_dtype, device = x.dtype, x.device
+    result = run(base, x)
+    bases_a, bases_b = modules["randlora_A"]._buffers[adapter], modules["randlora_B"]._buffers[adapter]
+    scale_a = modules["randlora_lambda"]._parameters[adapter].to(device)
+    scale_b = modules["randlora_gamma"]._parameters[adapter].to(device)
+    if x.is_cpu and bases_b.dtype in HALF_DTYPES:
+        bases_a, bases_b, scale_a, scale_b = bases_a.float(), bases_b.float(), scale_a.float(), scale_b.float()
+    d_in, d_out, num_bases = state["in_features"], state["out_features"], state["num_bases"]
+    min_dim, max_dim = min(d_out, d_in), max(d_out, d_in)
+    sliced_a = bases_a[:, :num_bases, :min_dim].to(device)
+    sliced_b = bases_b[:max_dim, :num_bases, :].to(device)
+    update_b = sliced_b.flatten(start_dim=1)
+    update_a = sys.modules[type(layer).__module__].UniqueBaseGrad.apply(sliced_a, scale_a, scale_b).flatten(end_dim=1)
+    first, second = (update_a, update_b) if min_dim == d_in else (update_b.T, update_a.T)
+    if x.dtype != second.dtype:
+        x = x.to(second.dtype)
+    result = result + F.linear(F.linear(run(dropout, x), first), second) * state["scaling"][adapter]
+    return result if result.dtype == previous_dtype else result.to(previous_dtype)
+
+
 # PiSSA / OLoRA are LoRA with another init (PEFT rewrites the base weight to the residual at init):
 # the same fused forward, listed under its catalog name so accelerate(methods=["pissa"]) finds it.
 PEFT_BRIDGE = [
@@ -418,7 +457,8 @@ PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.randlora.layer.Linear", method="randlora", forward=_randlora_forward,
                 applies=lambda layer, adapter: adapter in layer.randlora_lambda, check=_randlora_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.randlora_dropout[adapter]),
-                base_classes=BASE_CLASSES, autocast=True, min_macs={"cpu": 256 << 20}),
+                base_classes=BASE_CLASSES, autocast=True, min_macs={"cpu": 256 << 20},
+                small_forward=randlora_small_forward),
 ]
 
 # ----------------------------------------------------------------------------------------------
