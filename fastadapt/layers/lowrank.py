@@ -373,6 +373,23 @@ def _shira_forward(layer, adapter, x):
                         check=check)
 
 
+def shira_small_forward(layer, adapter: str, x):
+    """PEFT's ``shira.Linear.forward`` (with ``get_delta_weight``) for one adapter, for small calls:
+    a clone of the base weight plus the sparse COO update (shira_weight * scaling at its indices,
+    moved to the weight's device as PEFT does), then linear(x, that, base bias); PEFT's forward for a
+    quantized base or a base with hooks (PEFT's forward warns about those)."""
+    modules, state = layer._modules, layer.__dict__
+    base = modules["base_layer"]
+    if layer.quantization_backend is not None or not hookless(base):
+        return peft_forward(layer, x)
+    new_weight = base.weight.data.clone()
+    weight, held_indices = modules["shira_weight"]._parameters[adapter], state["shira_indices"]
+    indices = held_indices[adapter] = held_indices[adapter].to(weight.device)
+    new_weight += torch.sparse_coo_tensor(indices, weight * state["scaling"][adapter],
+                                          (state["out_features"], state["in_features"]))
+    return F.linear(x, new_weight, bias=base.bias)
+
+
 # ----------------------------------------------------------------------------------------------
 # RandLoRA: peft.tuners.randlora.layer.Linear
 
@@ -453,7 +470,7 @@ PEFT_BRIDGE = [
                 min_macs={"cpu": 1 << 30}),
     BridgeEntry(peft_class="peft.tuners.shira.layer.Linear", method="shira", forward=_shira_forward,
                 applies=lambda layer, adapter: adapter in layer.shira_weight, check=_shira_check, autocast=True,
-                min_macs={"cpu": 128 << 20}),
+                min_macs={"cpu": 128 << 20}, small_forward=shira_small_forward),
     BridgeEntry(peft_class="peft.tuners.randlora.layer.Linear", method="randlora", forward=_randlora_forward,
                 applies=lambda layer, adapter: adapter in layer.randlora_lambda, check=_randlora_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.randlora_dropout[adapter]),
