@@ -24,20 +24,25 @@ with hada_w1_a's rows scaled by m, so the fused op gets m o hada_w1_a and autogr
 training every fused call draws PEFT's torch.rand(1) module-dropout coin (unused at p = 0) so the
 default generator advances exactly as under PEFT.  PEFT's Conv1d / Conv2d LoHa and LoKr layers
 (including ``use_effective_conv2d`` and the CP-form ``hada_t1`` / ``lokr_t2``) are other classes:
-not patched, PEFT's forward, named in the acceleration report.
+not patched, PEFT's forward, named in the acceleration report.  Calls below the method's crossover
+(``BridgeEntry.min_macs``) run PEFT's own ops without PEFT's per-call Python (``loha_small_forward``,
+``lokr_small_forward``): PEFT's numbers, random draws (both dropouts included) and autograd graph.
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _validate
 from ..ops import hadamard as ops
 from ..ops._policy import HALF_DTYPES, fallback_reason
-from ..peft import BridgeEntry
+from ..peft import BridgeEntry, hookless, peft_forward
 from ..reference.hadamard import LoKr as _LoKrReference
 
 LOKR_INITS = (True, False, "lycoris")
@@ -242,13 +247,94 @@ def lokr_forward(layer, adapter: str, x):
     return y.to(x.dtype)      # PEFT's result.to(previous_dtype) (differs under torch.autocast)
 
 
+@functools.cache
+def _peft_layers(method: str):
+    """PEFT's ``peft.tuners.<method>.layer`` module (imported on first use: PEFT is optional)."""
+    return importlib.import_module(f"peft.tuners.{method}.layer")
+
+
+def _lycoris_small_forward(layer, adapter: str, x, cp_factor: str, delta_weight):
+    """PEFT's lycoris ``forward`` for one adapter of a LoHa / LoKr Linear, as PEFT's ops: base(x); in
+    training PEFT's module-dropout coin (torch.rand(1)) may skip the adapter; else dW =
+    ``delta_weight(layer, adapter, W.shape)`` (the adapter's ``get_delta_weight``), x cast to dW's
+    dtype as PEFT casts it, base(x) + x dW^T, in x's dtype.  PEFT's forward for a base layer other
+    than a hookless nn.Linear, or an adapter in its CP form (``cp_factor``, PEFT's Conv layers only)."""
+    base = layer._modules["base_layer"]
+    if type(base) is not nn.Linear or adapter in layer._modules[cp_factor]._parameters or not hookless(base):
+        return peft_forward(layer, x)
+    previous_dtype = x.dtype
+    result = F.linear(x, base.weight, base.bias)
+    if layer.training and not torch.rand(1) > layer.module_dropout[adapter]:
+        return result.to(previous_dtype)
+    weight = delta_weight(layer, adapter, base.weight.shape)
+    if x.dtype != weight.dtype:
+        x = layer._cast_input_dtype(x, weight.dtype)
+    return (result + F.linear(x, weight)).to(previous_dtype)
+
+
+def _loha_delta_weight(layer, adapter: str, shape):
+    """PEFT's LoHa ``get_delta_weight``: HadaWeight(w1a, w1b, w2a, w2b, torch.tensor(scaling)) in W's
+    shape; in training with rank_dropout, rows kept by torch.rand(out) > p (on the CPU), the mask
+    divided by its mean."""
+    params = layer._modules
+    weight = _peft_layers("loha").HadaWeight.apply(
+        params["hada_w1_a"]._parameters[adapter], params["hada_w1_b"]._parameters[adapter],
+        params["hada_w2_a"]._parameters[adapter], params["hada_w2_b"]._parameters[adapter],
+        torch.tensor(layer.scaling[adapter])).reshape(shape)
+    rank_dropout = layer.rank_dropout[adapter]
+    if layer.training and rank_dropout:
+        drop = (torch.rand(weight.size(0)) > rank_dropout).to(weight.dtype)
+        drop = drop.view(-1, 1).to(weight.device)
+        drop /= drop.mean()
+        weight *= drop
+    return weight
+
+
+def _lokr_factor(params, name: str, adapter: str):
+    """LoKr's w1 or w2: the whole factor, or the product of its two low-rank factors."""
+    whole = params[name]._parameters.get(adapter)
+    if whole is not None:
+        return whole
+    return params[name + "_a"]._parameters[adapter] @ params[name + "_b"]._parameters[adapter]
+
+
+def _lokr_delta_weight(layer, adapter: str, shape):
+    """PEFT's LoKr ``get_delta_weight``: make_kron(w1, w2, scaling) in W's shape; in training with
+    rank_dropout, a float32 row mask torch.rand(out) > p (on the CPU), divided by its mean with
+    rank_dropout_scale."""
+    params = layer._modules
+    w1 = _lokr_factor(params, "lokr_w1", adapter)
+    weight = _peft_layers("lokr").make_kron(w1, _lokr_factor(params, "lokr_w2", adapter),
+                                            layer.scaling[adapter]).reshape(shape)
+    rank_dropout = layer.rank_dropout[adapter]
+    if layer.training and rank_dropout:
+        drop = (torch.rand(weight.size(0)) > rank_dropout).float()
+        drop = drop.view(-1, 1).to(weight.device)
+        if layer.rank_dropout_scale[adapter]:
+            drop /= drop.mean()
+        weight *= drop
+    return weight
+
+
+def loha_small_forward(layer, adapter: str, x):
+    """PEFT's LoHa ``Linear.forward`` for one active adapter, for small calls (fastadapt.peft:
+    ``BridgeEntry.small_forward``): PEFT's ops without PEFT's per-call Python."""
+    return _lycoris_small_forward(layer, adapter, x, "hada_t1", _loha_delta_weight)
+
+
+def lokr_small_forward(layer, adapter: str, x):
+    """PEFT's LoKr ``Linear.forward`` for one active adapter, for small calls (fastadapt.peft:
+    ``BridgeEntry.small_forward``): PEFT's ops without PEFT's per-call Python."""
+    return _lycoris_small_forward(layer, adapter, x, "lokr_t2", _lokr_delta_weight)
+
+
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.loha.layer.Linear", method="loha", forward=loha_forward,
                 applies=lambda layer, a: a in layer.hada_w1_a, check=loha_check, autocast=True,
-                min_macs={"cpu": 4 << 20}),
+                min_macs={"cpu": 4 << 20}, small_forward=loha_small_forward),
     BridgeEntry(peft_class="peft.tuners.lokr.layer.Linear", method="lokr", forward=lokr_forward,
                 applies=lambda layer, a: a in layer.lokr_w1 or a in layer.lokr_w1_a, check=lokr_check,
-                autocast=True, min_macs={"cpu": 4 << 20}),
+                autocast=True, min_macs={"cpu": 4 << 20}, small_forward=lokr_small_forward),
 ]
 
 __all__ = ["LoHaLinear", "LoKrLinear", "PEFT_BRIDGE"]
