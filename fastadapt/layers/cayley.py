@@ -20,6 +20,9 @@ PEFT_BRIDGE serves peft.tuners.oft.layer.Linear and peft.tuners.psoft.layer.Line
 OFT Linear.forward never applies its ``oft_dropout`` (multiplicative block dropout), so the fused
 OFT forward equals PEFT's in training too; coft=True (an in-place projection of oft_R every call)
 is not served.  PSOFT's input dropout (nn.Dropout on x) runs PEFT's forward while training.
+Calls below the measured crossover (``BridgeEntry.min_macs``) run :func:`oft_small_forward` /
+:func:`psoft_small_forward`: PEFT's own ops in PEFT's order without PEFT's per-call Python (PSOFT's
+dropout included), so PEFT's numbers bit for bit.
 Under torch.autocast both run fused with PEFT's semantics: OFT keeps R in oft_R's dtype, rotates
 and runs the base product in the autocast dtype and returns x's dtype; PSOFT runs every product
 in the autocast dtype and returns it (fastadapt.ops.cayley).
@@ -32,7 +35,8 @@ from torch import nn
 from .. import _validate
 from ..ops import _policy
 from ..ops import cayley as ops
-from ..peft import BridgeEntry
+from ..peft import BridgeEntry, hookless, peft_forward
+from ._lean import run, submodule
 
 
 def _frozen_linear(base_layer) -> nn.Linear:
@@ -290,6 +294,38 @@ def _oft_forward(layer, adapter, x):
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def oft_small_forward(layer, adapter, x):
+    """PEFT's OFT ``Linear.forward`` for one adapter, for small calls, as the same ops (fastadapt.peft:
+    ``BridgeEntry.small_forward``): x in oft_R's dtype, R = PEFT's Cayley blocks (``_cayley_batch``:
+    Neumann series or the exact solve), x rotated block by block (einsum), back to x's dtype,
+    base_layer, x's dtype.  PEFT's forward for coft (an in-place projection of oft_R), a 4-D x
+    (PEFT unfolds it as a convolution's input) or a module with hooks."""
+    module, base = submodule(layer, "oft_R", adapter), layer._modules["base_layer"]
+    if module.coft or x.ndim == 4 or not hookless(base, module):
+        return peft_forward(layer, x)
+    weight = module._parameters["weight"]
+    previous_dtype = x.dtype
+    required_dtype = previous_dtype   # oft_R's: x's dtype after the layer's input cast
+    if previous_dtype != weight.dtype:
+        if layer.cast_input_dtype_enabled:
+            required_dtype = weight.dtype
+        x = x.to(weight.dtype)
+    block_size = module.block_size
+    rotation = module._cayley_batch(weight, block_size, module.use_cayley_neumann, module.num_cayley_neumann_terms)
+    rank = module.in_features // block_size if module.block_share else module.r
+    if module.block_share:
+        rotation = rotation.repeat(rank, 1, 1)
+    shape = x.shape
+    x = torch.einsum("...rk,rkc->...rc", x.reshape(*shape[:-1], rank, block_size), rotation).reshape(shape)
+    # PEFT's casts, written as tests: Tensor.to(dtype) returns the tensor itself where it has that dtype
+    if x.dtype != required_dtype:
+        x = x.to(required_dtype)
+    if x.dtype != previous_dtype:
+        x = x.to(previous_dtype)
+    result = run(base, x)
+    return result if result.dtype == previous_dtype else result.to(previous_dtype)
+
+
 def _psoft_check(layer, adapter, x):
     dropout = layer.psoft_dropout[adapter]
     if layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
@@ -317,16 +353,52 @@ def _psoft_forward(layer, adapter, x):
     return ops.svd_rotation_linear(x, base.weight, base.bias, A.to(x.device), B.to(x.device), C)
 
 
+def psoft_small_forward(layer, adapter, x):
+    """PEFT's PSOFT ``Linear.forward`` for one adapter, for small calls, as the same ops
+    (fastadapt.peft: ``BridgeEntry.small_forward``): result = base(x); x' = dropout(x in A's dtype);
+    xa = x' A^T; xr = xa R^T (OrthLayer: R = PEFT's ``get_matrix()``, the product in float32 for a
+    half x on CPU); result + ((xr - xa) B^T) scaling, in the base output's dtype.  PEFT's forward
+    where a module has hooks."""
+    base, dropout = layer._modules["base_layer"], submodule(layer, "psoft_dropout", adapter)
+    orth = submodule(layer, "psoft_R", adapter)
+    if not hookless(base, dropout, orth):
+        return peft_forward(layer, x)
+    factor_a = layer._modules["_psoft_A_cache"]._buffers[adapter]
+    factor_b = layer._modules["_psoft_B_cache"]._buffers[adapter]
+    result = run(base, x)
+    result_dtype = result.dtype
+    # PEFT's casts, written as tests: Tensor.to(...) returns the tensor itself where nothing changes
+    if x.dtype != factor_a.dtype and layer.__dict__.get("cast_input_dtype_enabled", True):
+        x = x.to(factor_a.dtype)
+    x = run(dropout, x)
+    device, dtype = x.device, x.dtype
+    if factor_a.dtype != dtype or factor_a.device != device:
+        factor_a = factor_a.to(device=device, dtype=dtype)
+    if factor_b.dtype != dtype or factor_b.device != device:
+        factor_b = factor_b.to(device=device, dtype=dtype)
+    xa = x @ factor_a.t()
+    rotation = orth.get_matrix()
+    compute_dtype = torch.float32 if xa.device.type == "cpu" and xa.dtype in _policy.HALF_DTYPES else xa.dtype
+    xr = (xa if xa.dtype == compute_dtype else xa.to(compute_dtype)) @ (
+        rotation if rotation.dtype == compute_dtype else rotation.to(compute_dtype)).t()
+    if xr.dtype != xa.dtype:
+        xr = xr.to(xa.dtype)
+    result = result + (((xr - xa) @ factor_b.t()) * layer.scaling[adapter])
+    return result if result.dtype == result_dtype else result.to(result_dtype)
+
+
 # Each forward reproduces PEFT's under torch.autocast (tests/test_cayley.py: autocast section).
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.oft.layer.Linear", method="oft", forward=_oft_forward,
-                applies=_oft_applies, check=_oft_check, autocast=True, min_macs={"cpu": 1 << 30}),
+                applies=_oft_applies, check=_oft_check, autocast=True, min_macs={"cpu": 1 << 30},
+                small_forward=oft_small_forward),
     # PEFT 0.21's OFT layer is the input-centric OFTv2: the same entry serves methods=["oftv2"].
     BridgeEntry(peft_class="peft.tuners.oft.layer.Linear", method="oftv2", forward=_oft_forward,
-                applies=_oft_applies, check=_oft_check, autocast=True, min_macs={"cpu": 1 << 30}),
+                applies=_oft_applies, check=_oft_check, autocast=True, min_macs={"cpu": 1 << 30},
+                small_forward=oft_small_forward),
     BridgeEntry(peft_class="peft.tuners.psoft.layer.Linear", method="psoft", forward=_psoft_forward,
                 applies=lambda layer, adapter: adapter in layer.psoft_R, check=_psoft_check, autocast=True,
-                min_macs={"cpu": 1 << 30}),
+                min_macs={"cpu": 1 << 30}, small_forward=psoft_small_forward),
 ]
 
 __all__ = ["AntiPaSTOLinear", "OFTLinear", "PEFT_BRIDGE", "PSOFTLinear", "SSVDLinear"]
