@@ -234,10 +234,10 @@ def _small_plan(layer, x) -> tuple:
     """(bound, lean) for the layer's active adapters on x's kind of device: a call is small iff
     x.numel() < bound (x.numel() x out_features below the crossover, as x.numel() < ceil(min_macs /
     out_features)); lean = (small_forward, adapter) that serves a small call, or None (PEFT's
-    forward).  Kept per (active adapters, CUDA or not) outside tracing; a stale plan (an adapter's
-    configuration changed under the same name, another non-CUDA device after the CPU) only moves the
-    choice between paths that give the same result: each small_forward checks the configuration it
-    relies on.  Kept lean: this runs before every call."""
+    forward).  Kept per (active adapters, CUDA or not); a stale plan (an adapter's configuration
+    changed under the same name, another non-CUDA device after the CPU) only moves the choice between
+    paths that give the same result: each small_forward checks the configuration it relies on.  Kept
+    lean: this runs before every eager call."""
     state = layer.__dict__
     active = layer.active_adapter   # a name, or a list of names
     key = (active if isinstance(active, str) else tuple(active), x.is_cuda)
@@ -245,10 +245,8 @@ def _small_plan(layer, x) -> tuple:
     plan = cache.get(key)
     if plan is None:
         min_macs = state[_ATTR_MIN_MACS]
-        plan = (_element_bound(layer, measured_crossover(layer, x) if min_macs is None else min_macs),
-                _lean_forward(layer))
-        if not torch.compiler.is_compiling():   # a write to the cache there would recompile the next call
-            cache[key] = plan
+        plan = cache[key] = (_element_bound(layer, measured_crossover(layer, x) if min_macs is None else min_macs),
+                             _lean_forward(layer))
     return plan
 
 
@@ -270,13 +268,17 @@ def _lean_forward(layer) -> Optional[tuple]:
 
 
 def _patched_forward(layer, x, *args, **kwargs):
-    bound, lean = _small_plan(layer, x)
-    if x.numel() < bound:   # first and alone: this path is all host time
-        if not torch.compiler.is_compiling():
+    # The crossover weighs eager host time per call; a compiled graph runs no Python per call, so
+    # inside torch.compile every call takes the fused path (its ops trace; PEFT's forward may not:
+    # LoHa's module dropout branches on a random tensor).
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        bound, lean = _small_plan(layer, x)
+        if x.numel() < bound:   # first and alone: this path is all host time
             layer.__dict__[_ATTR_REPORT].fallbacks[SMALL_CALL_REASON] += 1
-        if lean is None or args or kwargs or layer._disable_adapters or layer.merged_adapters:
-            return type(layer).forward(layer, x, *args, **kwargs)
-        return lean[0](layer, lean[1], x)
+            if lean is None or args or kwargs or layer._disable_adapters or layer.merged_adapters:
+                return type(layer).forward(layer, x, *args, **kwargs)
+            return lean[0](layer, lean[1], x)
     report: AccelerationReport = layer.__dict__[_ATTR_REPORT]
     reason = _common_reason(layer, args, kwargs)
     adapter_names = kwargs.get("adapter_names")
@@ -286,7 +288,7 @@ def _patched_forward(layer, x, *args, **kwargs):
         chosen, reason = _choose(layer, x, adapters, adapter_names)
     # Inside torch.compile the counters stay untouched: dynamo would guard on their values and
     # recompile on every call.  The decision itself is traced (and guarded) like any Python branch.
-    counting = not torch.compiler.is_compiling()
+    counting = not compiling
     if reason is not None:
         if counting:
             report.fallbacks[reason] += 1
@@ -326,7 +328,8 @@ def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox",
         PEFT's own math, which costs less host time than a fused call there (the report counts it
         with SMALL_CALL_REASON): the entry's ``small_forward`` where it has one (PEFT's ops without
         PEFT's per-call Python), else PEFT's forward.  None (default): the method's measured crossover on x's device
-        (``BridgeEntry.min_macs``); 0: every call fused.
+        (``BridgeEntry.min_macs``); 0: every call fused.  Inside torch.compile every call is fused
+        (a compiled graph pays no host time per call).
     Calling it again first reverts, then patches afresh.
     """
     if dropout not in DROPOUT_STREAMS:
