@@ -17,6 +17,10 @@ weight.  Several active adapters run PEFT's forward for every method (fastadapt.
 that is also the only exact choice, since PEFT feeds each active C3A adapter's output into the
 next one (x is replaced by the previous adapter's term) rather than adding them.
 
+FourierFT calls below the measured crossover (``BridgeEntry.min_macs``) run
+:func:`fourierft_small_forward`: PEFT's own ops in PEFT's order without PEFT's per-call Python, so
+PEFT's numbers bit for bit.
+
 One documented difference: PEFT 0.21's C3A input gradient is not the gradient of its own forward.
 ``BlockCircularConvolution.backward`` computes dx = fft(fft(dY) ifft(K)), i.e.
 dx[n b + j] = sum_m sum_k dY[m b + k] K[m, n, (k + j) mod b] / I, where the adjoint of its forward
@@ -31,13 +35,15 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import _validate
 from ..ops import circulant as ops
 from ..ops._policy import HALF_DTYPES, fallback_reason
-from ..peft import BridgeEntry
+from ..peft import BridgeEntry, hookless, peft_forward
 from ..reference.circulant import spectrum_indices
+from ._lean import run
 
 C3A_INITS = (True, False, "gaussian", "kaiming_uniform", "xavier_uniform")
 
@@ -234,6 +240,31 @@ def _fourierft_forward(layer, adapter: str, x):
     return out.to(x.dtype)  # PEFT's output dtype, also under torch.autocast
 
 
+def fourierft_small_forward(layer, adapter: str, x):
+    """PEFT's ``FourierFTLinear.forward`` for one adapter, for small calls, as the same ops
+    (fastadapt.peft: ``BridgeEntry.small_forward``): base(x) + x dW^T with PEFT's
+    ``get_delta_weight`` inline (the spectrum scattered into float32 zeros at PEFT's CPU indices,
+    ifft2, real part times scaling, the spectrum's dtype), x in dW's dtype, then x's dtype.  PEFT's
+    forward where the base layer has hooks."""
+    base = layer._modules["base_layer"]
+    if not hookless(base):
+        return peft_forward(layer, x)
+    previous_dtype = x.dtype
+    result = run(base, x)
+    spectrum = layer._modules["fourierft_spectrum"]._parameters[adapter]
+    indices = layer.indices[adapter].to(spectrum.device)
+    dense_spectrum = torch.zeros(layer.out_features, layer.in_features, device=spectrum.device)
+    dense_spectrum[indices[0, :], indices[1, :]] = spectrum.float()
+    delta_weight = torch.fft.ifft2(dense_spectrum).real * layer.fourierft_scaling[adapter]
+    # PEFT's casts, written as tests: Tensor.to(dtype) returns the tensor itself where it has that dtype
+    if delta_weight.dtype != spectrum.dtype:
+        delta_weight = delta_weight.to(spectrum.dtype)
+    if x.dtype != delta_weight.dtype:
+        x = x.to(delta_weight.dtype)
+    result = result + F.linear(x, delta_weight)
+    return result if result.dtype == previous_dtype else result.to(previous_dtype)
+
+
 PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.c3a.layer.C3ALinear", method="c3a", forward=_c3a_forward,
                 applies=lambda layer, adapter: adapter in layer.c3a_kernel, check=_c3a_check, note=_c3a_note,
@@ -242,7 +273,7 @@ PEFT_BRIDGE = [
                 forward=_fourierft_forward, applies=lambda layer, adapter: adapter in layer.fourierft_spectrum,
                 check=_fourierft_check,
                 base_classes=("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"), autocast=True,
-                min_macs={"cpu": 32 << 20}),
+                min_macs={"cpu": 32 << 20}, small_forward=fourierft_small_forward),
 ]
 
 __all__ = ["C3ALinear", "FourierFTLinear", "PEFT_BRIDGE"]
