@@ -18,7 +18,7 @@ from peft import LoraConfig, OFTConfig, get_peft_model
 from torch import nn
 
 from fastadapt import bench
-from fastadapt.bench import model_step, peers, report, runner
+from fastadapt.bench import compare, model_step, peers, report, runner
 from fastadapt.cli import main
 from fastadapt.testing import linear_model, randn
 
@@ -649,3 +649,32 @@ def test_saved_bytes_count_a_sparse_tensors_parts():
     sparse = torch.sparse_coo_tensor(torch.tensor([[0, 2, 4], [1, 3, 0]]), torch.randn(3), (6, 5))
     saved = saved_bytes_during(lambda: torch.sparse.mm(sparse, dense))
     assert saved == 2 * 3 * 8 + 3 * 4   # int64 indices (2, 3) and float32 values (3,)
+
+
+def _bench_doc(ratios: dict) -> dict:
+    """A bench document with one row per case: base 10 ms, each arm ratio x 10 ms (median and fastest)."""
+    rows = [{"case": case, "base_min_ms": 10.0,
+             **{f"{arm}_ratio": r for arm, r in arms.items()}, **{f"{arm}_min_ms": 10.0 * r for arm, r in arms.items()}}
+            for case, arms in ratios.items()]
+    return {"kind": "bench", "rows": rows}
+
+
+def test_compare_counts_ratios_within_the_tolerance(tmp_path, capsys):
+    a = _bench_doc({"lora": {"fastadapt": 1.10, "peft": 1.20}, "oft": {"fastadapt": 1.30}, "old": {"peft": 2.0}})
+    b = _bench_doc({"lora": {"fastadapt": 1.12, "peft": 1.50}, "oft": {"fastadapt": 1.30, "peft": 1.4}})
+    result = compare.compare_documents(a, b)
+    assert (result["total"], result["within"], result["within_fastest"]) == (3, 2, 2)
+    assert result["only_in_one"] == ["oft peft", "old peft"]
+    (miss,) = [p for p in result["pairs"] if p["difference"] > 0.1]
+    assert (miss["case"], miss["arm"]) == ("lora", "peft") and miss["difference"] == pytest.approx(0.25)
+    assert compare.compare_documents(a, b, tolerance=0.3)["within"] == 3
+    with pytest.raises(ValueError, match="tolerance"):
+        compare.compare_documents(a, b, tolerance=10)
+    paths = []
+    for name, doc in (("a.json", a), ("b.json", b)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(doc))
+    assert main(["compare", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 3 ratios agree within 10% by their medians" in out and "| lora | peft | 1.200 | 1.500 | 25.0%" in out
+    assert main(["compare", "--strict", *map(str, paths)]) == 1

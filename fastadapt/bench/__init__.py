@@ -5,8 +5,8 @@ parameters for every case in :mod:`.training`; benchmark cases and the loop over
 :mod:`.cases`; adapters as functions of their size knob (sweeps, equal budgets) in
 :mod:`.adapters`; one training step of a tiny Llama in :mod:`.model_step`; peer libraries
 (LyCORIS) in :mod:`.peers`; the runner behind ``fastadapt bench | memory | check | plot`` (and
-``python -m benchmarks.run``) in :mod:`.runner`, its tables in :mod:`.report`, charts in
-:mod:`.plot`, pytest-benchmark helpers for ``benchmarks/micro`` in :mod:`.micro`.
+``python -m benchmarks.run``) in :mod:`.runner`, its tables in :mod:`.report`, two runs'
+agreement (``fastadapt compare``) in :mod:`.compare`, charts in :mod:`.plot`, pytest-benchmark helpers for ``benchmarks/micro`` in :mod:`.micro`.
 """
 from __future__ import annotations
 

@@ -564,7 +564,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_cli(subparsers) -> None:
-    """Add ``bench``, ``memory``, ``check`` and ``plot`` to the ``fastadapt`` command."""
+    """Add ``bench``, ``memory``, ``check``, ``compare`` and ``plot`` to the ``fastadapt`` command."""
     p = subparsers.add_parser("bench", help="time every benchmark case; write JSON + Markdown")
     add_bench_arguments(p)
     p.set_defaults(func=bench_command)
@@ -580,6 +580,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--n", type=int, help="tokens (default: 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--only", action="append", default=[], help="a family, or a prefix of case names (repeatable)")
     p.set_defaults(func=check_command)
+    from .compare import add_cli as add_compare
+    add_compare(subparsers)
     p = subparsers.add_parser("plot", help="draw a chart from results JSON (any fastadapt bench/memory document)")
     p.add_argument("results", nargs="+", help="results .json written by `fastadapt bench` or `fastadapt memory`")
     p.add_argument("-o", "--output", required=True, help="image file to write, e.g. out.png")
