@@ -184,11 +184,15 @@ def test_road_linear_gradcheck_float64(trains, backend, rows, monkeypatch):
     assert torch.autograd.gradcheck(lambda x, W, f, g: _road_linear(x, W, None, f, g), (x, W, f, g))
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("rows", [11, 19])   # 11 < 16 in_features: dh formed; 19: R W
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_road_linear_half_base_over_row_steps_against_float64(dtype, rows, monkeypatch):
+def test_road_linear_half_base_over_row_steps_against_float64(dtype, rows, backend, monkeypatch):
     """A half base with float32 f, g: the torch path's float32 tiles (rounded once into h's dtype
-    per step of 4 rows, a short last step) and the gradients against float64 of the same inputs."""
+    per step of 4 rows, a short last step) or the C++ passes (float32 arithmetic, df / dg partials
+    over the same steps; the torch path where csrc/ does not build), and the gradients against
+    float64 of the same inputs."""
+    monkeypatch.setenv("FASTADAPT_BACKEND", backend)
     monkeypatch.setattr(ops, "_ROAD_ROWS", 4)
     x, W, b = randn(rows, 16, seed=6).to(dtype), randn(8, 16, seed=7).to(dtype), randn(8, seed=8).to(dtype)
     f, g = randn(8, seed=9, dtype=F32), randn(8, seed=10, dtype=F32)

@@ -46,9 +46,11 @@ build those tensors from PEFT's parameters with differentiable torch on the para
 (BOFT's blocks through fastadapt.ops.cayley).
 
 Backends: "torch" (CPU path: batched GEMMs over the pass blocks, thin GEMMs with the rank leading
-for HRA, per-block vector dots for ETHER, elementwise for RoAd over steps of 128 rows) and "triton"
-(fastadapt.triton_kernels.butterfly; float64 stays torch), chosen per call by the registry
-(fastadapt.ops._registry).  No op reads a device value on the host.
+for HRA, per-block vector dots for ETHER, elementwise for RoAd over steps of 128 rows), "triton"
+(fastadapt.triton_kernels.butterfly; float64 stays torch) and, for RoAd's ops on the CPU, "cpp"
+(csrc/road.cpp: the rotation, and df / dg with dh, as one parallel pass each over the rows; the
+torch path's bits on x86-64, its result independent of the thread count), chosen per call by the
+registry (fastadapt.ops._registry).  No op reads a device value on the host.
 """
 from __future__ import annotations
 
@@ -299,6 +301,8 @@ def householder(x: Tensor, U: Tensor, K: Tensor) -> Tensor:
 # stay in the core's cache between the step's few elementwise ops, so h (forward) and dy, h
 # (backward) are read from memory once; whole-tensor ops re-read the half-width strided temporaries
 # (measured at N = 2048, out = 1024, group 64, 1 thread: forward 3.0 -> 1.7 ms, df / dg 3.4 -> 1.9 ms).
+# df, dg sum per-row partials (row mod _ROAD_ROWS) over the steps; the C++ op takes the same step
+# so that its sums round as these do.
 _ROAD_ROWS = 128
 
 
@@ -369,6 +373,33 @@ def _check_road_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], f: Ten
     _check_coefficients("x", x, weight.shape[0], f, g, group_size)
 
 
+_ROAD_CPP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _road_cpp_takes(h: Tensor, f: Tensor, g: Tensor, grad: Optional[Tensor] = None) -> bool:
+    """True when csrc/road.cpp takes these tensors: CPU, h (and grad) in one of its dtypes, f and g
+    in h's accumulation dtype (the op checks the same and raises; the torch path takes any mix)."""
+    return (h.device.type == "cpu" and h.dtype in _ROAD_CPP_DTYPES and f.dtype == g.dtype == acc_dtype(h.dtype)
+            and (grad is None or grad.dtype == h.dtype))
+
+
+def _road_rotate_cpp(h: Tensor, f: Tensor, g: Tensor, group_size: int) -> Tensor:
+    if not _road_cpp_takes(h, f, g):
+        return _road_torch(h, f, g, group_size)
+    from .. import _cpp
+    _cpp.extension()   # loads csrc/, which registers torch.ops.fastadapt_cpu
+    return torch.ops.fastadapt_cpu.road_rotate.default(h, f, g, group_size)
+
+
+def _road_backward_cpp(grad: Tensor, h: Tensor, f: Tensor, g: Tensor, group_size: int,
+                       need_h: bool) -> list[Tensor]:
+    if not _road_cpp_takes(h, f, g, grad):
+        return _road_backward_torch(grad, h, f, g, group_size, need_h)
+    from .. import _cpp
+    _cpp.extension()
+    return torch.ops.fastadapt_cpu.road_rotate_backward.default(grad, h, f, g, group_size, need_h, _ROAD_ROWS)
+
+
 @fused_op("road_rotate", autocast_keep=("f", "g"))
 def road_rotate_op(h: Tensor, f: Tensor, g: Tensor, group_size: int) -> Tensor:
     """y_a = f_a h_a - g_a h_b, y_b = f_b h_b + g_b h_a for the pairs (a, a + group_size / 2)."""
@@ -381,6 +412,11 @@ def _(h, f, g, group_size):
         return _road_torch(h, f, g, group_size)
     from ..triton_kernels import butterfly as kernels
     return kernels.road_forward(h, f, g, group_size)
+
+
+@road_rotate_op.impl("cpp")
+def _(h, f, g, group_size):
+    return _road_rotate_cpp(h, f, g, group_size)
 
 
 @road_rotate_op.fake
@@ -428,6 +464,7 @@ def _road_backward_triton(grad, h, f, g, group_size, need_h):
 
 
 road_rotate_backward_op.impl("triton")(_road_backward_triton)
+road_rotate_backward_op.impl("cpp")(_road_backward_cpp)
 
 
 @road_rotate_backward_op.fake
@@ -470,6 +507,12 @@ def _(x, weight, bias, f, g, group_size):
     return kernels.road_forward(h, f, g, group_size), h
 
 
+@road_linear_op.impl("cpp")
+def _(x, weight, bias, f, g, group_size):
+    h = F.linear(x, weight, bias)
+    return _road_rotate_cpp(h, f, g, group_size), h
+
+
 @road_linear_op.fake
 def _(x, weight, bias, f, g, group_size):
     return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], weight.shape[0])
@@ -502,15 +545,25 @@ def _road_linear_backward(rotate_backward, fold: bool, grad: Tensor, x: Tensor, 
             dh.sum(0, dtype=f.dtype) if need_bias else empty(), df, dg]
 
 
+def _road_folds(grad: Tensor, weight: Tensor) -> bool:
+    """The CPU paths' choice: fold R into W when R W (out x in) is no larger than dh (N x out)."""
+    return weight.shape[1] <= grad.shape[0]
+
+
 @fused_op("road_linear_backward", autocast=False)
 def road_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, h: Tensor, f: Tensor, g: Tensor,
                             group_size: int, need_x: bool, need_weight: bool, need_bias: bool,
                             need_coefficients: bool) -> list[Tensor]:
     """[dx, dW, db (f's dtype), df, dg] of road_linear; x is empty unless need_weight, h unless
     need_coefficients."""
-    fold = weight.shape[1] <= grad.shape[0]   # R W (out x in) no larger than dh (N x out)
-    return _road_linear_backward(_road_backward_torch, fold, grad, x, weight, h, f, g, group_size, need_x,
-                                 need_weight, need_bias, need_coefficients)
+    return _road_linear_backward(_road_backward_torch, _road_folds(grad, weight), grad, x, weight, h, f, g, group_size,
+                                 need_x, need_weight, need_bias, need_coefficients)
+
+
+@road_linear_backward_op.impl("cpp")
+def _(grad, x, weight, h, f, g, group_size, need_x, need_weight, need_bias, need_coefficients):
+    return _road_linear_backward(_road_backward_cpp, _road_folds(grad, weight), grad, x, weight, h, f, g, group_size,
+                                 need_x, need_weight, need_bias, need_coefficients)
 
 
 @road_linear_backward_op.impl("triton")
