@@ -16,6 +16,11 @@ nn.Identity, or dropout in training with ``accelerate(model, dropout="torch")`` 
 than CPU (nn.Dropout's own mask stream is reproduced only on CPU).  LoRA variants (DoRA and the
 others PEFT keeps in ``lora_variant``) are other entries' or PEFT's.
 
+Calls below a method's measured crossover (``BridgeEntry.min_macs``) run ``<method>_small_forward``:
+PEFT's forward for one adapter as PEFT's own torch ops in PEFT's order (the same bits, random draws
+and autograd graph), without PEFT's per-call Python; PEFT's forward where a module has hooks or a
+configuration it does not cover (MiSS "bat", a quantized base).
+
 Dropout masks (``fastadapt.peft.dropout_stream(layer)``, set by ``accelerate(model, dropout=...)``):
 "philox" (default) regenerates the mask from one seed per call and never stores it (nn.Dropout's
 distribution, not PEFT's bits: the report counts such calls under :data:`PHILOX_DROPOUT_NOTE`);
@@ -197,11 +202,12 @@ def _branch_forward(layer, adapters: list[str], x, factors, dropouts: nn.ModuleD
 
 
 def _branch_entry(peft_class: str, method: str, factors, dropouts: str, adapter_tensors, held: str,
-                  check=None, output_in_x_dtype: bool = False) -> BridgeEntry:
+                  check=None, output_in_x_dtype: bool = False, small_forward=None) -> BridgeEntry:
     """A bridge entry for a method on LoRA's branch: ``factors(layer, adapter) -> (A, B, s)``,
     ``dropouts`` the name of its dropout ModuleDict, ``adapter_tensors(layer, adapter)`` the tensors
     PEFT's dtype policy applies to, ``held`` the container of its adapters, ``check`` extra reasons,
-    ``output_in_x_dtype``: PEFT returns x's dtype (under autocast too)."""
+    ``output_in_x_dtype``: PEFT returns x's dtype (under autocast too), ``small_forward`` the entry's
+    (fastadapt.peft.BridgeEntry)."""
     def entry_check(layer, adapter, x):
         return (_base_reason(layer, x, adapter_tensors(layer, adapter), casts_x=True)
                 or (None if check is None else check(layer, adapter, x))
@@ -217,7 +223,7 @@ def _branch_entry(peft_class: str, method: str, factors, dropouts: str, adapter_
                        applies=lambda layer, adapter: adapter in getattr(layer, held), check=entry_check,
                        note=lambda layer, adapter, x: _dropout_note(layer, getattr(layer, dropouts)[adapter]),
                        base_classes=BASE_CLASSES, autocast=True, forward_many=forward_many, check_many=_not_mixed,
-                       min_macs={"cpu": 400 << 20})
+                       min_macs={"cpu": 400 << 20}, small_forward=small_forward)
 
 
 # VeRA: y = x W^T + b + lambda_b o ((lambda_d o (x_d A^T)) B^T) with the shared frozen projections
@@ -235,6 +241,27 @@ def _vera_forward_many(layer, adapters, x, adapter_names=None):
                     dropout_p=[_dropout_p(layer.vera_dropout[a]) for a in adapters],
                     dropout_stream=dropout_stream(layer))
     return y.to(x.dtype)
+
+
+def vera_small_forward(layer, adapter: str, x):
+    """PEFT's ``vera.Linear.forward`` for one adapter, for small calls: base(x), the shared
+    projections sliced to the layer, result + lambda_b * linear(lambda_d * linear(dropout(x), A), B),
+    then the base output's and x's dtype; PEFT's forward for a quantized base or a module with hooks."""
+    modules, state = layer._modules, layer.__dict__
+    base, dropout = modules["base_layer"], modules["vera_dropout"]._modules[adapter]
+    if layer.quantization_backend is not None or not hookless(base, dropout):
+        return peft_forward(layer, x)
+    previous_dtype = x.dtype
+    result = run(base, x)
+    orig_dtype = result.dtype
+    lambda_d, lambda_b = modules["vera_lambda_d"]._parameters[adapter], modules["vera_lambda_b"]._parameters[adapter]
+    sliced_a = modules["vera_A"]._buffers[adapter][:, :state["in_features"]].to(x.device)
+    sliced_b = modules["vera_B"]._buffers[adapter][:state["out_features"], :].to(x.device)
+    x = _cast_input(layer, x, lambda_d.dtype)
+    result = result + lambda_b * F.linear(lambda_d * F.linear(run(dropout, x), sliced_a), sliced_b)
+    if result.dtype != orig_dtype:
+        result = result.to(orig_dtype)
+    return result if result.dtype == previous_dtype else result.to(previous_dtype)
 
 
 def _vera_tensors(layer, adapter):
@@ -259,6 +286,23 @@ def _adalora_factors(layer, adapter):
     if a.dtype in (torch.float16, torch.bfloat16):
         a, e, b, ranknum = a.float(), e.float(), b.float(), ranknum.float()
     return a * e, b * (layer.scaling[adapter] / (ranknum + 1e-5)), 1.0
+
+
+def adalora_small_forward(layer, adapter: str, x):
+    """PEFT's ``adalora.SVDLinear.forward`` for one adapter, for small calls: result = base(x), then
+    in place result += (dropout(x) @ (A * E).T @ B.T) * scaling / (ranknum + 1e-5) with x cast to A's
+    dtype (PEFT's input cast); PEFT's forward where a module has hooks."""
+    modules = layer._modules
+    base, dropout = modules["base_layer"], modules["lora_dropout"]._modules[adapter]
+    if not hookless(base, dropout):
+        return peft_forward(layer, x)
+    result = run(base, x)
+    lora_a, lora_e = modules["lora_A"]._parameters[adapter], modules["lora_E"]._parameters[adapter]
+    lora_b, scaling = modules["lora_B"]._parameters[adapter], layer.__dict__["scaling"][adapter]
+    ranknum = modules["ranknum"]._parameters[adapter] + 1e-5
+    x = _cast_input(layer, x, lora_a.dtype)
+    result += (run(dropout, x) @ (lora_a * lora_e).T @ lora_b.T) * scaling / ranknum
+    return result
 
 
 def _adalora_tensors(layer, adapter):
@@ -290,11 +334,33 @@ def _vblora_tensors(layer, adapter):
     return (layer.vblora_vector_bank[adapter], layer.vblora_logits_A[adapter], layer.vblora_logits_B[adapter])
 
 
+def vblora_small_forward(layer, adapter: str, x):
+    """PEFT's ``vblora.Linear.forward`` (with ``_get_lora_matrices``) for one adapter, for small
+    calls: base(x), A and B mixed from the bank, result + linear(linear(dropout(x), A), B) with x in
+    the bank's dtype, then x's dtype; PEFT's forward (which raises) for infinite logits in training
+    (checked eagerly, as :func:`_vblora_check`), and where a module has hooks."""
+    modules = layer._modules
+    base, dropout = modules["base_layer"], modules["vblora_dropout"]._modules[adapter]
+    logits_a, logits_b = modules["vblora_logits_A"]._parameters[adapter], modules["vblora_logits_B"]._parameters[adapter]
+    if not hookless(base, dropout) or _vblora_check(layer, adapter, x) is not None:
+        return peft_forward(layer, x)
+    previous_dtype = x.dtype
+    result = run(base, x)
+    bank = modules["vblora_vector_bank"]._parameters[adapter]
+    moved_bank, topk = bank.to(logits_a.device), layer.__dict__["topk"][adapter]
+    lora_a = _vblora_mix(logits_a, moved_bank, topk).reshape(logits_a.shape[0], -1)
+    lora_b = _vblora_mix(logits_b, moved_bank, topk).transpose(1, 2).reshape(-1, logits_b.shape[1])
+    if x.dtype != bank.dtype:
+        x = x.to(bank.dtype)
+    result = result + F.linear(F.linear(run(dropout, x), lora_a), lora_b)
+    return result if result.dtype == previous_dtype else result.to(previous_dtype)
+
+
 def _vblora_check(layer, adapter, x):
     # PEFT raises for infinite logits in training (a save_only_topk_weights checkpoint): its forward
     # runs there and raises.  The check reads one element on the host (eager calls only).
-    logits = layer.vblora_logits_A[adapter]
-    if layer.training and not torch.compiler.is_compiling() and bool(logits[0, 0].isinf().any()):
+    if (layer.training and not torch.compiler.is_compiling()
+            and bool(layer.vblora_logits_A[adapter][0, 0].isinf().any())):
         return "infinite VB-LoRA logits in training (PEFT raises)"
     return None
 
@@ -318,6 +384,27 @@ def _ia3_forward_many(layer, adapters, x, adapter_names=None):
     return ia3_linear(x, _weight(layer), base.bias, _ia3_vector(layer, adapters), feedforward=layer.is_feedforward)
 
 
+def ia3_small_forward(layer, adapter: str, x):
+    """PEFT's ``ia3.Linear.forward`` for one adapter, for small calls: feed-forward, base((x * l) in
+    x's dtype) with x in l's dtype; otherwise (base(x) * l) in the base output's dtype, l as PEFT forms
+    it (``1 * l.flatten()``: its product over the active adapters starts from the int 1).  PEFT's
+    forward where the base has hooks."""
+    base = layer._modules["base_layer"]
+    if not hookless(base):
+        return peft_forward(layer, x)
+    vector = layer._modules["ia3_l"]._parameters[adapter]
+    scaling = 1 * vector.flatten()
+    if layer.__dict__["is_feedforward"]:
+        previous_dtype = x.dtype
+        if previous_dtype != vector.dtype:
+            x = x.to(vector.dtype)
+        scaled = x * scaling
+        return run(base, scaled if scaled.dtype == previous_dtype else scaled.to(previous_dtype))
+    result = run(base, x)
+    scaled = result * scaling
+    return scaled if scaled.dtype == result.dtype else scaled.to(result.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # MiSS: peft.tuners.miss.layer.MissLinear, modes "default" and "mini" ("bat" runs PEFT's forward)
 
@@ -339,6 +426,28 @@ def _miss_forward(layer, adapter, x):
     y = miss_linear(x, layer.get_base_layer().weight, layer.get_base_layer().bias, block,
                     dropout_p=_dropout_p(layer.miss_dropout[adapter]), dropout_stream=dropout_stream(layer))
     return y.to(x.dtype)     # PEFT returns x's dtype (under autocast too)
+
+
+def miss_small_forward(layer, adapter: str, x):
+    """PEFT's ``miss.MissLinear.forward`` ("default" and "mini") for one adapter, for small calls:
+    base(x), the block (repeated for "mini"), x padded to a multiple of its rows and cast to its dtype,
+    result + sum over the row groups of dropout(x) @ block, then x's dtype; PEFT's forward for "bat",
+    a quantized base or a module with hooks."""
+    modules, state = layer._modules, layer.__dict__
+    base, dropout, mode = modules["base_layer"], modules["miss_dropout"]._modules[adapter], state["miss_fn"]
+    if mode == "bat" or layer.quantization_backend is not None or not hookless(base, dropout):
+        return peft_forward(layer, x)
+    previous_dtype = x.dtype
+    result = run(base, x)
+    block = modules["miss_block"]._parameters[adapter]
+    if mode == "mini":
+        block = block.repeat(1, base.out_features // state["miss_mini_r"][adapter])
+    r = block.size(0)
+    if x.size(-1) % r != 0:
+        x = F.pad(x, (0, (r - x.size(-1) % r) % r))
+    x = _cast_input(layer, x, block.dtype)
+    result = result + torch.sum(run(dropout, x).reshape(*x.shape[:-1], x.size(-1) // r, r), dim=-2) @ block
+    return result if result.dtype == previous_dtype else result.to(previous_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,19 +564,20 @@ PEFT_BRIDGE = [
                 applies=lambda layer, adapter: adapter in layer.vera_lambda_d, check=_vera_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.vera_dropout[adapter]),
                 base_classes=BASE_CLASSES, autocast=True, forward_many=_vera_forward_many, check_many=_not_mixed,
-                min_macs={"cpu": 1 << 30}),
+                min_macs={"cpu": 1 << 30}, small_forward=vera_small_forward),
     _branch_entry("peft.tuners.adalora.layer.SVDLinear", "adalora", _adalora_factors, "lora_dropout",
-                  _adalora_tensors, "lora_A", _adalora_check),
+                  _adalora_tensors, "lora_A", _adalora_check, small_forward=adalora_small_forward),
     _branch_entry("peft.tuners.vblora.layer.Linear", "vblora", _vblora_factors, "vblora_dropout", _vblora_tensors,
-                  "vblora_logits_A", _vblora_check, output_in_x_dtype=True),
+                  "vblora_logits_A", _vblora_check, output_in_x_dtype=True, small_forward=vblora_small_forward),
     BridgeEntry(peft_class="peft.tuners.ia3.layer.Linear", method="ia3",
                 forward=lambda layer, adapter, x: _ia3_forward_many(layer, [adapter], x),
                 applies=lambda layer, adapter: adapter in layer.ia3_l, check=_ia3_check, base_classes=BASE_CLASSES,
-                autocast=True, forward_many=_ia3_forward_many, check_many=_not_mixed, min_macs={"cpu": 400 << 20}),
+                autocast=True, forward_many=_ia3_forward_many, check_many=_not_mixed, min_macs={"cpu": 400 << 20},
+                small_forward=ia3_small_forward),
     BridgeEntry(peft_class="peft.tuners.miss.layer.MissLinear", method="miss", forward=_miss_forward,
                 applies=_miss_applies, check=_miss_check,
                 note=lambda layer, adapter, x: _dropout_note(layer, layer.miss_dropout[adapter]), autocast=True,
-                min_macs={"cpu": 1 << 30}),
+                min_macs={"cpu": 1 << 30}, small_forward=miss_small_forward),
     BridgeEntry(peft_class="peft.tuners.shira.layer.Linear", method="shira", forward=_shira_forward,
                 applies=lambda layer, adapter: adapter in layer.shira_weight, check=_shira_check, autocast=True,
                 min_macs={"cpu": 128 << 20}, small_forward=shira_small_forward),
