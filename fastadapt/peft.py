@@ -258,10 +258,23 @@ def _element_bound(layer, min_macs: int) -> int:
     return -(-min_macs // out) if out else 1   # no out_features known: only an empty x counts as small
 
 
+# PEFT releases (major.minor) whose forwards the entries' small_forwards reproduce op for op, as
+# tests/test_peft_sweep.py ("small") checks bit for bit; under another release small calls run
+# PEFT's own forward (its internals may have changed).
+SMALL_FORWARD_PEFT_RELEASES = ("0.21",)
+
+
+def peft_release() -> str:
+    """The installed PEFT's major.minor release."""
+    from importlib.metadata import version
+    return ".".join(version("peft").split(".")[:2])
+
+
 def _lean_forward(layer) -> Optional[tuple]:
-    """(small_forward, adapter) of the entry serving the layer's one active adapter, if it has one."""
+    """(small_forward, adapter) of the entry serving the layer's one active adapter, if it has one
+    and the installed PEFT is a release the small_forwards reproduce."""
     active = layer.active_adapters
-    if len(active) != 1 or not _held(layer, active):
+    if len(active) != 1 or not _held(layer, active) or peft_release() not in SMALL_FORWARD_PEFT_RELEASES:
         return None
     entry = next((e for e in layer._fastadapt_entries if e.applies(layer, active[0])), None)
     return None if entry is None or entry.small_forward is None else (entry.small_forward, active[0])

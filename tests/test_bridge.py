@@ -228,6 +228,16 @@ def test_small_forward_serves_plain_calls_only():
     assert len(served) == 1
 
 
+def test_small_forward_only_under_the_peft_release_it_reproduces(monkeypatch):
+    """Under a PEFT release the small_forwards were not checked against, small calls run PEFT's forward."""
+    model = _lora_model()
+    fastadapt.accelerate(model, min_macs=1 << 40)
+    layer = model.base_model.model[0]
+    assert bridge.peft_release() in bridge.SMALL_FORWARD_PEFT_RELEASES and bridge._lean_forward(layer) is not None
+    monkeypatch.setattr(bridge, "peft_release", lambda: "0.99")
+    assert bridge._lean_forward(layer) is None
+
+
 def test_calls_below_the_crossover_run_peft(monkeypatch):
     """Below min_macs multiply-adds (x.numel() x out_features) a call runs PEFT's own forward,
     counted with its reason; the entry's measured crossover by default, 0 fuses every call."""
