@@ -294,9 +294,36 @@ def _oft_forward(layer, adapter, x):
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def _oft_rotation(module, weight, block_size: int) -> torch.Tensor:
+    """PEFT's ``OFTRotationModule._cayley_batch(weight, ...)`` inline, the same ops: the skew blocks
+    Q (zeros, upper triangle set from oft_R, Q - Q^T), then R = I + 2Q + 2Q^2 + ... + Q^(t-1) (t
+    Neumann terms, in place as PEFT adds them) or the exact R = (I - Q)(I + Q)^-1 by a solve with a
+    float32-default identity, in oft_R's dtype."""
+    blocks = weight.shape[0]
+    skew = torch.zeros(blocks, block_size, block_size, device=weight.device, dtype=weight.dtype)
+    skew[:, module._buffers["rows"], module._buffers["cols"]] = weight
+    skew = skew - skew.transpose(-2, -1)
+    if module.use_cayley_neumann:
+        terms = module.num_cayley_neumann_terms
+        rotation = torch.eye(block_size, device=weight.device, dtype=weight.dtype).repeat(blocks, 1, 1)
+        if terms > 1:
+            rotation.add_(skew, alpha=2.0)
+            if terms > 2:
+                power = torch.bmm(skew, skew)
+                rotation.add_(power, alpha=2.0)
+                for _ in range(3, terms - 1):
+                    power = torch.bmm(power, skew)
+                    rotation.add_(power, alpha=2.0)
+                rotation.add_(torch.bmm(power, skew))
+    else:
+        eye = torch.eye(block_size, device=weight.device).unsqueeze(0).expand(blocks, block_size, block_size)
+        rotation = torch.linalg.solve(eye + skew, eye - skew, left=False)
+    return rotation if rotation.dtype == weight.dtype else rotation.to(weight.dtype)
+
+
 def oft_small_forward(layer, adapter, x):
     """PEFT's OFT ``Linear.forward`` for one adapter, for small calls, as the same ops (fastadapt.peft:
-    ``BridgeEntry.small_forward``): x in oft_R's dtype, R = PEFT's Cayley blocks (``_cayley_batch``:
+    ``BridgeEntry.small_forward``): x in oft_R's dtype, R = PEFT's Cayley blocks (:func:`_oft_rotation`:
     Neumann series or the exact solve), x rotated block by block (einsum), back to x's dtype,
     base_layer, x's dtype.  PEFT's forward for coft (an in-place projection of oft_R), a 4-D x
     (PEFT unfolds it as a convolution's input) or a module with hooks."""
@@ -311,7 +338,7 @@ def oft_small_forward(layer, adapter, x):
             required_dtype = weight.dtype
         x = x.to(weight.dtype)
     block_size = module.block_size
-    rotation = module._cayley_batch(weight, block_size, module.use_cayley_neumann, module.num_cayley_neumann_terms)
+    rotation = _oft_rotation(module, weight, block_size)
     rank = module.in_features // block_size if module.block_share else module.r
     if module.block_share:
         rotation = rotation.repeat(rank, 1, 1)

@@ -216,16 +216,22 @@ def _fourierft_weight(layer):
 _INDICES_ATTR = "_fastadapt_fourierft_indices"
 
 
-def _fourierft_indices(layer, adapter: str, device) -> torch.Tensor:
-    """PEFT keeps ``indices[adapter]`` on the CPU and copies it to the device every call; the bridge
+def _fourierft_index_copy(layer, adapter: str, device) -> tuple:
+    """(PEFT's ``indices[adapter]``, its int64 copy on ``device``, the copy's rows, its columns).
+    PEFT keeps the (2, n) indices on the CPU and copies them to the device every call; the bridge
     keeps one copy per (adapter, device), renewed when PEFT replaces the tensor (update_layer)."""
     cache = layer.__dict__.setdefault(_INDICES_ATTR, {})
     source = layer.indices[adapter]
     hit = cache.get((adapter, device))
     if hit is None or hit[0] is not source:
-        hit = (source, source.to(device=device, dtype=torch.int64).contiguous())
+        indices = source.to(device=device, dtype=torch.int64).contiguous()
+        hit = (source, indices, indices[0, :], indices[1, :])
         cache[(adapter, device)] = hit
-    return hit[1]
+    return hit
+
+
+def _fourierft_indices(layer, adapter: str, device) -> torch.Tensor:
+    return _fourierft_index_copy(layer, adapter, device)[1]
 
 
 def _fourierft_check(layer, adapter: str, x) -> Optional[str]:
@@ -243,18 +249,19 @@ def _fourierft_forward(layer, adapter: str, x):
 def fourierft_small_forward(layer, adapter: str, x):
     """PEFT's ``FourierFTLinear.forward`` for one adapter, for small calls, as the same ops
     (fastadapt.peft: ``BridgeEntry.small_forward``): base(x) + x dW^T with PEFT's
-    ``get_delta_weight`` inline (the spectrum scattered into float32 zeros at PEFT's CPU indices,
-    ifft2, real part times scaling, the spectrum's dtype), x in dW's dtype, then x's dtype.  PEFT's
-    forward where the base layer has hooks."""
+    ``get_delta_weight`` inline (the spectrum scattered into float32 zeros at PEFT's indices, kept
+    on the device as the fused path keeps them; ifft2, real part times scaling, the spectrum's
+    dtype), x in dW's dtype, then x's dtype.  PEFT's forward where the base layer has hooks."""
     base = layer._modules["base_layer"]
     if not hookless(base):
         return peft_forward(layer, x)
     previous_dtype = x.dtype
     result = run(base, x)
     spectrum = layer._modules["fourierft_spectrum"]._parameters[adapter]
-    indices = layer.indices[adapter].to(spectrum.device)
-    dense_spectrum = torch.zeros(layer.out_features, layer.in_features, device=spectrum.device)
-    dense_spectrum[indices[0, :], indices[1, :]] = spectrum.float()
+    device = spectrum.device
+    _, _, rows, cols = _fourierft_index_copy(layer, adapter, device)   # PEFT's indices[0, :], [1, :] on device
+    dense_spectrum = torch.zeros(layer.out_features, layer.in_features, device=device)
+    dense_spectrum[rows, cols] = spectrum.float()
     delta_weight = torch.fft.ifft2(dense_spectrum).real * layer.fourierft_scaling[adapter]
     # PEFT's casts, written as tests: Tensor.to(dtype) returns the tensor itself where it has that dtype
     if delta_weight.dtype != spectrum.dtype:
