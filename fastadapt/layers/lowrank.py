@@ -168,14 +168,15 @@ def lora_forward_many(layer, adapters: list[str], x, adapter_names=None):
 
 def lora_small_forward(layer, adapter: str, x):
     """PEFT's ``lora.Linear.forward`` for one vanilla adapter, for small calls: base(x) + lora_B(
-    lora_A(dropout(x))) * scaling, then the base output's dtype, as the same ops (fastadapt.peft:
-    ``BridgeEntry.small_forward``); PEFT's forward where x needs PEFT's input cast or a module has hooks."""
+    lora_A(dropout(x in the adapter's dtype))) * scaling, then the base output's dtype, as the same ops
+    (fastadapt.peft: ``BridgeEntry.small_forward``); PEFT's forward where a module has hooks."""
     a, b = submodule(layer, "lora_A", adapter), submodule(layer, "lora_B", adapter)
     dropout, base = submodule(layer, "lora_dropout", adapter), layer._modules["base_layer"]
-    if adapter in layer.lora_variant or x.dtype != a.weight.dtype or not hookless(base, a, b, dropout):
+    if adapter in layer.lora_variant or not hookless(base, a, b, dropout):
         return peft_forward(layer, x)
     result = run(base, x)
-    return (result + run(b, run(a, run(dropout, x))) * layer.scaling[adapter]).to(result.dtype)
+    branch = run(b, run(a, run(dropout, _cast_input(layer, x, a.weight.dtype)))) * layer.scaling[adapter]
+    return (result + branch).to(result.dtype)
 
 
 def _lora_entry(method: str) -> BridgeEntry:
