@@ -22,6 +22,7 @@ owner (strict xfail: fixing the cause makes the entry fail until it is removed).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import json
@@ -382,24 +383,27 @@ def test_checkpoint_round_trip(case, tmp_path):
 
 def _small_params():
     """Every sweep case in its sweep dtype, and the "mlp" cases on a bfloat16 base (PEFT's float32
-    adapters: its input and output casts run)."""
-    return [pytest.param(*p.values, None, id=p.id, marks=p.marks) for p in _params("small")] + \
-        [pytest.param(*p.values, torch.bfloat16, id=f"{p.id}-bf16-base", marks=p.marks)
-         for p in _params("small") if p.values[0].model == "mlp"]
+    adapters: its input and output casts run) and on a float32 model under CPU bfloat16 autocast."""
+    small = _params("small")
+    return [pytest.param(*p.values, None, id=p.id, marks=p.marks) for p in small] + \
+        [pytest.param(*p.values, setting, id=f"{p.id}-{setting}", marks=p.marks)
+         for setting in ("bf16-base", "autocast") for p in small if p.values[0].model == "mlp"]
 
 
-@pytest.mark.parametrize("case,base_dtype", _small_params())
-def test_small_calls(case, base_dtype, monkeypatch):
+@pytest.mark.parametrize("case,setting", _small_params())
+def test_small_calls(case, setting, monkeypatch):
     """Calls below the crossover run PEFT's math: the entry's ``small_forward`` (PEFT's ops without
     its per-call Python) where the method has one, else PEFT's forward.  Eval and training steps
     (nn.Dropout's draws from the same RNG state) give PEFT's output and every gradient bit for bit
     (or PEFT's error), and a method with a small_forward never runs PEFT's forward for such a call."""
-    if base_dtype is None:
+    if setting is None:
         peft_model, fused, _, _ = _build(case)
+        dtype = case.dtype
     else:
-        peft_model = perturb_(get_peft_model(MODELS[case.model].build(base_dtype), case.config()[0]), scale=0.2)
+        dtype = torch.bfloat16 if setting == "bf16-base" else torch.float32
+        peft_model = perturb_(get_peft_model(MODELS[case.model].build(dtype), case.config()[0]), scale=0.2)
         fused = copy.deepcopy(peft_model)
-    dtype = base_dtype or case.dtype
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if setting == "autocast" else contextlib.nullcontext()
     report = fastadapt.accelerate(fused, methods=[case.method], min_macs=1 << 62)
     layers = [m for m in fused.modules() if hasattr(m, "_fastadapt_entries")]
     lean = all(bridge._lean_forward(layer) is not None for layer in layers)
@@ -411,12 +415,13 @@ def test_small_calls(case, base_dtype, monkeypatch):
         x, strided = randn(2, 3, d_in, dtype=dtype), noncontig(randn(2, 3, d_in, dtype=dtype))
         seed = int(torch.randint(2 ** 31, ()))
         try:
-            want = _step(peft_model, x, strided, seed)
+            with context:
+                want = _step(peft_model, x, strided, seed)
         except Exception as exc:   # PEFT's forward rejects this layout: so must ours, with PEFT's error
-            with pytest.raises(type(exc), match=re.escape(str(exc))):
+            with pytest.raises(type(exc), match=re.escape(str(exc))), context:
                 _step(fused, x, strided, seed)
             continue
-        with monkeypatch.context() as patch:
+        with monkeypatch.context() as patch, context:
             peft_forward = layer_class.forward
             patch.setattr(layer_class, "forward",
                           lambda layer, *args, **kwargs: peft_calls.append(1) or peft_forward(layer, *args, **kwargs))
