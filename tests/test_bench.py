@@ -678,3 +678,36 @@ def test_compare_counts_ratios_within_the_tolerance(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 of 3 ratios agree within 10% by their medians" in out and "| lora | peft | 1.200 | 1.500 | 25.0%" in out
     assert main(["compare", "--strict", *map(str, paths)]) == 1
+
+
+def test_cases_measured_in_the_slow_state_run_again_when_the_probe_reads_faster(capsys):
+    """Each case's rows carry the probe read before it; a case whose probe read >= SLOW_STATE_FACTOR x
+    the run's fastest is measured again at the end if the probe then reads faster, else kept; at most
+    a quarter of the cases, the slowest readings first."""
+    class Named:
+        def __init__(self, name):
+            self.name = name
+    names = ["a", "slow", "b", "stuck", "capped", "c", "d", "e", "f"]
+    cases = [Named(n) for n in names]
+    readings = iter([1.0, 3.0, 1.1, 2.0, 1.6, 1.0, 1.0, 1.0, 1.0,   # ms, before each case
+                     1.2, 1.2,   # slow: now 1.2 < 3.0 -> again (one read to decide, one before the run)
+                     2.5])       # stuck: now 2.5 >= 2.0 -> kept; capped (1.6): beyond 9 // 4 = 2 cases
+    runs = []
+
+    def run(case):
+        runs.append(case.name)
+        return [{"case": case.name, "arm": "base", "time_s": len(runs)}]
+    rows = runner.measure_with_probe(cases, run, lambda: next(readings) * 1e-3)
+    assert runs == names + ["slow"] and next(readings, None) is None
+    assert [r["case"] for r in rows] == names
+    slow = rows[1]
+    assert slow["time_s"] == 10 and slow["probe_ms"] == pytest.approx(1.2) and slow["first_probe_ms"] == pytest.approx(3.0)
+    assert "first_probe_ms" not in rows[3] and rows[3]["probe_ms"] == pytest.approx(2.0)
+    assert "stuck: probe 2.00 ms at its run, 2.50 now" in capsys.readouterr().err
+    summary = bench.summary_rows(rows)
+    assert [r["first_probe_ms"] for r in summary][:3] == [None, pytest.approx(3.0), None]
+    doc = {"kind": "bench", "date": "2026-12-05T13:00:00", "rows": summary,
+           "config": {"n": 8, "d": 4, "dtype": "float32", "device": "cpu", "iters": 1, "compile": False},
+           "machine": {"cpu": "x", "cores": 2, "torch_threads": 2}, "versions": dict.fromkeys(("torch", "triton", "peft", "lycoris"), "-")}
+    text = report.document_markdown(doc)
+    assert "1.00-2.00" in text and "slow (3.00 -> 1.20)" in text

@@ -303,7 +303,8 @@ def _ms(seconds):
 def summary_rows(rows: list[dict]) -> list[dict]:
     """One row per case from :func:`run_cases` rows (the ``--json`` schema).
 
-    Keys: case, method, family, config, device, dtype, d, tokens; per arm of SUMMARY_ARMS
+    Keys: case, method, family, config, device, dtype, d, tokens, probe_ms and first_probe_ms (the
+    CPU machine-state probe, runner.measure_with_probe; None elsewhere); per arm of SUMMARY_ARMS
     ``<arm>_ms``, ``<arm>_min_ms`` and ``<arm>_ratio`` (median and fastest fwd+bwd ms, median
     ratio to the base; the "fastadapt" arm is the patched layer's default mode); saved_ratio / peak_bytes (fastadapt) beside
     peft_saved_ratio, peft_compile_saved_ratio, lycoris_saved_ratio, peft_peak_bytes,
@@ -323,7 +324,8 @@ def summary_rows(rows: list[dict]) -> list[dict]:
         failed = next((r for r in case_rows if r.get("arm") is None), None)
         summary = {"case": case, "method": first.get("method"), "family": first.get("family"),
                    "config": first.get("config"), "device": first.get("device"), "dtype": first.get("dtype"),
-                   "d": first.get("d"), "tokens": first.get("n")}
+                   "d": first.get("d"), "tokens": first.get("n"), "probe_ms": first.get("probe_ms"),
+                   "first_probe_ms": first.get("first_probe_ms")}
         for arm in SUMMARY_ARMS:
             r = arms.get(arm, {})
             summary[f"{arm}_ms"] = _ms(r.get("time_s"))

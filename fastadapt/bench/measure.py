@@ -162,6 +162,21 @@ def time_arm_samples(arms: dict[str, Callable], x: torch.Tensor, *, iters: int =
     return samples
 
 
+def batched_product_probe(reps: int = 9) -> float:
+    """Median seconds of one small batched product on the CPU, 33 x (16 x 2048) @ (2048 x 16) float32
+    (the shape of C3A's gradient reduction at the standard shape, 35 MFLOP): on a shared 2-vCPU VM
+    such OpenMP-parallel products have a slow state, about 2x for minutes, that large GEMMs, FFTs and
+    copies do not show.  ``fastadapt bench`` reads it before each CPU case (``probe_ms``)."""
+    a, b = torch.randn(33, 16, 2048), torch.randn(33, 2048, 16)
+    torch.bmm(a, b)
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.bmm(a, b)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def time_arms(arms: dict[str, Callable], x: torch.Tensor, *, iters: int = 20,
               warmup: int = 3) -> dict[str, float]:
     """Median forward+backward seconds of each arm on ``x`` (:func:`time_arm_samples`)."""

@@ -149,6 +149,19 @@ def header_lines(result: dict, title: str) -> list[str]:
     return lines
 
 
+def _probe_lines(rows: list[dict]) -> list[str]:
+    """The machine-state probe read before each CPU case, and the cases measured again."""
+    probes = [r["probe_ms"] for r in rows if r.get("probe_ms") is not None]
+    if not probes:
+        return []
+    lines = [f"- probe (a small batched product, ms, read before each case; this VM's slow state about doubles it): "
+             f"{min(probes):.2f}-{max(probes):.2f}"]
+    again = [f"{r['case']} ({r['first_probe_ms']:.2f} -> {r['probe_ms']:.2f})" for r in rows if r.get("first_probe_ms")]
+    if again:
+        lines.append("- measured again at the end of the run, the probe having read slow at first: " + ", ".join(again))
+    return lines
+
+
 def document_markdown(result: dict) -> str:
     """The whole Markdown file for a results document."""
     kind, cfg = result["kind"], result["config"]
@@ -161,7 +174,8 @@ def document_markdown(result: dict) -> str:
                   "- columns: fwd+bwd time / frozen base fwd+bwd time per arm; saved = bytes saved for backward "
                   "(parameters and buffers excluded) / bytes(x); peak = highest allocation above the start during "
                   "fwd+bwd; error vs float64 reference in eval mode; fallbacks = PEFT forwards run instead of the "
-                  "fused path; adapters trained a few AdamW steps from PEFT's init", "", bench_table(result["rows"])]
+                  "fused path; adapters trained a few AdamW steps from PEFT's init", *_probe_lines(result["rows"]), "",
+                  bench_table(result["rows"])]
     elif kind == "host_overhead":
         lines = header_lines(result, "fastadapt host overhead")
         lines += [f"- shape: {shape} (the whole step is host time), iters {cfg['iters']} (median, interleaved)",
