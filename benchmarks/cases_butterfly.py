@@ -10,7 +10,8 @@ init by fastadapt.bench.train_adapter_:
   goft                     fastadapt GOFTLinear, block_size = d (log2(d) Givens stages; not in PEFT);
   ether_n32, ether_plus_n32  fastadapt ETHERLinear with 32 blocks (not in PEFT).
 Arms: "peft" (PEFT's layer, eager; the runner adds torch.compile of it) and "fastadapt" (a copy of
-the trained PEFT layer patched by ``fastadapt.accelerate``, or the fastadapt layer itself).
+the trained PEFT layer patched by ``fastadapt.accelerate``, or the fastadapt layer itself);
+boft_b8_m1 also "fastadapt_recompute" (``set_boft_recompute``: x alone saved, h formed again).
 Reference: the PEFT layer copied to float64 (GOFT, ETHER: fastadapt.reference.butterfly of the
 trained parameters).
 """
@@ -23,7 +24,7 @@ from peft import BOFTConfig, HRAConfig, RoadConfig
 
 import fastadapt
 from fastadapt.bench import Adapter, Case, CaseSetup, peft_layer_case, train_adapter_
-from fastadapt.layers.butterfly import ETHERLinear, GOFTLinear
+from fastadapt.layers.butterfly import ETHERLinear, GOFTLinear, set_boft_recompute
 from fastadapt.reference import butterfly as reference
 from fastadapt.testing import linear_model, randn
 
@@ -48,9 +49,15 @@ def _road_config(variant: str, targets, group_size: int = ROAD_GROUP) -> RoadCon
     return RoadConfig(variant=variant, group_size=group_size, target_modules=targets)
 
 
-def _peft_case(make_config):
+def _boft_recompute(layer):
+    set_boft_recompute(layer)
+    return layer
+
+
+def _peft_case(make_config, **more_fused):
     def build(d: int, n: int, dtype: torch.dtype, device) -> CaseSetup:
-        return peft_layer_case(d, n, dtype, device, make_config(["0"]), fused={"fastadapt": lambda layer: layer})
+        return peft_layer_case(d, n, dtype, device, make_config(["0"]),
+                               fused={"fastadapt": lambda layer: layer, **more_fused})
     return build
 
 
@@ -80,8 +87,8 @@ def _ether_reference(weight, layer):
 
 
 CASES = [
-    Case("boft_b8_m1", "butterfly", _peft_case(lambda t: _boft_config(1, t)),
-         notes="PEFT BOFT b=8, one factor, vs fused"),
+    Case("boft_b8_m1", "butterfly", _peft_case(lambda t: _boft_config(1, t), fastadapt_recompute=_boft_recompute),
+         notes="PEFT BOFT b=8, one factor, vs fused (and fused saving x alone)"),
     Case("boft_b8_m2", "butterfly", _peft_case(lambda t: _boft_config(2, t)),
          notes="PEFT BOFT b=8, two butterfly factors, vs fused"),
     Case("goft", "butterfly", _fastadapt_only(GOFTLinear, _goft_reference, {"layer": "GOFTLinear"}),

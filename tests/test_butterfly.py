@@ -158,6 +158,8 @@ def test_rotate_linear_gradcheck_float64(rows, m):
     W, bias = randn(5, d, requires_grad=True), randn(5, requires_grad=True)
     x = randn(rows, d, requires_grad=True)
     assert torch.autograd.gradcheck(ops.boft_linear, (x, R, s, W, bias), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda *args: ops.boft_linear(*args, recompute=True), (x, R, s, W, bias),
+                                    fast_mode=True)
     theta = randn(m, d // 2, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, t, W: ops.goft_linear(x, t, W), (x, theta, W), fast_mode=True)
 
@@ -327,6 +329,32 @@ def test_boft_bridge_equals_peft(m, b, rows):
     with torch.no_grad():
         layer.boft_s["default"].add_(randn(24, 1, scale=0.1))
     _compare_accelerated(model, randn(2, rows // 2, d_in))
+
+
+@pytest.mark.parametrize("rows", [6, 96])   # x rotated / W rotated
+def test_boft_recompute_saves_x_alone_and_equals_peft(rows):
+    """set_boft_recompute: h = (x R) W^T formed again in backward for boft_s's gradient, so the
+    fused layer saves bytes(x) less (h) and still gives PEFT's output and gradients,
+    on either side of the rotation (s then folds into the GEMM's weight, as with a frozen boft_s)."""
+    d_in = 32
+    model, layer = _peft(BOFTConfig(target_modules=["0"], boft_block_size=4, boft_n_butterfly_factor=2), d_in, d_in,
+                         ["boft_R"], dtype=torch.float32, scale=0.1)
+    with torch.no_grad():
+        layer.boft_s["default"].add_(randn(d_in, 1, scale=0.1, dtype=torch.float32))
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = randn(rows, d_in, dtype=torch.float32)
+    expected, expected_grads = _grads(model, x, params)
+    fastadapt.accelerate(model, min_macs=0)
+    kept_saved = saved_activation_ratio(model, x)
+    assert layers.set_boft_recompute(model) == 1
+    actual, actual_grads = _grads(model, x, params)
+    assert_rel_close(actual, expected, name="output")
+    for name, a, e in zip(("x", "boft_R", "boft_s"), actual_grads, expected_grads):
+        assert_rel_close(a, e, name=f"d{name}")
+    recompute_saved = saved_activation_ratio(model, x)
+    assert kept_saved - recompute_saved == pytest.approx(1.0)   # h (N x out = bytes(x)) no longer saved
+    assert layers.set_boft_recompute(model, False) == 1
+    assert saved_activation_ratio(model, x) == kept_saved
 
 
 def test_boft_bridge_block_dropout_in_training_equals_peft():

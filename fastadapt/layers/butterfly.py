@@ -52,6 +52,7 @@ from ..ops import butterfly as ops
 from ..ops._policy import acc_dtype, fallback_reason, is_mixed
 from ..peft import BridgeEntry, hookless, peft_forward
 from ._lean import run, submodule
+from ._modes import set_mode
 
 
 def _frozen_linear(base_layer) -> nn.Linear:
@@ -413,12 +414,24 @@ def boft_check(layer, adapter: str, x) -> Optional[str]:
                                casts_x=False))
 
 
+_BOFT_RECOMPUTE_ATTR = "_fastadapt_boft_recompute"
+
+
 def boft_forward(layer, adapter: str, x):
-    """PEFT's BOFT Linear.forward for one active adapter, fused; ``boft_dropout`` is PEFT's module."""
+    """PEFT's BOFT Linear.forward for one active adapter, fused; ``boft_dropout`` is PEFT's module.
+    Saves x and h = (x R) W^T while boft_s trains; x alone after :func:`set_boft_recompute`."""
     base = layer.get_base_layer()
     out = ops.boft_linear(x, layer.boft_R[adapter], layer.boft_s[adapter], base.weight, base.bias,
-                          dropout=layer.boft_dropout[adapter])
+                          dropout=layer.boft_dropout[adapter],
+                          recompute=layer.__dict__.get(_BOFT_RECOMPUTE_ATTR, False))
     return out.to(x.dtype)  # PEFT's output dtype, also under torch.autocast
+
+
+def set_boft_recompute(model: nn.Module, recompute: bool = True) -> int:
+    """Make the fused BOFT forward of every BOFT layer in ``model`` save x alone (``recompute``: h =
+    (x R) W^T formed again in backward for boft_s's gradient, one more GEMM, about +0.5 x the frozen
+    layer's fwd+bwd) or x and h (default: 2 x bytes(x) at in = out); returns the number of layers set."""
+    return set_mode(model, _peft_layers("boft").BOFTLayer, _BOFT_RECOMPUTE_ATTR, bool(recompute))
 
 
 @functools.cache
@@ -531,4 +544,4 @@ PEFT_BRIDGE = [
 ]
 
 __all__ = ["BOFTLinear", "ETHERLinear", "GOFTLinear", "HRALinear", "PEFT_BRIDGE", "RoAdLinear", "TorchBlockDiagonal",
-           "keep_boft_butterfly_factors"]
+           "keep_boft_butterfly_factors", "set_boft_recompute"]

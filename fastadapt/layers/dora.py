@@ -44,6 +44,7 @@ from ..ops._policy import fallback_reason
 from ..ops.dora_norm import delora_linear, dora_linear
 from ..peft import BridgeEntry, dropout_stream, hookless, peft_forward
 from ._lean import run, submodule
+from ._modes import set_mode
 
 _RECOMPUTE_ATTR = "_fastadapt_dora_recompute"
 
@@ -187,12 +188,7 @@ def set_recompute(model: nn.Module, recompute: bool = True) -> int:
     """Make the fused DoRA forward of every LoRA layer in ``model`` save only x and u
     (``recompute``) or also y_pre (default); returns the number of layers set."""
     from peft.tuners.lora.layer import LoraLayer
-    count = 0
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            module.__dict__[_RECOMPUTE_ATTR] = bool(recompute)
-            count += 1
-    return count
+    return set_mode(model, LoraLayer, _RECOMPUTE_ATTR, bool(recompute))
 
 
 # ----------------------------------------------------------------------------------------------

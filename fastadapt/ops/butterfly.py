@@ -96,11 +96,13 @@ def butterfly_rotate(x: Tensor, blocks: list[Tensor], chain: ButterflyPlan, *, t
 
 
 def rotate_linear(x: Tensor, blocks: list[Tensor], chain: ButterflyPlan, weight: Tensor, bias: Tensor | None = None,
-                  scale: Tensor | None = None, *, transpose: bool = False, orthogonal: bool = True) -> Tensor:
+                  scale: Tensor | None = None, *, transpose: bool = False, orthogonal: bool = True,
+                  recompute: bool = False) -> Tensor:
     """y = ((x R) W^T) o s + b (R^T with ``transpose``), the bias not scaled: BOFT's layer, GOFT's
     with s = None.  Rotates W instead of x (one pass over out x d numbers instead of N x d, and a
     backward without a pass over the activations' gradient) when ``orthogonal`` (the passes are
-    rotations) and x has more rows than W.  Keeps h = (x R) W^T for backward only when s trains.
+    rotations) and x has more rows than W.  Keeps h = (x R) W^T for backward only when s trains,
+    unless ``recompute`` (backward forms h again: x alone saved, one more GEMM).
     Returns x's dtype (PEFT's BOFT rounds its float32 epilogue to it)."""
     _validate.tensor("x", x, min_ndim=1)
     if transpose:
@@ -109,7 +111,7 @@ def rotate_linear(x: Tensor, blocks: list[Tensor], chain: ButterflyPlan, weight:
     geometry = chain.geometry(transpose)
     check_linear(x2d, blocks, geometry, weight, scale, bias)
     weight_side = orthogonal and x2d.shape[0] > weight.shape[0]
-    keep_pre = scale is not None and scale.requires_grad and torch.is_grad_enabled()
+    keep_pre = scale is not None and scale.requires_grad and torch.is_grad_enabled() and not recompute
     y, _ = butterfly_linear_op(x2d, blocks, geometry, weight, scale, bias, weight_side, keep_pre)
     return y.view(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
@@ -742,12 +744,14 @@ def road_coefficients(variant: str, group_size: int, road_theta: Tensor, road_al
 # layers as functions of x and the parameters
 
 def boft_linear(x: Tensor, boft_R: Tensor, boft_s: Tensor, weight: Tensor, bias: Tensor | None = None, *,
-                dropout=None) -> Tensor:
+                dropout=None, recompute: bool = False) -> Tensor:
     """PEFT's BOFT Linear: y = ((x R) W^T) o s + bias (bias not scaled), any n_butterfly_factor.
 
     dropout: PEFT's ``boft_dropout`` module (multiplicative block dropout), applied to the
     Cayley blocks as PEFT does, so its random draws are PEFT's own (identity blocks keep R
-    orthogonal).  Saved: x, h = (x R) W^T when boft_s trains, and the small blocks."""
+    orthogonal).  Saved: x, h = (x R) W^T when boft_s trains (2 x bytes(x) at in = out), and the
+    small blocks; with ``recompute`` x and the blocks only, h formed again in backward (one more
+    N x in x out GEMM: about +0.5 x the frozen layer's fwd+bwd)."""
     _validate.tensor("boft_R", boft_R, ndim=4)
     m, n, b, _ = boft_R.shape
     d = x.shape[-1]
@@ -758,7 +762,7 @@ def boft_linear(x: Tensor, boft_R: Tensor, boft_s: Tensor, weight: Tensor, bias:
         blocks = dropout(blocks).to(blocks.dtype)
     chain = plan(d, b, m)
     pass_b = [_compute(B, acc_dtype(x.dtype)) for B in pass_blocks(blocks, chain)]
-    return rotate_linear(x, pass_b, chain, weight, bias, boft_s.reshape(-1))
+    return rotate_linear(x, pass_b, chain, weight, bias, boft_s.reshape(-1), recompute=recompute)
 
 
 def goft_linear(x: Tensor, goft_theta: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

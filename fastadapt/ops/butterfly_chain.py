@@ -20,7 +20,9 @@ butterfly_linear(x, blocks, geometry, W, s, b, weight_side, keep_pre) = (y, h) w
                  x's when the rows N exceed out), h = x W_r^T; without keep_pre s is folded into
                  W_r and the bias into the GEMM (y straight from one GEMM).
     Saved: x, h when keep_pre (BOFT's trainable boft_s: ds = sum_rows dy o h needs it), and the
-    parameters; never z, W_r or a d x d matrix.
+    parameters; never z, W_r or a d x d matrix.  With s trainable and keep_pre off (the recompute
+    mode: saved x alone), backward forms h again by the forward's own ops (the same bits; one more
+    N x d x out GEMM).
     Backward, with W_s = diag(s) W (s folded into the weight, not into an N x out dY o s):
       ds = sum_rows dy o h,  db = sum_rows dy;
       x side:      dz = dy W_s;  dx, dB as butterfly_chain's backward from dz;
@@ -218,23 +220,29 @@ def _scale_rows(W: Tensor, scale: Optional[Tensor]) -> Tensor:
     return (W.to(scale.dtype) * scale[:, None]).to(W.dtype)
 
 
+def _pre_scale(P: Passes, x, blocks, geometry, weight, weight_side) -> Tensor:
+    """h = (x C) W^T, as the forward forms it on either side."""
+    if weight_side:
+        return F.linear(x, chain_transposed(P, weight, blocks, geometry, weight.dtype))
+    return F.linear(chain(P, x, blocks, geometry, x.dtype), weight)
+
+
 def linear_forward(P: Passes, x, blocks, geometry, weight, scale, bias, weight_side, keep_pre):
+    if keep_pre:
+        h = _pre_scale(P, x, blocks, geometry, weight, weight_side)
+        return P.epilogue(h, scale, bias), h
     if weight_side:
         Wr = chain_transposed(P, weight, blocks, geometry, weight.dtype)
-        if keep_pre:
-            h = F.linear(x, Wr)
-            return P.epilogue(h, scale, bias), h
         return F.linear(x, _scale_rows(Wr, scale), bias), _empty_like(x)
     z = chain(P, x, blocks, geometry, x.dtype)
-    if keep_pre:
-        h = F.linear(z, weight)
-        return P.epilogue(h, scale, bias), h
     return F.linear(z, _scale_rows(weight, scale), bias), _empty_like(x)
 
 
 def linear_backward(P: Passes, dy, x, blocks, geometry, weight, scale, pre, weight_side,
                     need_x, need_blocks, need_weight, need_scale, need_bias):
-    if need_scale:   # pre = h exists only when s trains (keep_pre)
+    if need_scale:   # pre = h, kept with keep_pre, else (the recompute mode) formed again here
+        if pre.dim() != 2:
+            pre = _pre_scale(P, x, blocks, geometry, weight, weight_side)
         ds, db = P.scale_grads(dy, pre, need_bias)
     else:
         ds, db = _empty_like(x), dy.sum(0, dtype=acc_dtype(dy.dtype)) if need_bias else _empty_like(x)
