@@ -10,6 +10,7 @@ forward runs and the report counts the reason.  Never a silently different resul
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import types
 from collections import Counter
@@ -266,8 +267,9 @@ def _element_bound(layer, min_macs: int) -> int:
 SMALL_FORWARD_PEFT_RELEASES = ("0.21",)
 
 
+@functools.cache
 def peft_release() -> str:
-    """The installed PEFT's major.minor release."""
+    """The installed PEFT's major.minor release (read once: a package's metadata lookup is slow)."""
     from importlib.metadata import version
     return ".".join(version("peft").split(".")[:2])
 

@@ -8,8 +8,26 @@ for bit, the same random draws, the same autograd graph.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+
 import torch.nn.functional as F
 from torch import nn
+
+
+@functools.cache
+def peft_module(method: str):
+    """PEFT's ``peft.tuners.<method>.layer`` module (imported on first use: PEFT is optional), for
+    the helpers PEFT's forwards call (its autograd Functions, ``_apply_road``, ``make_kron``)."""
+    return importlib.import_module(f"peft.tuners.{method}.layer")
+
+
+def cast_input(layer: nn.Module, x, dtype):
+    """PEFT's ``BaseTunerLayer._cast_input_dtype``: x in ``dtype`` unless the layer's input cast is
+    disabled (``cast_input_dtype_enabled``, read only when the dtypes differ)."""
+    if x.dtype == dtype or not getattr(layer, "cast_input_dtype_enabled", True):
+        return x
+    return x.to(dtype=dtype)
 
 
 def submodule(layer: nn.Module, container: str, adapter: str) -> nn.Module:

@@ -39,8 +39,6 @@ PEFT's behaviour for the whole process, so nothing calls it on import: a user op
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 from typing import Optional
 
@@ -51,7 +49,7 @@ from .. import _validate
 from ..ops import butterfly as ops
 from ..ops._policy import acc_dtype, fallback_reason, is_mixed
 from ..peft import BridgeEntry, hookless, peft_forward
-from ._lean import run, submodule
+from ._lean import cast_input, peft_module, run, submodule
 from ._modes import set_mode
 
 
@@ -431,13 +429,8 @@ def set_boft_recompute(model: nn.Module, recompute: bool = True) -> int:
     """Make the fused BOFT forward of every BOFT layer in ``model`` save x alone (``recompute``: h =
     (x R) W^T formed again in backward for boft_s's gradient, one more GEMM, about +0.5 x the frozen
     layer's fwd+bwd) or x and h (default: 2 x bytes(x) at in = out); returns the number of layers set."""
-    return set_mode(model, _peft_layers("boft").BOFTLayer, _BOFT_RECOMPUTE_ATTR, bool(recompute))
+    return set_mode(model, peft_module("boft").BOFTLayer, _BOFT_RECOMPUTE_ATTR, bool(recompute))
 
-
-@functools.cache
-def _peft_layers(method: str):
-    """PEFT's ``peft.tuners.<method>.layer`` module (imported on first use: PEFT is optional)."""
-    return importlib.import_module(f"peft.tuners.{method}.layer")
 
 
 def boft_small_forward(layer, adapter: str, x):
@@ -458,7 +451,7 @@ def boft_small_forward(layer, adapter: str, x):
     N, D, H, _ = boft_R.shape
     blocks = dropout.forward(layer.cayley_batch(boft_R.view(N * D, H, H)).view(N, D, H, H))
     if state["fbd_cuda_available"]:
-        block_diagonal = _peft_layers("boft").FastBlockDiag.apply(blocks)
+        block_diagonal = peft_module("boft").FastBlockDiag.apply(blocks)
     else:
         block_diagonal = torch.block_diag(*torch.unbind(blocks.squeeze(0))).unsqueeze(0)
     boft_P = layer._buffers["boft_P"].to(x)
@@ -524,10 +517,9 @@ def road_small_forward(layer, adapter: str, x):
     result = run(base, x)
     result_dtype = result.dtype
     road_theta = layer._modules["road_theta"]._parameters[adapter]
-    if result_dtype != road_theta.dtype:
-        result = layer._cast_input_dtype(result, road_theta.dtype)
+    result = cast_input(layer, result, road_theta.dtype)
     state = layer.__dict__
-    result = _peft_layers("road")._apply_road(state["variant"][adapter], state["group_size"][adapter], road_theta,
+    result = peft_module("road")._apply_road(state["variant"][adapter], state["group_size"][adapter], road_theta,
                                               layer._modules["road_alpha"]._parameters[adapter], result)
     return result.to(result_dtype)
 

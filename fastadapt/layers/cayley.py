@@ -36,7 +36,7 @@ from .. import _validate
 from ..ops import _policy
 from ..ops import cayley as ops
 from ..peft import BridgeEntry, hookless, peft_forward
-from ._lean import run, submodule
+from ._lean import cast_input, run, submodule
 
 
 def _frozen_linear(base_layer) -> nn.Linear:
@@ -395,8 +395,7 @@ def psoft_small_forward(layer, adapter, x):
     result = run(base, x)
     result_dtype = result.dtype
     # PEFT's casts, written as tests: Tensor.to(...) returns the tensor itself where nothing changes
-    if x.dtype != factor_a.dtype and layer.__dict__.get("cast_input_dtype_enabled", True):
-        x = x.to(factor_a.dtype)
+    x = cast_input(layer, x, factor_a.dtype)
     x = run(dropout, x)
     device, dtype = x.device, x.dtype
     if factor_a.dtype != dtype or factor_a.device != device:

@@ -30,8 +30,6 @@ not patched, PEFT's forward, named in the acceleration report.  Calls below the 
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 from typing import Optional
 
@@ -44,6 +42,7 @@ from ..ops import hadamard as ops
 from ..ops._policy import HALF_DTYPES, fallback_reason
 from ..peft import BridgeEntry, hookless, peft_forward
 from ..reference.hadamard import LoKr as _LoKrReference
+from ._lean import cast_input, peft_module
 
 LOKR_INITS = (True, False, "lycoris")
 
@@ -247,11 +246,6 @@ def lokr_forward(layer, adapter: str, x):
     return y.to(x.dtype)      # PEFT's result.to(previous_dtype) (differs under torch.autocast)
 
 
-@functools.cache
-def _peft_layers(method: str):
-    """PEFT's ``peft.tuners.<method>.layer`` module (imported on first use: PEFT is optional)."""
-    return importlib.import_module(f"peft.tuners.{method}.layer")
-
 
 def _lycoris_small_forward(layer, adapter: str, x, cp_factor: str, delta_weight):
     """PEFT's lycoris ``forward`` for one adapter of a LoHa / LoKr Linear, as PEFT's ops: base(x); in
@@ -267,8 +261,7 @@ def _lycoris_small_forward(layer, adapter: str, x, cp_factor: str, delta_weight)
     if layer.training and not torch.rand(1) > layer.module_dropout[adapter]:
         return result.to(previous_dtype)
     weight = delta_weight(layer, adapter, base.weight.shape)
-    if x.dtype != weight.dtype:
-        x = layer._cast_input_dtype(x, weight.dtype)
+    x = cast_input(layer, x, weight.dtype)
     return (result + F.linear(x, weight)).to(previous_dtype)
 
 
@@ -277,7 +270,7 @@ def _loha_delta_weight(layer, adapter: str, shape):
     shape; in training with rank_dropout, rows kept by torch.rand(out) > p (on the CPU), the mask
     divided by its mean."""
     params = layer._modules
-    weight = _peft_layers("loha").HadaWeight.apply(
+    weight = peft_module("loha").HadaWeight.apply(
         params["hada_w1_a"]._parameters[adapter], params["hada_w1_b"]._parameters[adapter],
         params["hada_w2_a"]._parameters[adapter], params["hada_w2_b"]._parameters[adapter],
         torch.tensor(layer.scaling[adapter])).reshape(shape)
@@ -304,7 +297,7 @@ def _lokr_delta_weight(layer, adapter: str, shape):
     rank_dropout_scale."""
     params = layer._modules
     w1 = _lokr_factor(params, "lokr_w1", adapter)
-    weight = _peft_layers("lokr").make_kron(w1, _lokr_factor(params, "lokr_w2", adapter),
+    weight = peft_module("lokr").make_kron(w1, _lokr_factor(params, "lokr_w2", adapter),
                                             layer.scaling[adapter]).reshape(shape)
     rank_dropout = layer.rank_dropout[adapter]
     if layer.training and rank_dropout:

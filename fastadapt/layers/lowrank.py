@@ -28,7 +28,6 @@ distribution, not PEFT's bits: the report counts such calls under :data:`PHILOX_
 """
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
@@ -41,7 +40,7 @@ from ..ops.lowrank import ia3_linear, lora_linear, lora_mixed_linear, miss_linea
     svft_linear, vera_linear
 from ..reference.structured import svft_pattern
 from ..peft import BridgeEntry, dropout_stream, hookless, peft_forward
-from ._lean import run, submodule
+from ._lean import cast_input, peft_module, run, submodule
 
 PHILOX_DROPOUT_NOTE = "dropout mask from fastadapt's Philox stream (nn.Dropout's distribution, not PEFT's bits)"
 BASE_CLASSES = ("torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D")
@@ -77,14 +76,6 @@ def _weight(layer):
     """The base weight as (out, in): a transposed view for fan_in_fan_out (Conv1D) storage."""
     base = layer.get_base_layer()
     return base.weight.T if layer.fan_in_fan_out else base.weight
-
-
-def _cast_input(layer, x, dtype):
-    """PEFT's ``BaseTunerLayer._cast_input_dtype``: x in ``dtype`` unless the layer's input cast is
-    disabled (``cast_input_dtype_enabled``, read only when the dtypes differ)."""
-    if x.dtype == dtype or not getattr(layer, "cast_input_dtype_enabled", True):
-        return x
-    return x.to(dtype=dtype)
 
 
 def _base_reason(layer, x, adapter_tensors, *, casts_x: bool) -> Optional[str]:
@@ -175,7 +166,7 @@ def lora_small_forward(layer, adapter: str, x):
     if adapter in layer.lora_variant or not hookless(base, a, b, dropout):
         return peft_forward(layer, x)
     result = run(base, x)
-    branch = run(b, run(a, run(dropout, _cast_input(layer, x, a.weight.dtype)))) * layer.scaling[adapter]
+    branch = run(b, run(a, run(dropout, cast_input(layer, x, a.weight.dtype)))) * layer.scaling[adapter]
     return (result + branch).to(result.dtype)
 
 
@@ -258,7 +249,7 @@ def vera_small_forward(layer, adapter: str, x):
     lambda_d, lambda_b = modules["vera_lambda_d"]._parameters[adapter], modules["vera_lambda_b"]._parameters[adapter]
     sliced_a = modules["vera_A"]._buffers[adapter][:, :state["in_features"]].to(x.device)
     sliced_b = modules["vera_B"]._buffers[adapter][:state["out_features"], :].to(x.device)
-    x = _cast_input(layer, x, lambda_d.dtype)
+    x = cast_input(layer, x, lambda_d.dtype)
     result = result + lambda_b * F.linear(lambda_d * F.linear(run(dropout, x), sliced_a), sliced_b)
     if result.dtype != orig_dtype:
         result = result.to(orig_dtype)
@@ -301,7 +292,7 @@ def adalora_small_forward(layer, adapter: str, x):
     lora_a, lora_e = modules["lora_A"]._parameters[adapter], modules["lora_E"]._parameters[adapter]
     lora_b, scaling = modules["lora_B"]._parameters[adapter], layer.__dict__["scaling"][adapter]
     ranknum = modules["ranknum"]._parameters[adapter] + 1e-5
-    x = _cast_input(layer, x, lora_a.dtype)
+    x = cast_input(layer, x, lora_a.dtype)
     result += (run(dropout, x) @ (lora_a * lora_e).T @ lora_b.T) * scaling / ranknum
     return result
 
@@ -446,7 +437,7 @@ def miss_small_forward(layer, adapter: str, x):
     r = block.size(0)
     if x.size(-1) % r != 0:
         x = F.pad(x, (0, (r - x.size(-1) % r) % r))
-    x = _cast_input(layer, x, block.dtype)
+    x = cast_input(layer, x, block.dtype)
     result = result + torch.sum(run(dropout, x).reshape(*x.shape[:-1], x.size(-1) // r, r), dim=-2) @ block
     return result if result.dtype == previous_dtype else result.to(previous_dtype)
 
@@ -548,7 +539,7 @@ def randlora_small_forward(layer, adapter: str, x):
     sliced_a = bases_a[:, :num_bases, :min_dim].to(device)
     sliced_b = bases_b[:max_dim, :num_bases, :].to(device)
     update_b = sliced_b.flatten(start_dim=1)
-    update_a = sys.modules[type(layer).__module__].UniqueBaseGrad.apply(sliced_a, scale_a, scale_b).flatten(end_dim=1)
+    update_a = peft_module("randlora").UniqueBaseGrad.apply(sliced_a, scale_a, scale_b).flatten(end_dim=1)
     first, second = (update_a, update_b) if min_dim == d_in else (update_b.T, update_a.T)
     if x.dtype != second.dtype:
         x = x.to(second.dtype)
