@@ -194,6 +194,12 @@ def test_run_cases_rows_keys_and_errors():
     assert by_arm["peft"]["rel_error"] < 1e-5
     assert by_arm["peft_compile"]["rel_error"] < 1e-5
     assert by_arm["wrong"]["rel_error"] > 0.1
+    assert "state_s" not in by_arm["base"]   # no round probe, no state reads
+    reads = iter(range(100))
+    probed = bench.run_cases([_tiny_case()], 24, 10, torch.float32, "cpu", iters=3, warmup=1, compile=False,
+                             measures=("time",), on_error="raise", round_probe=lambda: next(reads))
+    assert [(r["arm"], r["state_s"], len(r["samples_s"])) for r in probed] == [
+        ("base", [0, 1, 2], 3), ("peft", [0, 1, 2], 3), ("wrong", [0, 1, 2], 3)]
 
 
 def test_case_metrics_reach_every_row_and_the_markdown():
@@ -659,6 +665,14 @@ def _bench_doc(ratios: dict) -> dict:
     return {"kind": "bench", "rows": rows}
 
 
+def _written(folder: Path, **docs: dict) -> list[Path]:
+    """Each document written to ``folder``/<name>.json; the paths in order."""
+    paths = [folder / f"{name}.json" for name in docs]
+    for path, doc in zip(paths, docs.values()):
+        path.write_text(json.dumps(doc))
+    return paths
+
+
 def test_compare_counts_ratios_within_the_tolerance(tmp_path, capsys):
     a = _bench_doc({"lora": {"fastadapt": 1.10, "peft": 1.20}, "oft": {"fastadapt": 1.30}, "old": {"peft": 2.0}})
     b = _bench_doc({"lora": {"fastadapt": 1.12, "peft": 1.50}, "oft": {"fastadapt": 1.30, "peft": 1.4}})
@@ -670,10 +684,7 @@ def test_compare_counts_ratios_within_the_tolerance(tmp_path, capsys):
     assert compare.compare_documents(a, b, tolerance=0.3)["within"] == 3
     with pytest.raises(ValueError, match="tolerance"):
         compare.compare_documents(a, b, tolerance=10)
-    paths = []
-    for name, doc in (("a.json", a), ("b.json", b)):
-        paths.append(tmp_path / name)
-        paths[-1].write_text(json.dumps(doc))
+    paths = _written(tmp_path, a=a, b=b)
     assert main(["compare", *map(str, paths)]) == 0
     out = capsys.readouterr().out
     assert "2 of 3 ratios agree within 10% by their medians" in out and "| lora | peft | 1.200 | 1.500 | 25.0%" in out
@@ -710,4 +721,76 @@ def test_cases_measured_in_the_slow_state_run_again_when_the_probe_reads_faster(
            "config": {"n": 8, "d": 4, "dtype": "float32", "device": "cpu", "iters": 1, "compile": False},
            "machine": {"cpu": "x", "cores": 2, "torch_threads": 2}, "versions": dict.fromkeys(("torch", "triton", "peft", "lycoris"), "-")}
     text = report.document_markdown(doc)
-    assert "1.00-2.00" in text and "slow (3.00 -> 1.20)" in text
+    assert "1.00-2.00" in text and "slow (3.00 -> 1.20)" in text and "machine state" not in text
+    doc["arm_rows"] = [{"case": "a", "arm": "base", "state_s": [2.4e-3] * 4 + [3.7e-3] * 6},
+                       {"case": "a", "arm": "peft", "state_s": [9.0] * 10}]   # one read per round: the base's
+    assert ("machine state (a 64 MiB copy at the start of every timed round; `fastadapt compare` compares two runs "
+            "within the state both timed a case in): 2.40-3.70 ms over 10 rounds, two states split at 2.98 ms: "
+            "40% of the rounds in the fast-copy state") in report.document_markdown(doc)
+
+
+def test_time_arm_rounds_reads_the_probe_once_per_timed_round():
+    """The round probe runs at the start of every timed round (warmup rounds excluded, extra rounds
+    included), so reads[i] is the state samples[arm][i] ran in."""
+    x = randn(4, 3, dtype=torch.float32, seed=1)
+    reads = iter(range(100))
+    samples, got = bench.time_arm_rounds({"noisy": _Sleeps([1e-3, 6e-3]), "steady": _Sleeps([1e-3])}, x,
+                                                 iters=4, warmup=2, max_iters=7, round_probe=lambda: next(reads))
+    assert got == list(range(7)) and {len(s) for s in samples.values()} == {7}
+    assert bench.time_arm_rounds({"a": _Sleeps([0.0])}, x, iters=3, warmup=0)[1] == []
+
+
+def test_state_split_finds_two_states_and_only_two():
+    from fastadapt.bench import states
+    two = [2.4e-3, 2.5e-3, 2.3e-3, 2.45e-3] * 3 + [3.6e-3, 3.7e-3, 3.8e-3, 3.65e-3] * 5
+    threshold = states.split_threshold(two)
+    assert 2.5e-3 < threshold < 3.6e-3
+    assert states.state_names([2.4e-3, 3.7e-3], threshold) == ["fast copy", "slow copy"]
+    assert states.split_threshold([3.6e-3, 3.7e-3, 3.8e-3, 3.9e-3, 3.5e-3] * 4) is None     # within 25 %
+    assert states.split_threshold([2.4e-3] * 2 + [3.7e-3] * 30) is None                       # 2 reads: no state
+    assert states.split_threshold([2.4e-3] * 3 + [3.7e-3] * 2) is None                       # too few reads
+    assert states.state_names([1.0, 2.0], None) == ["one state", "one state"]
+    assert "one state" in states.state_summary([3.6e-3] * 8)
+    assert "split at" in states.state_summary(two) and "38% of the rounds in the fast-copy state" in states.state_summary(two)
+    assert states.state_summary([]) is None
+    assert states.CopyProbe(1 << 16)() > 0
+    with pytest.raises(ValueError, match="nbytes"):
+        states.CopyProbe(0)
+
+
+def _state_doc(fast_rounds: int, slow_rounds: int) -> dict:
+    """A bench document for one case whose PEFT arm is 1.3 x base in the fast-copy state and 1.0 x in
+    the slow-copy state (fastadapt 1.1 x in both), with this many rounds in each."""
+    reads = [2.4e-3] * fast_rounds + [3.7e-3] * slow_rounds
+    base = [0.010] * len(reads)
+    peft = [0.013] * fast_rounds + [0.010] * slow_rounds
+    arms = {"base": base, "fastadapt": [0.011] * len(reads), "peft": peft}
+    arm_rows = [{"case": "c3a", "arm": arm, "samples_s": s, "state_s": reads} for arm, s in arms.items()]
+    median = {arm: sorted(s)[len(s) // 2] for arm, s in arms.items()}
+    row = {"case": "c3a", "base_min_ms": 10.0,
+           **{f"{arm}_ratio": median[arm] / median["base"] for arm in ("fastadapt", "peft")},
+           **{f"{arm}_min_ms": min(arms[arm]) * 1e3 for arm in ("fastadapt", "peft")}}
+    return {"kind": "bench", "rows": [row], "arm_rows": arm_rows}
+
+
+def test_compare_takes_each_ratio_within_the_state_both_runs_share(tmp_path, capsys):
+    a, b = _state_doc(fast_rounds=14, slow_rounds=6), _state_doc(fast_rounds=4, slow_rounds=16)
+    result = compare.compare_documents(a, b)
+    assert (result["total"], result["within"], result["within_state"], result["in_shared_state"]) == (2, 1, 2, 2)
+    peft = next(p for p in result["pairs"] if p["arm"] == "peft")
+    assert peft["difference"] == pytest.approx(0.3)
+    assert peft["state"] == "slow copy" and peft["a_state"] == pytest.approx(1.0) and peft["difference_state"] == 0
+    # one run entirely in the fast state: the state with rounds in both is the fast one
+    only_fast = compare.compare_documents(_state_doc(20, 0), b)
+    assert next(p for p in only_fast["pairs"] if p["arm"] == "peft")["state"] == "fast copy"
+    # no shared state with enough rounds: the medians decide
+    apart = compare.compare_documents(_state_doc(20, 0), _state_doc(2, 18))
+    assert apart["in_shared_state"] == 0 and apart["within_state"] == apart["within"] == 1
+    # documents without state reads (GPU, older runs): no state comparison
+    plain = compare.compare_documents(_bench_doc({"c3a": {"peft": 1.3}}), _bench_doc({"c3a": {"peft": 1.0}}))
+    assert plain["state_threshold"] is None and plain["in_shared_state"] == 0
+    paths = _written(tmp_path, a=a, b=b)
+    assert main(["compare", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 agree within 10% when each ratio is taken within the state" in out
+    assert "| c3a | peft | 1.300 | 1.000 | 30.0% |" in out and "| slow copy | 1.000 | 1.000 | 0.0% | NO |" in out

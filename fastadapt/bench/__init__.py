@@ -15,7 +15,7 @@ from .adapters import Adapter, adapter_case, budget_size
 from .cases import Case, CaseSetup, measure_case, peft_case, peft_layer_case, run_cases, selected, summary_rows
 from .measure import (MEDIAN_RSE_TARGET, OverheadResult, device_time_arms, flush_l2, machine_ceilings,
                       median_rse, overhead_ratio, peak_bytes_during, peak_memory, saved_activation_bytes, saved_activation_ratio,
-                      saved_bytes_during, time_arm_samples, time_arms)
+                      saved_bytes_during, time_arm_rounds, time_arm_samples, time_arms)
 from .runner import add_cli
 from .training import TRAIN_LR, TRAIN_SEED, TRAIN_STEPS, TRAIN_TOKENS, train_adapter_
 
@@ -24,5 +24,5 @@ __all__ = [
     "adapter_case", "add_cli", "budget_size", "device_time_arms", "flush_l2", "machine_ceilings", "measure_case", "median_rse",
     "overhead_ratio", "peak_bytes_during", "peak_memory", "peft_case", "peft_layer_case", "relative_error", "run_cases",
     "saved_activation_bytes", "saved_activation_ratio", "saved_bytes_during", "selected", "summary_rows",
-    "time_arm_samples", "time_arms", "train_adapter_",
+    "time_arm_rounds", "time_arm_samples", "time_arms", "train_adapter_",
 ]

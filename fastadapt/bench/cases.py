@@ -20,7 +20,7 @@ from torch import nn
 
 from .._catalog import CATALOG
 from ..numerics import rel_error, tolerance
-from .measure import device_time_arms, peak_memory, saved_activation_ratio, time_arm_samples
+from .measure import device_time_arms, peak_memory, saved_activation_ratio, time_arm_rounds
 from .peers import config_method, lycoris_arm
 from .training import TRAIN_TOKENS, train_adapter_
 
@@ -181,7 +181,8 @@ def _reference_output(reference: Callable, x: torch.Tensor) -> torch.Tensor:
 
 def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iters: int = 20,
                  warmup: int = 3, compile: bool = True, compile_backend: str = "inductor",
-                 measures=DEFAULT_MEASURES, max_iters: Optional[int] = None) -> list[dict]:
+                 measures=DEFAULT_MEASURES, max_iters: Optional[int] = None,
+                 round_probe: Optional[Callable[[], float]] = None) -> list[dict]:
     """Rows for one case: one per arm, ``base`` first.  See :func:`run_cases`."""
     unknown = set(measures) - set(MEASURES)
     if unknown:
@@ -205,7 +206,8 @@ def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iter
     by_arm = {row["arm"]: row for row in rows}
 
     if "time" in measures:
-        samples = time_arm_samples(everything, x, iters=iters, warmup=warmup, max_iters=max_iters)
+        samples, reads = time_arm_rounds(everything, x, iters=iters, warmup=warmup, max_iters=max_iters,
+                                         round_probe=round_probe)
         times = {name: statistics.median(s) for name, s in samples.items()}
         device_times = (device_time_arms(everything, x, iters=min(iters, DEVICE_TIME_ITERS))
                         if device.type == "cuda" else None)
@@ -214,6 +216,8 @@ def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iter
             row["min_time_s"] = min(samples[name])
             row["rounds"] = len(samples[name])
             row["samples_s"] = samples[name]
+            if round_probe is not None:
+                row["state_s"] = reads
             row["ratio"] = times[name] / times["base"]
             if device_times is not None:
                 row["device_time_s"] = device_times[name]
@@ -240,7 +244,7 @@ def measure_case(case: Case, d: int, n: int, dtype: torch.dtype, device, *, iter
 def run_cases(cases: list[Case], d: int, n: int, dtype: torch.dtype, device, iters: int = 20, *,
               warmup: int = 3, compile: bool = True, compile_backend: str = "inductor",
               measures=DEFAULT_MEASURES, on_error: str = "record", progress=None,
-              max_iters: Optional[int] = None) -> list[dict]:
+              max_iters: Optional[int] = None, round_probe: Optional[Callable[[], float]] = None) -> list[dict]:
     """Measure every case at one shape; one row per (case, arm), the base arm included.
 
     Row keys: case, family, method, arm, peer (True for another library's arm), d, n, dtype,
@@ -249,7 +253,8 @@ def run_cases(cases: list[Case], d: int, n: int, dtype: torch.dtype, device, ite
                scheduler's interruptions, what host-overhead tables read), ratio (time / base time),
                rounds (timed runs per arm: ``iters``, or up to ``max_iters`` while a median is
                uncertain, :func:`fastadapt.bench.time_arm_samples`), samples_s (every timed run, in
-               order); on CUDA also
+               order), with ``round_probe`` state_s (its read at the start of each timed round,
+               aligned with samples_s: :mod:`fastadapt.bench.states`); on CUDA also
                device_time_s and device_ratio (profiler device time, median of
                min(iters, DEVICE_TIME_ITERS) profiled runs);
       "saved": saved_ratio (saved-activation bytes / bytes(x));
@@ -273,7 +278,8 @@ def run_cases(cases: list[Case], d: int, n: int, dtype: torch.dtype, device, ite
             progress(f"{case.name} (d={d}, n={n}, {str(dtype).removeprefix('torch.')}, {device})")
         try:
             rows += measure_case(case, d, n, dtype, device, iters=iters, warmup=warmup, compile=compile,
-                                 compile_backend=compile_backend, measures=measures, max_iters=max_iters)
+                                 compile_backend=compile_backend, measures=measures, max_iters=max_iters,
+                                 round_probe=round_probe)
         except Exception as exc:
             if on_error == "raise":
                 raise

@@ -114,7 +114,17 @@ def median_rse(samples: list[float]) -> float:
 
 def time_arm_samples(arms: dict[str, Callable], x: torch.Tensor, *, iters: int = 20,
                      warmup: int = 3, max_iters: int | None = None) -> dict[str, list[float]]:
-    """Forward+backward seconds of each arm on ``x``, ``iters`` runs each, interleaved.
+    """Forward+backward seconds of each arm on ``x``, ``iters`` runs each, interleaved
+    (:func:`time_arm_rounds` without a round probe)."""
+    return time_arm_rounds(arms, x, iters=iters, warmup=warmup, max_iters=max_iters)[0]
+
+
+def time_arm_rounds(arms: dict[str, Callable], x: torch.Tensor, *, iters: int = 20, warmup: int = 3,
+                    max_iters: int | None = None,
+                    round_probe: Callable[[], float] | None = None) -> tuple[dict[str, list[float]], list[float]]:
+    """Forward+backward seconds of each arm on ``x``, ``iters`` runs each, interleaved, and the reads
+    of ``round_probe`` (called at the start of every timed round; [] without one), so that
+    ``samples[arm][i]`` ran in the machine state ``reads[i]`` saw (:mod:`fastadapt.bench.states`).
 
     Each arm is a callable (usually an nn.Module) mapping ``x`` to one tensor.  ``warmup``
     interleaved rounds run first (this is where torch.compile compiles).  On CUDA every run is
@@ -139,9 +149,12 @@ def time_arm_samples(arms: dict[str, Callable], x: torch.Tensor, *, iters: int =
             _step(arms[name], x, grad_out)
             _clear_grads(x, params[name])
     samples: dict[str, list[float]] = {name: [] for name in names}
+    reads: list[float] = []
 
     def rounds(count: int) -> None:
         for order in _rotations(names, count):
+            if round_probe is not None:
+                reads.append(round_probe())
             for name in order:
                 if cuda:
                     flush_l2(x.device)
@@ -159,7 +172,7 @@ def time_arm_samples(arms: dict[str, Callable], x: torch.Tensor, *, iters: int =
         more = min(max(iters // 2, 2), limit - done)
         rounds(more)
         done += more
-    return samples
+    return samples, reads
 
 
 def batched_product_probe(reps: int = 9) -> float:

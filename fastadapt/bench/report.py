@@ -7,6 +7,7 @@ is derived from it alone (as are the charts, :mod:`fastadapt.bench.plot`).
 from __future__ import annotations
 
 from .measure import MEDIAN_RSE_TARGET
+from .states import state_summary
 
 MiB = 2 ** 20
 
@@ -149,8 +150,10 @@ def header_lines(result: dict, title: str) -> list[str]:
     return lines
 
 
-def _probe_lines(rows: list[dict]) -> list[str]:
-    """The machine-state probe read before each CPU case, and the cases measured again."""
+def _probe_lines(result: dict) -> list[str]:
+    """The machine-state probes of a CPU run: the one read before each case (and the cases measured
+    again) and the one read at the start of every timed round (bench.states)."""
+    rows = result["rows"]
     probes = [r["probe_ms"] for r in rows if r.get("probe_ms") is not None]
     if not probes:
         return []
@@ -159,6 +162,11 @@ def _probe_lines(rows: list[dict]) -> list[str]:
     again = [f"{r['case']} ({r['first_probe_ms']:.2f} -> {r['probe_ms']:.2f})" for r in rows if r.get("first_probe_ms")]
     if again:
         lines.append("- measured again at the end of the run, the probe having read slow at first: " + ", ".join(again))
+    reads = [t for r in result.get("arm_rows", []) if r.get("arm") == "base" for t in r.get("state_s", [])]
+    summary = state_summary(reads)
+    if summary:
+        lines.append(f"- machine state (a 64 MiB copy at the start of every timed round; `fastadapt compare` compares "
+                     f"two runs within the state both timed a case in): {summary}")
     return lines
 
 
@@ -174,7 +182,7 @@ def document_markdown(result: dict) -> str:
                   "- columns: fwd+bwd time / frozen base fwd+bwd time per arm; saved = bytes saved for backward "
                   "(parameters and buffers excluded) / bytes(x); peak = highest allocation above the start during "
                   "fwd+bwd; error vs float64 reference in eval mode; fallbacks = PEFT forwards run instead of the "
-                  "fused path; adapters trained a few AdamW steps from PEFT's init", *_probe_lines(result["rows"]), "",
+                  "fused path; adapters trained a few AdamW steps from PEFT's init", *_probe_lines(result), "",
                   bench_table(result["rows"])]
     elif kind == "host_overhead":
         lines = header_lines(result, "fastadapt host overhead")

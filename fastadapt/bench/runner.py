@@ -344,12 +344,17 @@ def bench_command(args) -> int:
                          "error": f"no benchmark case measures the bridged method(s) {list(group)}: add a Case "
                                   "to benchmarks/cases_<family>.py"})
 
+    state_probe = None
+    if device.type == "cpu" and not host:   # the machine state of every timed round (bench.states)
+        from .states import CopyProbe
+        state_probe = CopyProbe()
+
     def run(case):
         return run_cases([case], d, n, dtype, device, iters, warmup=warmup, max_iters=max_iters,
                          compile=not args.no_compile, compile_backend=args.compile_backend, measures=measures,
-                         progress=_progress)
+                         progress=_progress, round_probe=state_probe)
     cases = [case for _, case in chosen if case is not None]
-    if device.type == "cpu" and not host:
+    if state_probe is not None:
         from .measure import batched_product_probe
         arm_rows += measure_with_probe(cases, run, batched_product_probe)
     else:
