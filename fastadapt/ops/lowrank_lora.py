@@ -40,6 +40,13 @@ PEFT's dropout sees it.  The body is written once against the GEMM kernel sets o
 fastadapt.ops._lowrank_gemm (torch: BLAS; triton: the fused GEMM with the low-rank term and the
 bias in its epilogue, float32 products of half tiles with the Philox mask applied in-kernel) and,
 for a masked dx, fastadapt.triton_kernels.lowrank's GEMM with a masked low-rank epilogue.
+
+The backward's "cpp" backend (CPU float32 / float64, no dropout, not merged: the rest runs the
+torch body) forms the thin products t, t A, t^T x and u^T dY in csrc/lora.cpp, one parallel pass
+over 128-row chunks (dY and x read once per chunk while they sit in L2; float32 hand-vectorised on
+AVX-512 CPUs, single-threaded BLAS per chunk otherwise; the partial dA, dB summed in a fixed chunk
+order, so the bits do not depend on the thread count), then dx = (t A) + dY W by one addmm_ into
+that buffer, as the torch body.  Saved tensors are the same.
 """
 from __future__ import annotations
 
@@ -222,6 +229,39 @@ def lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tenso
 @lora_linear_backward_op.impl("triton")
 def _(dy, x, *args):
     return _backward(_triton() if _triton_serves(x) else TORCH, dy, x, *args)
+
+
+# The thin products in C++ (csrc/lora.cpp): t, t A, t^T x and u^T dY in one parallel pass over
+# _LORA_CHUNK_ROWS-row chunks, each chunk's dY and x panels read while they sit in L2.
+_LORA_CHUNK_ROWS = 128
+
+
+def _cpp_serves(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor, ps, merged: bool,
+                needs) -> bool:
+    """True when csrc/lora.cpp takes this backward: CPU float32 / float64 tensors in one dtype, no
+    dropout, not merged, some thin product wanted, dy and x rows with a unit column stride (a
+    column-strided view runs the torch path rather than pay a copy)."""
+    dtype = dy.dtype
+    return (dy.device.type == "cpu" and dtype in (torch.float32, torch.float64) and not merged
+            and not any(p > 0 for p in ps) and (needs[0] or needs[2] or needs[3])
+            and all(t.dtype == dtype for t in (x, weight, lora_A, lora_B, u))
+            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x)))
+
+
+@lora_linear_backward_op.impl("cpp")
+def _(dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged, needs):
+    if not _cpp_serves(dy, x, weight, lora_A, lora_B, u, ps, merged, needs):
+        return _backward(TORCH, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged, needs)
+    from .. import _cpp
+    _cpp.extension()   # loads csrc/, which registers torch.ops.fastadapt_cpu
+    if needs[3] and u.shape[0] != dy.shape[0]:   # not kept: x A^T again
+        u = x @ lora_A.T
+    dx, d_a, d_b = torch.ops.fastadapt_cpu.lora_backward_thin(dy, x, u, lora_B, lora_A, scaling, needs[0], needs[2],
+                                                               needs[3], _LORA_CHUNK_ROWS)
+    if needs[0]:
+        dx.addmm_(dy, weight)   # dY W onto t A (beta = 1), as the torch path's lowrank_gemm
+    d_bias = dy.sum(dim=0) if needs[1] else dy.new_empty(0)
+    return [dx, d_bias, d_a, d_b]
 
 
 @lora_linear_backward_op.fake
