@@ -41,12 +41,12 @@ fastadapt.ops._lowrank_gemm (torch: BLAS; triton: the fused GEMM with the low-ra
 bias in its epilogue, float32 products of half tiles with the Philox mask applied in-kernel) and,
 for a masked dx, fastadapt.triton_kernels.lowrank's GEMM with a masked low-rank epilogue.
 
-The backward's "cpp" backend (CPU float32 / float64, no dropout, not merged: the rest runs the
-torch body) forms the thin products t, t A, t^T x and u^T dY in csrc/lora.cpp, one parallel pass
-over 128-row chunks (dY and x read once per chunk while they sit in L2; float32 hand-vectorised on
-AVX-512 CPUs, single-threaded BLAS per chunk otherwise; the partial dA, dB summed in a fixed chunk
-order, so the bits do not depend on the thread count), then dx = (t A) + dY W by one addmm_ into
-that buffer, as the torch body.  Saved tensors are the same.
+The backward's "cpp" backend (CPU) forms the thin products t, t A, t^T x and u^T dY in
+csrc/lora.cpp, one parallel pass over 128-row chunks (AVX-512 kernels, the ranks across a
+register's lanes; dY and x read once per chunk while they sit in L2; the partial dA, dB summed in a
+fixed chunk order, so the bits do not depend on the thread count), then dx = (t A) + dY W by one
+addmm_ into that buffer, as the torch body.  It takes float32 / float64 with rank >= 2, no dropout,
+not merged, on an AVX-512 CPU; the rest runs the torch body.  Saved tensors are the same.
 """
 from __future__ import annotations
 
@@ -236,16 +236,23 @@ def _(dy, x, *args):
 _LORA_CHUNK_ROWS = 128
 
 
+@functools.lru_cache(maxsize=None)
+def _cpp_kernels_run() -> bool:
+    """True when this CPU runs csrc/lora.cpp's kernels (AVX-512F); csrc/ is loaded already."""
+    return bool(torch.ops.fastadapt_cpu.lora_thin_supported())
+
+
 def _cpp_serves(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor, ps, merged: bool,
                 needs) -> bool:
-    """True when csrc/lora.cpp takes this backward: CPU float32 / float64 tensors in one dtype, no
-    dropout, not merged, some thin product wanted, dy and x rows with a unit column stride (a
-    column-strided view runs the torch path rather than pay a copy)."""
+    """True when csrc/lora.cpp takes this backward: an AVX-512 CPU, float32 / float64 tensors in one
+    dtype, rank >= 2 (rank 1 is BLAS's matrix-vector product, faster), no dropout, not merged, some
+    thin product wanted, dy and x rows with a unit column stride (a column-strided view runs the
+    torch path rather than pay a copy)."""
     dtype = dy.dtype
     return (dy.device.type == "cpu" and dtype in (torch.float32, torch.float64) and not merged
-            and not any(p > 0 for p in ps) and (needs[0] or needs[2] or needs[3])
+            and lora_A.shape[0] > 1 and not any(p > 0 for p in ps) and (needs[0] or needs[2] or needs[3])
             and all(t.dtype == dtype for t in (x, weight, lora_A, lora_B, u))
-            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x)))
+            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x)) and _cpp_kernels_run())
 
 
 @lora_linear_backward_op.impl("cpp")
