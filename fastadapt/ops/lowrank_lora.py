@@ -236,9 +236,15 @@ def _(dy, x, *args):
 _LORA_CHUNK_ROWS = 128
 
 
-@functools.lru_cache(maxsize=None)
 def _cpp_kernels_run() -> bool:
-    """True when this CPU runs csrc/lora.cpp's kernels (AVX-512F); csrc/ is loaded already."""
+    """True when csrc/ builds (loading it registers torch.ops.fastadapt_cpu) and this CPU runs
+    csrc/lora.cpp's kernels (AVX-512F)."""
+    from .. import _cpp
+    return _cpp.extension() is not None and _avx512_cpu()
+
+
+@functools.lru_cache(maxsize=None)
+def _avx512_cpu() -> bool:
     return bool(torch.ops.fastadapt_cpu.lora_thin_supported())
 
 
@@ -259,8 +265,6 @@ def _cpp_serves(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
 def _(dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged, needs):
     if not _cpp_serves(dy, x, weight, lora_A, lora_B, u, ps, merged, needs):
         return _backward(TORCH, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged, needs)
-    from .. import _cpp
-    _cpp.extension()   # loads csrc/, which registers torch.ops.fastadapt_cpu
     if needs[3] and u.shape[0] != dy.shape[0]:   # not kept: x A^T again
         u = x @ lora_A.T
     dx, d_a, d_b = torch.ops.fastadapt_cpu.lora_backward_thin(dy, x, u, lora_B, lora_A, scaling, needs[0], needs[2],
