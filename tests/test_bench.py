@@ -722,11 +722,11 @@ def test_cases_measured_in_the_slow_state_run_again_when_the_probe_reads_faster(
            "machine": {"cpu": "x", "cores": 2, "torch_threads": 2}, "versions": dict.fromkeys(("torch", "triton", "peft", "lycoris"), "-")}
     text = report.document_markdown(doc)
     assert "1.00-2.00" in text and "slow (3.00 -> 1.20)" in text and "machine state" not in text
-    doc["arm_rows"] = [{"case": "a", "arm": "base", "state_s": [2.4e-3] * 4 + [3.7e-3] * 6},
-                       {"case": "a", "arm": "peft", "state_s": [9.0] * 10}]   # one read per round: the base's
+    doc["arm_rows"] = [{"case": "a", "arm": "base", "state_s": [2.4e-3] * 6 + [3.7e-3] * 8},
+                       {"case": "a", "arm": "peft", "state_s": [9.0] * 14}]   # one read per round: the base's
     assert ("machine state (a 64 MiB copy at the start of every timed round; `fastadapt compare` compares two runs "
-            "within the state both timed a case in): 2.40-3.70 ms over 10 rounds, two states split at 2.98 ms: "
-            "40% of the rounds in the fast-copy state") in report.document_markdown(doc)
+            "within the state both timed a case in): 2.40-3.70 ms over 14 rounds, two states split at 2.98 ms: "
+            "43% of the rounds in the fast-copy state") in report.document_markdown(doc)
 
 
 def test_time_arm_rounds_reads_the_probe_once_per_timed_round():
@@ -781,10 +781,10 @@ def test_compare_takes_each_ratio_within_the_state_both_runs_share(tmp_path, cap
     assert peft["difference"] == pytest.approx(0.3)
     assert peft["state"] == "slow copy" and peft["a_state"] == pytest.approx(1.0) and peft["difference_state"] == 0
     # one run entirely in the fast state: the state with rounds in both is the fast one
-    only_fast = compare.compare_documents(_state_doc(20, 0), b)
+    only_fast = compare.compare_documents(_state_doc(20, 0), _state_doc(6, 14))
     assert next(p for p in only_fast["pairs"] if p["arm"] == "peft")["state"] == "fast copy"
     # no shared state with enough rounds: the medians decide
-    apart = compare.compare_documents(_state_doc(20, 0), _state_doc(2, 18))
+    apart = compare.compare_documents(_state_doc(20, 0), _state_doc(4, 16))   # MIN_STATE_ROUNDS = 5
     assert apart["in_shared_state"] == 0 and apart["within_state"] == apart["within"] == 1
     # documents without state reads (GPU, older runs): no state comparison
     plain = compare.compare_documents(_bench_doc({"c3a": {"peft": 1.3}}), _bench_doc({"c3a": {"peft": 1.0}}))

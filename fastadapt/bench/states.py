@@ -5,7 +5,8 @@ every few tens of seconds (presumably where the hypervisor places the two vCPUs)
 large GEMMs and fastadapt's fused arms run at the same speed in both states, but code made of many
 small dependent products does not: PEFT's C3A and HRA run 10-25 % slower in the fast-copy state.  A
 run that spends most of a case in the other state than a second run then reports a PEFT ratio 10-15 %
-away, which no estimator over that case's rounds can remove.
+away, which no estimator over that case's rounds can remove.  The state does not explain every
+difference: PEFT's C3A also moves by 10-17 % between runs that timed it in one state.
 
 So ``fastadapt bench`` reads :class:`CopyProbe` at the start of every timed CPU round (``state_ms`` in
 its rows, one read per round, aligned with ``samples_s``), and ``fastadapt compare`` compares two runs
@@ -24,7 +25,7 @@ import torch
 PROBE_BYTES = 64 << 20    # twice this VM's 32 MiB L3: the copy streams from memory
 STATE_SPLIT = 1.25        # two states when the two clusters' medians differ by at least this factor
 MIN_SHARE = 0.1           # ... and each holds at least this share of the reads (and MIN_STATE_ROUNDS)
-MIN_STATE_ROUNDS = 3      # rounds a state needs before a ratio is taken within it
+MIN_STATE_ROUNDS = 5      # rounds a state needs in each run before a ratio is taken within it
 
 
 class CopyProbe:
