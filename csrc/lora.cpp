@@ -4,9 +4,12 @@
 //     dx_low  = t A                    (N, in)      A (R, in); the caller adds dY W into it
 //     dA      = t^T x                  (R, in)      x (N, in)
 //     dB      = s (u^T dY)^T           (out, R)     u = x A^T (N, R), kept from the forward
+//     c       = colsum(dY o y_pre)     (out,)       only where y_pre is passed (DoRA's dm: its caller
+//                                                   passes B' = s g o B and scaling 1, so t is DoRA's v
+//                                                   and dB is P^T = (u^T dY)^T)
 //
-// float32 or float64, every operand in one dtype; dy, x and u with any row stride and a unit column
-// stride (a copy otherwise), A and B made contiguous (parameter-sized).
+// float32 or float64, every operand in one dtype; dy, x, u and y_pre with any row stride and a unit
+// column stride (a copy otherwise), A and B made contiguous (parameter-sized).
 //
 // The torch path runs these as four BLAS calls over all N rows: dY is read twice and x once, each
 // in its own pass over (N, d), and t A is written in a pass of its own; the products are thin (R
@@ -15,6 +18,8 @@
 // its panels of dY and x sit in the core's L2, with the ranks across the lanes of an AVX-512
 // register (16 float32 / 8 float64: one rank tile; more ranks, more tiles one after another):
 //
+//     c_g += colsum(dY_c o y_pre_c)           kRowBlock rows at a time, one register of columns after
+//                                             another, just before those rows' pass below
 //     t_c = s dY_c B and dB_g += dY_c^T u_c   one pass over dY's columns for kRowBlock rows at a time:
 //                                             each dY element, broadcast once, serves both
 //     dx_low_c = t_c A                        kRowBlock rows x one register of columns, ranks in order
@@ -22,10 +27,10 @@
 //                                             kDaRows rows at a time, then added to the partial
 //
 // The chunks form G = min(chunks, kMaxGroups) groups of consecutive chunks, fixed by N and
-// chunk_rows alone; a group's chunks add into the group's zeroed partials dA_g, dB_g in chunk order,
-// and the partials are summed in group order at the end (at::sum over dim 0).  Every sum inside a
-// chunk runs in a fixed order (t and dB over dY's columns then the rows in order, dx over the ranks
-// in order, dA over the rows in order) and the split is fixed: the results are the same bits for 1,
+// chunk_rows alone; a group's chunks add into the group's zeroed partials dA_g, dB_g, c_g in chunk
+// order, and the partials are summed in group order at the end (at::sum over dim 0).  Every sum inside
+// a chunk runs in a fixed order (t and dB over dY's columns then the rows in order, dx over the ranks
+// in order, dA and c over the rows in order) and the split is fixed: the results are the same bits for 1,
 // 2, 3 threads.  The kernels are compiled for AVX-512F by target pragma; ``lora_thin_supported()``
 // says whether this CPU runs them (the caller runs the torch path where it does not).
 #include <ATen/Dispatch.h>
@@ -38,6 +43,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -51,7 +57,7 @@
 namespace {
 
 constexpr int64_t kMaxGroups = 32;   // partials: at most 32 x R x (in + out) entries
-constexpr int kRowBlock = 8;         // rows per pass over dY's columns (t, dB) and per dx register tile
+constexpr int kRowBlock = 8;         // rows per pass over dY's columns (t, dB, c) and per dx register tile
 constexpr int64_t kDaRows = 32;      // rows per dA register tile before it is added to the partial
 
 // What one pass reads and writes.  t, the dA partials and the dB partials carry the rank padded to
@@ -65,12 +71,15 @@ struct Pass {
   int64_t ldx;
   const T* u;        // (N, R) at row stride ldu, or null (no dB)
   int64_t ldu;
+  const T* y_pre;    // (N, out) at row stride ly_pre, or null (no c)
+  int64_t ly_pre;
   const T* b;        // (out, R) contiguous
   const T* a;        // (R, in) contiguous
   T* t;              // (N, rank_pad) scratch, or null (neither dx nor dA)
   T* dx;             // (N, in) contiguous, or null
   T* da_parts;       // (G, rank_pad, in) zeros, or null
   T* db_parts;       // (G, out, rank_pad) zeros, or null
+  T* c_parts;        // (G, out) zeros, or null
   T scale;
   int64_t in, out, rank, rank_pad;
   bool scaled;
@@ -154,6 +163,30 @@ __attribute__((always_inline)) inline void t_and_db_rows(const Pass<T>& p, int64
   }
 }
 
+// c[:] += sum_i dY[i, :] o y_pre[i, :] over kRows rows i from ``row`` in order, one register of columns
+// at a time (c: the group's partial).
+template <int kRows, typename T>
+__attribute__((always_inline)) inline void colsum_rows(const Pass<T>& p, int64_t row, T* c) {
+  using L = Lanes<T>;
+  for (int64_t j = 0; j < p.out; j += L::kCount) {
+    const typename L::M mask = L::first(p.out - j);
+    typename L::V acc = L::load(mask, c + j);
+    for (int i = 0; i < kRows; ++i) {
+      const int64_t r = row + i;
+      acc = L::fma(L::load(mask, p.dy + r * p.ldy + j), L::load(mask, p.y_pre + r * p.ly_pre + j), acc);
+    }
+    L::store(mask, c + j, acc);
+  }
+}
+
+// The passes over kRows rows of dY from ``row`` for one rank tile: c (the first tile only, where c is
+// wanted), then t and dB (where either is wanted).
+template <int kRows, typename T>
+__attribute__((always_inline)) inline void dy_rows(const Pass<T>& p, int64_t row, int64_t tile, T* db, T* c) {
+  if (c != nullptr && tile == 0) colsum_rows<kRows>(p, row, c);
+  if (p.t != nullptr || db != nullptr) t_and_db_rows<kRows>(p, row, tile, db);
+}
+
 // dx[i, :] = sum_r t[i, r] A[r, :] for kRows rows i from ``row``, one register of columns at a time.
 template <int kRows, typename T>
 __attribute__((always_inline)) inline void dx_rows(const Pass<T>& p, int64_t row) {
@@ -197,10 +230,11 @@ __attribute__((flatten)) void run_chunk(const Pass<T>& p, int64_t r0, int64_t r1
   constexpr int64_t kLanes = Lanes<T>::kCount;
   T* db = p.db_parts != nullptr ? p.db_parts + group * p.out * p.rank_pad : nullptr;
   T* da = p.da_parts != nullptr ? p.da_parts + group * p.rank_pad * p.in : nullptr;
+  T* c = p.c_parts != nullptr ? p.c_parts + group * p.out : nullptr;
   for (int64_t tile = 0; tile < p.rank; tile += kLanes) {
     int64_t i = r0;
-    for (; i + kRowBlock <= r1; i += kRowBlock) t_and_db_rows<kRowBlock>(p, i, tile, db);
-    for (; i < r1; ++i) t_and_db_rows<1>(p, i, tile, db);
+    for (; i + kRowBlock <= r1; i += kRowBlock) dy_rows<kRowBlock>(p, i, tile, db, c);
+    for (; i < r1; ++i) dy_rows<1>(p, i, tile, db, c);
   }
   if (p.dx != nullptr) {
     int64_t i = r0;
@@ -243,10 +277,11 @@ at::Tensor rows_of(const char* name, const at::Tensor& t, at::ScalarType dtype, 
 
 // ---- op ------------------------------------------------------------------------------------------
 
-// [dx_low (N, in) or empty, dA (R, in) or empty, dB (out, R) or empty].
+// [dx_low (N, in) or empty, dA (R, in) or empty, dB (out, R) or empty, c (out,) or empty (no y_pre)].
 std::vector<at::Tensor> lora_backward_thin(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& u_in,
                                            const at::Tensor& b_in, const at::Tensor& a_in, double scaling,
-                                           bool need_dx, bool need_da, bool need_db, int64_t chunk_rows) {
+                                           bool need_dx, bool need_da, bool need_db, int64_t chunk_rows,
+                                           const std::optional<at::Tensor>& y_pre_in) {
   TORCH_CHECK(supported(), "lora_backward_thin needs a CPU with AVX-512F (lora_thin_supported() is False here)");
   TORCH_CHECK_VALUE(dy_in.dim() == 2, "dy must be 2-D (N, out); got shape ", dy_in.sizes());
   const at::ScalarType dtype = dy_in.scalar_type();
@@ -263,6 +298,10 @@ std::vector<at::Tensor> lora_backward_thin(const at::Tensor& dy_in, const at::Te
   TORCH_CHECK_VALUE(x.size(0) == rows, "x has ", x.size(0), " rows but dy has ", rows);
   const at::Tensor u = need_db ? rows_of("u", u_in, dtype, rank) : u_in;
   TORCH_CHECK_VALUE(!need_db || u.size(0) == rows, "u has ", u.size(0), " rows but dy has ", rows);
+  const bool need_c = y_pre_in.has_value();
+  const at::Tensor y_pre = need_c ? rows_of("y_pre", *y_pre_in, dtype, out) : at::Tensor();
+  TORCH_CHECK_VALUE(!need_c || y_pre.size(0) == rows, "y_pre has ", need_c ? y_pre.size(0) : 0, " rows but dy has ",
+                    rows);
 
   const at::TensorOptions options = dy.options();
   const int64_t lanes = dtype == at::kFloat ? 16 : 8, rank_pad = (rank + lanes - 1) / lanes * lanes;
@@ -272,15 +311,18 @@ std::vector<at::Tensor> lora_backward_thin(const at::Tensor& dy_in, const at::Te
   at::Tensor dx = need_dx ? at::empty({rows, in}, options) : at::empty({0}, options);
   at::Tensor da_parts = need_da ? at::zeros({parts, rank_pad, in}, options) : at::empty({0}, options);
   at::Tensor db_parts = need_db ? at::zeros({parts, out, rank_pad}, options) : at::empty({0}, options);
+  at::Tensor c_parts = need_c ? at::zeros({parts, out}, options) : at::empty({0}, options);
   at::Tensor t = at::empty({need_t ? rows : 0, rank_pad}, options);
 #if FASTADAPT_LORA_AVX512
   AT_DISPATCH_FLOATING_TYPES(dtype, "lora_backward_thin", [&] {
     using T = scalar_t;
     const Pass<T> p{dy.const_data_ptr<T>(), dy.stride(0), x.const_data_ptr<T>(), x.stride(0),
-                    need_db ? u.const_data_ptr<T>() : nullptr, need_db ? u.stride(0) : 0, b.const_data_ptr<T>(),
-                    a.const_data_ptr<T>(), need_t ? t.mutable_data_ptr<T>() : nullptr,
+                    need_db ? u.const_data_ptr<T>() : nullptr, need_db ? u.stride(0) : 0,
+                    need_c ? y_pre.const_data_ptr<T>() : nullptr, need_c ? y_pre.stride(0) : 0,
+                    b.const_data_ptr<T>(), a.const_data_ptr<T>(), need_t ? t.mutable_data_ptr<T>() : nullptr,
                     need_dx ? dx.mutable_data_ptr<T>() : nullptr, need_da ? da_parts.mutable_data_ptr<T>() : nullptr,
-                    need_db ? db_parts.mutable_data_ptr<T>() : nullptr, static_cast<T>(scaling), in, out, rank,
+                    need_db ? db_parts.mutable_data_ptr<T>() : nullptr,
+                    need_c ? c_parts.mutable_data_ptr<T>() : nullptr, static_cast<T>(scaling), in, out, rank,
                     rank_pad, scaling != 1.0};
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       for (int64_t g = g0; g < g1; ++g) {
@@ -291,21 +333,22 @@ std::vector<at::Tensor> lora_backward_thin(const at::Tensor& dy_in, const at::Te
     });
   });
 #endif
-  at::Tensor da = at::empty({0}, options), db = at::empty({0}, options);
+  at::Tensor da = at::empty({0}, options), db = at::empty({0}, options), c = at::empty({0}, options);
   if (need_da) da = (groups > 1 ? da_parts.sum(0) : da_parts[0]).narrow(0, 0, rank);
   if (need_db) {
     const at::Tensor sum = (groups > 1 ? db_parts.sum(0) : db_parts[0]).narrow(1, 0, rank);
     db = (scaling != 1.0 ? sum.mul(scaling) : sum).contiguous();
   }
-  return {dx, da, db};
+  if (need_c) c = groups > 1 ? c_parts.sum(0) : c_parts[0];
+  return {dx, da, db, c};
 }
 
 }  // namespace
 
-// torch.ops.fastadapt_cpu.lora_backward_thin: the products above (the caller adds dY W into dx_low);
-// lora_thin_supported(): whether this CPU runs them.
+// torch.ops.fastadapt_cpu.lora_backward_thin: the products above (the caller adds dY W into dx_low),
+// c where y_pre is passed; lora_thin_supported(): whether this CPU runs them.
 TORCH_LIBRARY_FRAGMENT(fastadapt_cpu, m) {
   m.def("lora_backward_thin(Tensor dy, Tensor x, Tensor u, Tensor B, Tensor A, float scaling, bool need_dx, "
-        "bool need_dA, bool need_dB, int chunk_rows=128) -> Tensor[]", &lora_backward_thin);
+        "bool need_dA, bool need_dB, int chunk_rows=128, Tensor? y_pre=None) -> Tensor[]", &lora_backward_thin);
   m.def("lora_thin_supported() -> bool", &supported);
 }

@@ -217,9 +217,11 @@ def test_configurations_it_does_not_take_run_the_torch_path(monkeypatch):
 def test_empty_batch_gives_zero_factor_gradients():
     op = thin_op()
     dy, x, weight, lora_a, lora_b, u = inputs(0, 12, 10, 4, F32, seed=95)
-    dx, d_a, d_b = op(dy, x, u, lora_b, lora_a, 2.0, True, True, True)
-    assert dx.shape == (0, 12) and d_a.shape == (4, 12) and d_b.shape == (10, 4)
+    dx, d_a, d_b, colsum = op(dy, x, u, lora_b, lora_a, 2.0, True, True, True)
+    assert dx.shape == (0, 12) and d_a.shape == (4, 12) and d_b.shape == (10, 4) and colsum.numel() == 0
     assert not d_a.any() and not d_b.any()
+    colsum = op(dy, x, u, lora_b, lora_a, 2.0, False, False, False, 128, dy)[3]   # y_pre: DoRA's colsum
+    assert colsum.shape == (10,) and not colsum.any()
 
 
 def test_bad_input_raises_naming_the_parameter():

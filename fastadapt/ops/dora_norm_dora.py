@@ -49,6 +49,16 @@ dora_norm_rows) and the Triton set (the fused GEMM with g, the bias and y_pre in
 float32 products of half tiles converted on load with the Philox mask applied in-kernel; the row
 pass kernel), registered as the op's "torch" and "triton" implementations.  No call on the
 triton backend synchronizes with the device.
+
+``dora_linear_backward``'s "cpp" backend (CPU) runs the thin products in csrc/lora.cpp, LoRA's
+pass over 128-row chunks given B' = s g o B and scaling 1: v = dY B' (as its t), v A, dA = v^T x,
+P^T = (u^T dY)^T and, with y_pre saved, colsum(dY o y_pre) from the same chunk of dY while it sits
+in L2 (partials summed in a fixed chunk order: the bits do not depend on the thread count); then
+dx = (v A) + dY (g o W) by one addmm_ into that buffer (W's rows scaled once, as the torch set's
+k_scale), dB = (s g) o P^T.  Recompute: the colsum from x W^T in row blocks plus s sum_k B_jk P_kj,
+as the torch set.  It takes float32 / float64 in one dtype with rank >= 2 on an AVX-512 CPU; the
+rest (half dtypes, rank 1, column-strided views, no compiler) runs the torch body, as does the
+dropout op.  Saved tensors are the same.
 """
 from __future__ import annotations
 
@@ -66,6 +76,7 @@ from ._dropout_mask import DropoutMask
 from ._policy import HALF_DTYPES, acc_dtype
 from ._registry import fused_op
 from .dora_norm_rows import colsum_product_linear, dy_row_pass
+from .lowrank_lora import _cpp_kernels_run
 
 
 class DoraKernels(NamedTuple):
@@ -138,9 +149,14 @@ def _dy_pass(k: DoraKernels, dy, u, lora_B, s_g, scaling, y_pre, x_or_dropped, w
 
 def _param_grads(k: DoraKernels, needs, dy, x, v, u_t_dy, dot, lora_A, lora_B, magnitude, norm, s_g, mask=None):
     """[dA, dB, dm, db] (empty where not needed; dA from x and the mask)."""
+    d_a = cast(k.gemm.acc_matmul(v.T, x, mask_b=mask), lora_A.dtype) if needs[1] else dy.new_empty(0)
+    return _grads_given_d_a(needs, dy, d_a, u_t_dy.T, dot, lora_B, magnitude, norm, s_g)
+
+
+def _grads_given_d_a(needs, dy, d_a, p_t, dot, lora_B, magnitude, norm, s_g):
+    """[dA, dB, dm, db] from dA, P^T (out, r) and the colsum (empty where not needed)."""
     empty = dy.new_empty   # a distinct tensor per output: outputs may not alias
-    d_a = cast(k.gemm.acc_matmul(v.T, x, mask_b=mask), lora_A.dtype) if needs[1] else empty(0)
-    d_b = cast(u_t_dy.T * s_g[:, None], lora_B.dtype).contiguous() if needs[2] else empty(0)
+    d_b = cast(p_t * s_g[:, None], lora_B.dtype).contiguous() if needs[2] else empty(0)
     d_m = cast(dot / norm, magnitude.dtype) if needs[3] else empty(0)
     d_bias = dy.sum(dim=0) if needs[4] else empty(0)
     return [d_a, d_b, d_m, d_bias]
@@ -208,6 +224,39 @@ def dora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, bias: Optiona
 @dora_linear_backward_op.impl("triton")
 def _(*args):
     return _backward(_triton(), *args)
+
+
+# Rows per chunk of the C++ pass (csrc/lora.cpp): dY, x and y_pre panels of 128 rows sit in L2.
+_CPP_CHUNK_ROWS = 128
+
+
+def _cpp_serves(dy, x, weight, lora_A, lora_B, magnitude, norm, u, y_pre, needs) -> bool:
+    """True when csrc/lora.cpp takes this backward: an AVX-512 CPU, float32 / float64 tensors in one
+    dtype, rank >= 2 (rank 1 is BLAS's matrix-vector product, faster), dx, dA, dB or dm wanted, dy,
+    x and y_pre rows with a unit column stride (a column-strided view runs the torch body rather
+    than pay a copy)."""
+    dtype = dy.dtype
+    pre = () if y_pre is None else (y_pre,)
+    return (dy.device.type == "cpu" and dtype in (torch.float32, torch.float64) and lora_A.shape[0] > 1
+            and any(needs[:4]) and all(t.dtype == dtype for t in (x, weight, lora_A, lora_B, magnitude, norm, u, *pre))
+            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x, *pre)) and _cpp_kernels_run())
+
+
+@dora_linear_backward_op.impl("cpp")
+def _(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, u, y_pre, scaling, needs):
+    if not _cpp_serves(dy, x, weight, lora_A, lora_B, magnitude, norm, u, y_pre, needs):
+        return _backward(TORCH, dy, x, weight, bias, lora_A, lora_B, magnitude, norm, u, y_pre, scaling, needs)
+    g = magnitude / norm
+    s_g = scaling * g
+    recompute_dot = needs[3] and y_pre is None   # the colsum's low-rank half from P
+    dx, d_a, p_t, dot = torch.ops.fastadapt_cpu.lora_backward_thin(
+        dy, x, u, lora_B * s_g[:, None], lora_A, 1.0, needs[0], needs[1], needs[2] or recompute_dot,
+        _CPP_CHUNK_ROWS, y_pre if needs[3] else None)
+    if needs[0]:
+        dx.addmm_(dy, weight * g[:, None])   # dY (g o W) onto v A (beta = 1), as the torch set's lowrank_gemm
+    if recompute_dot:
+        dot = colsum_product_linear(dy, x, weight, dy.dtype) + scaling * (lora_B * p_t).sum(dim=1)
+    return [dx, *_grads_given_d_a(needs, dy, d_a, p_t, dot, lora_B, magnitude, norm, s_g)]
 
 
 def _backward_fake(dy, x, weight, bias, lora_A, lora_B, magnitude, norm, u, y_pre, scaling, *rest):

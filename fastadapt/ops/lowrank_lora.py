@@ -267,8 +267,8 @@ def _(dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged,
         return _backward(TORCH, dy, x, weight, lora_A, lora_B, u, scaling, ranks, ps, seeds, bits, merged, needs)
     if needs[3] and u.shape[0] != dy.shape[0]:   # not kept: x A^T again
         u = x @ lora_A.T
-    dx, d_a, d_b = torch.ops.fastadapt_cpu.lora_backward_thin(dy, x, u, lora_B, lora_A, scaling, needs[0], needs[2],
-                                                               needs[3], _LORA_CHUNK_ROWS)
+    dx, d_a, d_b, _ = torch.ops.fastadapt_cpu.lora_backward_thin(dy, x, u, lora_B, lora_A, scaling, needs[0], needs[2],
+                                                                  needs[3], _LORA_CHUNK_ROWS)
     if needs[0]:
         dx.addmm_(dy, weight)   # dY W onto t A (beta = 1), as the torch path's lowrank_gemm
     d_bias = dy.sum(dim=0) if needs[1] else dy.new_empty(0)
