@@ -1,4 +1,4 @@
-// LoRA's backward thin products on CPU in one parallel pass over fixed row chunks.
+// LoRA's (and DoRA's) backward thin products on CPU in one parallel pass over fixed row chunks.
 //
 //     t       = s dY B                 (N, R)       dY (N, out), B (out, R)
 //     dx_low  = t A                    (N, in)      A (R, in); the caller adds dY W into it
@@ -30,8 +30,8 @@
 // chunk_rows alone; a group's chunks add into the group's zeroed partials dA_g, dB_g, c_g in chunk
 // order, and the partials are summed in group order at the end (at::sum over dim 0).  Every sum inside
 // a chunk runs in a fixed order (t and dB over dY's columns then the rows in order, dx over the ranks
-// in order, dA and c over the rows in order) and the split is fixed: the results are the same bits for 1,
-// 2, 3 threads.  The kernels are compiled for AVX-512F by target pragma; ``lora_thin_supported()``
+// in order, dA and c over the rows in order) and the split is fixed: the results are the same bits
+// for 1, 2, 3 threads.  The kernels are compiled for AVX-512F by target pragma; ``lora_thin_supported()``
 // says whether this CPU runs them (the caller runs the torch path where it does not).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>

@@ -16,7 +16,7 @@ each with its backward op (dY (N, out)):
     dA  = v^T x_d,    P = u^T dY (r, out),    dB = (s g) o P^T,    db = colsum(dY)
     dm  = colsum(dY o y_pre) / n                          (n is a constant, as in PEFT)
 v, P and dm's column sum come from one read of dY (``row_pass``: the CPU row-block loop, or one
-Triton kernel).
+Triton kernel; the cpp backend below: one pass over dY for the thin products and the sum).
 
 Saved for backward (besides parameters, buffers and the norm): x, u and y_pre: 2 + r/in times
 bytes(x) for float32 x, u (N, r) being float32 on a half x.  ``recompute=True`` saves x and u
