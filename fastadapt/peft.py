@@ -321,26 +321,36 @@ def _patched_forward(layer, x, *args, **kwargs):
     return chosen.forward_many(layer, adapters, x, adapter_names)
 
 
-DROPOUT_STREAMS = ("philox", "torch")
+DROPOUT_STREAMS = ("auto", "philox", "torch")
 _ATTR_DROPOUT = "_fastadapt_dropout_stream"
+_ATTR_CPU_DROPOUT = "_fastadapt_cpu_dropout_stream"   # what "auto" is on the CPU, fixed by accelerate
 
 
-def dropout_stream(layer) -> str:
-    """The dropout mask stream ``accelerate`` chose for a patched layer ("philox" if unpatched)."""
-    return layer.__dict__.get(_ATTR_DROPOUT, "philox")
+def dropout_stream(layer, x: Optional[torch.Tensor] = None) -> str:
+    """The dropout mask stream ``accelerate`` chose for a patched layer ("auto" if unpatched); with
+    ``x``, "auto" as it resolves for x's device: "philox", except on a CPU whose Philox masks would
+    come from the pure-torch fallback (no compiler for csrc/, or FASTADAPT_BACKEND=torch when
+    ``accelerate`` ran), where it is "torch"."""
+    stream = layer.__dict__.get(_ATTR_DROPOUT, "auto")
+    if stream != "auto" or x is None:
+        return stream
+    return layer.__dict__.get(_ATTR_CPU_DROPOUT, "philox") if x.device.type == "cpu" else "philox"
 
 
-def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox",
+def accelerate(model: nn.Module, methods=None, *, dropout: str = "auto",
                min_macs: Optional[int] = None) -> AccelerationReport:
     """Patch every supported PEFT tuner layer of ``model`` in place; returns the live report.
 
     methods: optional iterable of catalog names to restrict patching to (e.g. ["oft"]).
-    dropout: where fused dropout masks come from.  "philox" (default): fastadapt's Philox stream,
+    dropout: where fused dropout masks come from.  "philox": fastadapt's Philox stream,
         regenerated from one seed in backward and never stored, the same bits on CPU (csrc/) and
         CUDA (Triton) for a seed; nn.Dropout's distribution and scaling, not its bits (the report
         notes such calls).  "torch": nn.Dropout's own draw from the default generator,
         bit-identical to PEFT on CPU (the mask is kept as 1 bit per element for backward); on
-        other devices such calls run PEFT's forward.
+        other devices such calls run PEFT's forward.  "auto" (default): "philox", except on a CPU
+        where its masks would come from the pure-torch fallback (csrc/ not built: no compiler, or
+        FASTADAPT_BACKEND=torch; about 3x PEFT's dropout cost there), where CPU calls take "torch";
+        decided when ``accelerate`` runs.
     min_macs: a call whose base layer does fewer multiply-adds (x.numel() x out_features) runs
         PEFT's own math, which costs less host time than a fused call there (the report counts it
         with SMALL_CALL_REASON): the entry's ``small_forward`` where it has one (PEFT's ops without
@@ -356,6 +366,9 @@ def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox",
                          "e.g. 0 to fuse every call")
     base_tuner_layer = _peft_base_tuner_layer()
     wanted = None if methods is None else {_catalog_entry(m).name for m in methods}
+    if dropout == "auto":
+        from .ops.dropout import philox_compiled
+        cpu_auto = "philox" if philox_compiled("cpu") else "torch"
     revert(model)
     table = registry()
     report = AccelerationReport()
@@ -370,6 +383,8 @@ def accelerate(model: nn.Module, methods=None, *, dropout: str = "philox",
             continue
         module._fastadapt_entries = entries
         module.__dict__[_ATTR_DROPOUT] = dropout
+        if dropout == "auto":
+            module.__dict__[_ATTR_CPU_DROPOUT] = cpu_auto
         module.__dict__[_ATTR_MIN_MACS] = min_macs
         module.__dict__[_ATTR_SMALL_PLANS] = {}
         setattr(module, _ATTR_REPORT, report)
@@ -387,6 +402,7 @@ def revert(model: nn.Module) -> int:
             del module.forward
             del module._fastadapt_entries
             module.__dict__.pop(_ATTR_DROPOUT, None)
+            module.__dict__.pop(_ATTR_CPU_DROPOUT, None)
             module.__dict__.pop(_ATTR_MIN_MACS, None)
             module.__dict__.pop(_ATTR_SMALL_PLANS, None)
             delattr(module, _ATTR_REPORT)

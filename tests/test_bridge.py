@@ -258,3 +258,40 @@ def test_calls_below_the_crossover_run_peft(monkeypatch):
     for bad in (-1, 2.5, True, "0"):
         with pytest.raises(ValueError, match="min_macs"):
             fastadapt.accelerate(model, min_macs=bad)
+
+
+def test_auto_dropout_takes_nn_dropouts_stream_where_philox_would_run_in_pure_torch(monkeypatch):
+    """dropout="auto" (the default) is fixed when accelerate runs: Philox on a CPU whose Philox masks
+    come from csrc/ (the report notes the stream), nn.Dropout's own masks where they would come from
+    the pure-torch Philox (FASTADAPT_BACKEND=torch here, as on a machine without a compiler): PEFT's
+    output and gradients, no note.  Off the CPU "auto" is Philox; revert forgets the choice."""
+    from fastadapt.ops.dropout import philox_compiled
+    model = _lora_model(lora_dropout=0.3)
+    model.train()
+    layer = model.base_model.model[0]
+    x = randn(64, 12, seed=5, requires_grad=True)
+
+    def step():
+        torch.manual_seed(11)
+        out = model(x)
+        grads = torch.autograd.grad(out.square().sum(), [x, layer.lora_A["default"].weight])
+        return [out, *grads]
+    expected = step()
+    report = fastadapt.accelerate(model, min_macs=0)
+    assert bridge.dropout_stream(layer) == "auto" and philox_compiled("cpu")   # csrc builds on this machine
+    assert bridge.dropout_stream(layer, x) == "philox" and bridge.dropout_stream(layer, x.to("meta")) == "philox"
+    step()
+    assert report.fused_calls == 2 and report.notes and not report.fallbacks
+    monkeypatch.setenv("FASTADAPT_BACKEND", "torch")
+    assert not philox_compiled("cpu")
+    report = fastadapt.accelerate(model, min_macs=0)
+    assert bridge.dropout_stream(layer, x) == "torch"
+    for got, want, name in zip(step(), expected, ["output", "dx", "dA"]):
+        assert_rel_close(got, want, name=name)
+    assert report.fused_calls == 2 and not report.notes and not report.fallbacks
+    assert bridge.dropout_stream(layer, x) == "torch" and fastadapt.accelerate(model, dropout="philox") is not None
+    assert bridge.dropout_stream(layer, x) == "philox"   # asked for by name: the pure-torch Philox, slow but asked
+    fastadapt.revert(model)
+    assert "_fastadapt_cpu_dropout_stream" not in layer.__dict__ and bridge.dropout_stream(layer, x) == "philox"
+    with pytest.raises(ValueError, match=r"valid choices: \['auto', 'philox', 'torch'\]"):
+        fastadapt.accelerate(model, dropout="numpy")

@@ -347,7 +347,8 @@ def test_delora_equals_peft(r, bias, dropout):
 
 def _philox_vs_peft(method, *, bias=True, recompute=False, dropout=0.1, dtype=torch.float64, device="cpu",
                     zero_rows=()):
-    """The fused layer with the default Philox stream against PEFT in float64 whose dropout module
+    """The fused layer with the Philox stream (asked for by name: "auto" takes nn.Dropout's under
+    FASTADAPT_BACKEND=torch) against PEFT in float64 whose dropout module
     multiplies by the mask the fused call regenerates: output and every gradient within the
     dtype's table (doubled for half I/O; dlambda scaled by its condition number)."""
     build = dora_model if method == "dora" else delora_model
@@ -364,7 +365,7 @@ def _philox_vs_peft(method, *, bias=True, recompute=False, dropout=0.1, dtype=to
         mask = first_philox_mask(x64.shape, dropout, device)
         (layer64.lora_dropout if method == "dora" else layer64.delora_dropout)["default"] = FixedMask(mask)
     expected = run(model64, params64, x64, dy64)
-    report = fastadapt.accelerate(model)
+    report = fastadapt.accelerate(model, dropout="philox")
     if recompute:
         assert dora_layers.set_recompute(model) == 1
     x = x64.detach().to(dtype=dtype, device=device).requires_grad_()

@@ -61,7 +61,7 @@ def _dropout_reason(layer, dropout: nn.Module, x) -> Optional[str]:
         return None
     if type(dropout) is not nn.Dropout:
         return f"dropout module {type(dropout).__name__} is not nn.Dropout"
-    if dropout.p > 0 and dropout_stream(layer) == "torch" and x.device.type != "cpu":
+    if dropout.p > 0 and dropout_stream(layer, x) == "torch" and x.device.type != "cpu":
         return (f"dropout='torch' in training on {x.device.type}: nn.Dropout's own mask stream is reproduced "
                 "only on CPU (dropout='philox' runs fused)")
     return None
@@ -69,7 +69,7 @@ def _dropout_reason(layer, dropout: nn.Module, x) -> Optional[str]:
 
 def _dropout_note(layer, dropout: nn.Module, x) -> Optional[str]:
     """The report's note for a fused call whose dropout mask is the Philox stream's."""
-    if _active_dropout(layer, dropout) and dropout_stream(layer) == "philox":
+    if _active_dropout(layer, dropout) and dropout_stream(layer, x) == "philox":
         return PHILOX_DROPOUT_NOTE
     return None
 
@@ -112,7 +112,7 @@ def dora_forward(layer, adapter: str, x):
     y = dora_linear(x, _dora_weight(layer), layer.get_base_layer().bias, layer.lora_A[adapter].weight,
                     layer.lora_B[adapter].weight, layer.lora_magnitude_vector[adapter].weight,
                     layer.scaling[adapter], dropout_p=_dropout_p(layer, layer.lora_dropout[adapter]),
-                    recompute=layer.__dict__.get(_RECOMPUTE_ATTR, False), dropout_stream=dropout_stream(layer))
+                    recompute=layer.__dict__.get(_RECOMPUTE_ATTR, False), dropout_stream=dropout_stream(layer, x))
     return y.unsqueeze(0) if x.ndim == 1 else y
 
 
@@ -214,7 +214,7 @@ def delora_forward(layer, adapter: str, x):
     return delora_linear(x, base.weight, base.bias, layer.delora_A[adapter], layer.delora_B[adapter],
                          layer.delora_lambda[adapter], layer.delora_w_norm[adapter],
                          dropout_p=_dropout_p(layer, layer.delora_dropout[adapter]),
-                         dropout_stream=dropout_stream(layer))
+                         dropout_stream=dropout_stream(layer, x))
 
 
 def delora_small_forward(layer, adapter: str, x):

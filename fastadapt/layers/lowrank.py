@@ -60,14 +60,14 @@ def _dropout_reason(layer, dropout: nn.Module, x) -> Optional[str]:
         return None
     if type(dropout) is not nn.Dropout:
         return f"dropout module {type(dropout).__name__} is not nn.Dropout"
-    if dropout.p > 0 and dropout_stream(layer) == "torch" and x.device.type != "cpu":
+    if dropout.p > 0 and dropout_stream(layer, x) == "torch" and x.device.type != "cpu":
         return (f"dropout='torch' in training on {x.device.type}: nn.Dropout's own mask stream is reproduced "
                 "only on CPU (dropout='philox' runs fused)")
     return None
 
 
-def _dropout_note(layer, dropout: nn.Module) -> Optional[str]:
-    if _dropout_p(dropout) > 0 and dropout_stream(layer) == "philox":
+def _dropout_note(layer, dropout: nn.Module, x) -> Optional[str]:
+    if _dropout_p(dropout) > 0 and dropout_stream(layer, x) == "philox":
         return PHILOX_DROPOUT_NOTE
     return None
 
@@ -101,7 +101,7 @@ def _lora_check(layer, adapter: str, x) -> Optional[str]:
 
 
 def _lora_note(layer, adapter: str, x) -> Optional[str]:
-    return _dropout_note(layer, layer.lora_dropout[adapter])
+    return _dropout_note(layer, layer.lora_dropout[adapter], x)
 
 
 def lora_forward_adapters(layer, adapters: list[str], x):
@@ -117,7 +117,7 @@ def lora_forward_adapters(layer, adapters: list[str], x):
     return lora_linear(x, _weight(layer), bias, [layer.lora_A[a].weight for a in adapters],
                        [layer.lora_B[a].weight for a in adapters], [layer.scaling[a] for a in adapters],
                        dropout_p=[_dropout_p(layer.lora_dropout[a]) for a in adapters],
-                       dropout_stream=dropout_stream(layer))
+                       dropout_stream=dropout_stream(layer, x))
 
 
 def lora_forward(layer, adapter: str, x):
@@ -189,7 +189,7 @@ def _branch_forward(layer, adapters: list[str], x, factors, dropouts: nn.ModuleD
     """y = x W^T + b + sum_a s_a (x_a A_a^T) B_a^T for the factors(layer, a) = (A_a, B_a, s_a)."""
     a_list, b_list, scalings = zip(*(factors(layer, a) for a in adapters))
     y = lora_linear(x, _weight(layer), layer.get_base_layer().bias, list(a_list), list(b_list), list(scalings),
-                    dropout_p=[_dropout_p(dropouts[a]) for a in adapters], dropout_stream=dropout_stream(layer))
+                    dropout_p=[_dropout_p(dropouts[a]) for a in adapters], dropout_stream=dropout_stream(layer, x))
     return y.to(x.dtype) if output_in_x_dtype else y
 
 
@@ -213,7 +213,7 @@ def _branch_entry(peft_class: str, method: str, factors, dropouts: str, adapter_
 
     return BridgeEntry(peft_class=peft_class, method=method, forward=forward,
                        applies=lambda layer, adapter: adapter in getattr(layer, held), check=entry_check,
-                       note=lambda layer, adapter, x: _dropout_note(layer, getattr(layer, dropouts)[adapter]),
+                       note=lambda layer, adapter, x: _dropout_note(layer, getattr(layer, dropouts)[adapter], x),
                        base_classes=BASE_CLASSES, autocast=True, forward_many=forward_many, check_many=_not_mixed,
                        min_macs={"cpu": 400 << 20}, small_forward=small_forward)
 
@@ -231,7 +231,7 @@ def _vera_forward_many(layer, adapters, x, adapter_names=None):
     y = vera_linear(x, _weight(layer), layer.get_base_layer().bias, [a for a, _ in sliced], [b for _, b in sliced],
                     [layer.vera_lambda_b[a] for a in adapters], [layer.vera_lambda_d[a] for a in adapters],
                     dropout_p=[_dropout_p(layer.vera_dropout[a]) for a in adapters],
-                    dropout_stream=dropout_stream(layer))
+                    dropout_stream=dropout_stream(layer, x))
     return y.to(x.dtype)
 
 
@@ -416,7 +416,7 @@ def _miss_forward(layer, adapter, x):
     if layer.miss_fn == "mini":
         block = block.repeat(1, layer.out_features // layer.miss_mini_r[adapter])
     y = miss_linear(x, layer.get_base_layer().weight, layer.get_base_layer().bias, block,
-                    dropout_p=_dropout_p(layer.miss_dropout[adapter]), dropout_stream=dropout_stream(layer))
+                    dropout_p=_dropout_p(layer.miss_dropout[adapter]), dropout_stream=dropout_stream(layer, x))
     return y.to(x.dtype)     # PEFT returns x's dtype (under autocast too)
 
 
@@ -514,7 +514,7 @@ def _randlora_forward(layer, adapter, x):
     a, b = _randlora_bases(layer, adapter)
     y = randlora_linear(x, _weight(layer), layer.get_base_layer().bias, a, b, layer.randlora_lambda[adapter],
                         layer.randlora_gamma[adapter], layer.scaling[adapter],
-                        dropout_p=_dropout_p(layer.randlora_dropout[adapter]), dropout_stream=dropout_stream(layer))
+                        dropout_p=_dropout_p(layer.randlora_dropout[adapter]), dropout_stream=dropout_stream(layer, x))
     return y.to(x.dtype)
 
 
@@ -554,7 +554,7 @@ PEFT_BRIDGE = [
     BridgeEntry(peft_class="peft.tuners.vera.layer.Linear", method="vera",
                 forward=lambda layer, adapter, x: _vera_forward_many(layer, [adapter], x),
                 applies=lambda layer, adapter: adapter in layer.vera_lambda_d, check=_vera_check,
-                note=lambda layer, adapter, x: _dropout_note(layer, layer.vera_dropout[adapter]),
+                note=lambda layer, adapter, x: _dropout_note(layer, layer.vera_dropout[adapter], x),
                 base_classes=BASE_CLASSES, autocast=True, forward_many=_vera_forward_many, check_many=_not_mixed,
                 min_macs={"cpu": 1 << 30}, small_forward=vera_small_forward),
     _branch_entry("peft.tuners.adalora.layer.SVDLinear", "adalora", _adalora_factors, "lora_dropout",
@@ -568,14 +568,14 @@ PEFT_BRIDGE = [
                 small_forward=ia3_small_forward),
     BridgeEntry(peft_class="peft.tuners.miss.layer.MissLinear", method="miss", forward=_miss_forward,
                 applies=_miss_applies, check=_miss_check,
-                note=lambda layer, adapter, x: _dropout_note(layer, layer.miss_dropout[adapter]), autocast=True,
+                note=lambda layer, adapter, x: _dropout_note(layer, layer.miss_dropout[adapter], x), autocast=True,
                 min_macs={"cpu": 1 << 30}, small_forward=miss_small_forward),
     BridgeEntry(peft_class="peft.tuners.shira.layer.Linear", method="shira", forward=_shira_forward,
                 applies=lambda layer, adapter: adapter in layer.shira_weight, check=_shira_check, autocast=True,
                 min_macs={"cpu": 128 << 20}, small_forward=shira_small_forward),
     BridgeEntry(peft_class="peft.tuners.randlora.layer.Linear", method="randlora", forward=_randlora_forward,
                 applies=lambda layer, adapter: adapter in layer.randlora_lambda, check=_randlora_check,
-                note=lambda layer, adapter, x: _dropout_note(layer, layer.randlora_dropout[adapter]),
+                note=lambda layer, adapter, x: _dropout_note(layer, layer.randlora_dropout[adapter], x),
                 base_classes=BASE_CLASSES, autocast=True, min_macs={"cpu": 256 << 20},
                 small_forward=randlora_small_forward),
 ]

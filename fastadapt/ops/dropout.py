@@ -208,6 +208,15 @@ def _dropout_backward(ctx, dy):
 philox_dropout.autograd(_dropout_backward, _dropout_setup)
 
 
+def philox_compiled(device) -> bool:
+    """Whether the Philox stream's masks on ``device`` come from compiled code (csrc/ on the CPU,
+    Triton on CUDA) under the current backend choice, rather than the pure-torch fallback (on the
+    CPU about 3x PEFT's own dropout cost: LoRA r=16 with dropout 0.1 at d=1024, N=2048 ran 3.9-4.5 x
+    the frozen base against PEFT's 1.45-1.55)."""
+    from ..backend import select
+    return select("philox_dropout", torch.device(device), tuple(philox_dropout.implementations)) != "torch"
+
+
 def _example_seeds() -> Iterator[Tensor]:
     yield torch.tensor(7, dtype=torch.int64)
     yield torch.tensor(2 ** 62 + 12345, dtype=torch.int64)
