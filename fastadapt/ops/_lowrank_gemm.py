@@ -120,6 +120,18 @@ def _triton_acc_matmul(a, b, *, mask_a=None, mask_b=None):
     return kernels.float32_matmul(a, b, dropout=dropout)
 
 
+def thin_pass_runs() -> bool:
+    """True when csrc/ builds (loading it registers torch.ops.fastadapt_cpu) and this CPU runs
+    csrc/lora.cpp's thin-product pass (AVX-512F): the "cpp" backward of LoRA and DoRA."""
+    from .. import _cpp
+    return _cpp.extension() is not None and _avx512_cpu()
+
+
+@functools.lru_cache(maxsize=None)
+def _avx512_cpu() -> bool:
+    return bool(torch.ops.fastadapt_cpu.lora_thin_supported())
+
+
 class Kernels(NamedTuple):
     """One backend's GEMM primitives (module docstring)."""
 

@@ -76,7 +76,6 @@ from ._dropout_mask import DropoutMask
 from ._policy import HALF_DTYPES, acc_dtype
 from ._registry import fused_op
 from .dora_norm_rows import colsum_product_linear, dy_row_pass
-from .lowrank_lora import _cpp_kernels_run
 
 
 class DoraKernels(NamedTuple):
@@ -239,7 +238,7 @@ def _cpp_serves(dy, x, weight, lora_A, lora_B, magnitude, norm, u, y_pre, needs)
     pre = () if y_pre is None else (y_pre,)
     return (dy.device.type == "cpu" and dtype in (torch.float32, torch.float64) and lora_A.shape[0] > 1
             and any(needs[:4]) and all(t.dtype == dtype for t in (x, weight, lora_A, lora_B, magnitude, norm, u, *pre))
-            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x, *pre)) and _cpp_kernels_run())
+            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x, *pre)) and gemm.thin_pass_runs())
 
 
 @dora_linear_backward_op.impl("cpp")

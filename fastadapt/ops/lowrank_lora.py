@@ -236,18 +236,6 @@ def _(dy, x, *args):
 _LORA_CHUNK_ROWS = 128
 
 
-def _cpp_kernels_run() -> bool:
-    """True when csrc/ builds (loading it registers torch.ops.fastadapt_cpu) and this CPU runs
-    csrc/lora.cpp's kernels (AVX-512F)."""
-    from .. import _cpp
-    return _cpp.extension() is not None and _avx512_cpu()
-
-
-@functools.lru_cache(maxsize=None)
-def _avx512_cpu() -> bool:
-    return bool(torch.ops.fastadapt_cpu.lora_thin_supported())
-
-
 def _cpp_serves(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor, ps, merged: bool,
                 needs) -> bool:
     """True when csrc/lora.cpp takes this backward: an AVX-512 CPU, float32 / float64 tensors in one
@@ -258,7 +246,7 @@ def _cpp_serves(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     return (dy.device.type == "cpu" and dtype in (torch.float32, torch.float64) and not merged
             and lora_A.shape[0] > 1 and not any(p > 0 for p in ps) and (needs[0] or needs[2] or needs[3])
             and all(t.dtype == dtype for t in (x, weight, lora_A, lora_B, u))
-            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x)) and _cpp_kernels_run())
+            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x)) and gemm.thin_pass_runs())
 
 
 @lora_linear_backward_op.impl("cpp")
