@@ -60,3 +60,16 @@ def without_compiler(monkeypatch):
     _cpp.extension.cache_clear()
     yield
     _cpp.extension.cache_clear()
+
+
+@pytest.fixture
+def thin_pass():
+    """torch.ops.fastadapt_cpu.lora_backward_thin (csrc/lora.cpp, the cpp backward of LoRA and DoRA);
+    skips where this machine cannot build csrc/ or its CPU has no AVX-512 (the cpp backends run the
+    torch body there)."""
+    from fastadapt import _cpp
+    if _cpp.extension() is None:
+        pytest.skip("csrc/ could not be built here (no C++ compiler or ninja): only the torch body runs")
+    if not torch.ops.fastadapt_cpu.lora_thin_supported():
+        pytest.skip("this CPU has no AVX-512F: the cpp backward runs the torch body")
+    return torch.ops.fastadapt_cpu.lora_backward_thin

@@ -11,7 +11,6 @@ import warnings
 import pytest
 import torch
 
-from fastadapt import _cpp
 from fastadapt.numerics import assert_rel_close
 from fastadapt.ops import dora_norm as dora_ops
 from fastadapt.ops import dora_norm_dora as ops
@@ -22,16 +21,6 @@ NAMES = ("dx", "dA", "dB", "dm", "db")
 ALL = [True, True, True, True, True]
 # the forward ops have no cpp implementation: FASTADAPT_BACKEND=cpp runs their torch one, and says so once
 pytestmark = pytest.mark.filterwarnings("ignore:dora_.*backend 'cpp' is not implemented")
-
-
-def thin_op():
-    """torch.ops.fastadapt_cpu.lora_backward_thin; skips where this machine cannot build csrc/ or its
-    CPU has no AVX-512 (the cpp backend runs the torch body there)."""
-    if _cpp.extension() is None:
-        pytest.skip("csrc/ could not be built here (no C++ compiler or ninja): only the torch body runs")
-    if not torch.ops.fastadapt_cpu.lora_thin_supported():
-        pytest.skip("this CPU has no AVX-512F: dora_linear_backward's cpp backend runs the torch body")
-    return torch.ops.fastadapt_cpu.lora_backward_thin
 
 
 def inputs(rows, d_in, d_out, rank, dtype, seed, *, recompute=False, scaling=1.5):
@@ -71,12 +60,11 @@ def assert_same_bits(got, expected, names=NAMES):
 @pytest.mark.parametrize("rank", [2, 16, 64])
 @pytest.mark.parametrize("rows", [1, 7, 300])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-def test_cpp_against_the_torch_path(dtype, rows, rank, chunk, recompute, monkeypatch):
+def test_cpp_against_the_torch_path(dtype, rows, rank, chunk, recompute, monkeypatch, thin_pass):
     """Every output of the cpp backend against the torch path's on the same inputs widened to
     float64 (float32: the table's tolerance; float64: 1e-10); 4-row chunks make 75 chunks for 300
     rows, more than the pass's 32 groups (several chunks add into one partial); 50 output columns
     end in a partial register of the colsum."""
-    thin_op()
     monkeypatch.setattr(ops, "_CPP_CHUNK_ROWS", chunk)
     args = inputs(rows, 24, 50, rank, dtype, seed=rows + rank, recompute=recompute)
     assert ops._cpp_serves(*args[:3], *args[4:], ALL)
@@ -90,11 +78,11 @@ def test_cpp_against_the_torch_path(dtype, rows, rank, chunk, recompute, monkeyp
 @pytest.mark.parametrize("out_features", [16, 50])
 @pytest.mark.parametrize("rows", [1, 7, 300])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-def test_colsum_against_float64(dtype, rows, out_features):
+def test_colsum_against_float64(dtype, rows, out_features, thin_pass):
     """The C++ pass's 4th output colsum(dY o y_pre) on 7-row chunks, with every product (dx_low, dA,
     dB) and with none of them, within the table's tolerance of the float64 sum; without y_pre it
     is empty."""
-    op = thin_op()
+    op = thin_pass
     dy, x, _, _, lora_a, lora_b, _, _, u, _ = inputs(rows, 20, out_features, 16, dtype, seed=2 * rows)
     y_pre = randn(rows, out_features, seed=rows + 5).to(dtype)
     expected = (dy.double() * y_pre.double()).sum(dim=0)
@@ -107,9 +95,8 @@ def test_colsum_against_float64(dtype, rows, out_features):
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["y_pre", "recompute"])
-def test_row_strided_views_give_the_contiguous_bits(recompute, monkeypatch):
+def test_row_strided_views_give_the_contiguous_bits(recompute, monkeypatch, thin_pass):
     """Row-sliced dy, x and y_pre (unit column stride) go to the C++ pass as they are."""
-    thin_op()
     args = inputs(37, 24, 20, 16, F32, seed=40, recompute=recompute)
     views = list(args)
     for i in (0, 1) if recompute else (0, 1, 9):
@@ -122,10 +109,10 @@ def test_row_strided_views_give_the_contiguous_bits(recompute, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-def test_results_do_not_depend_on_the_thread_count(dtype, monkeypatch):
+def test_results_do_not_depend_on_the_thread_count(dtype, monkeypatch, thin_pass):
     """dA, dB, dm through the registered op (5 chunks of 128 rows, the last ragged; dx adds BLAS's
     dY (g o W), not the pass's) and the pass's colsum on 10-row chunks (52 chunks in 32 groups)."""
-    op = thin_op()
+    op = thin_pass
     args = inputs(517, 96, 80, 16, dtype, seed=50)
     dy, x, *_, lora_a, lora_b, _, _, u, y_pre = args
     threads = torch.get_num_threads()
@@ -144,9 +131,8 @@ def test_results_do_not_depend_on_the_thread_count(dtype, monkeypatch):
 @pytest.mark.parametrize("recompute", [False, True], ids=["y_pre", "recompute"])
 @pytest.mark.parametrize("needs", [[False, False, False, True, False], [False, True, False, False, False],
                                    [True, False, False, False, True], [False, False, True, True, False]], ids=str)
-def test_each_subset_of_gradients(needs, recompute, monkeypatch):
+def test_each_subset_of_gradients(needs, recompute, monkeypatch, thin_pass):
     """What is not asked for is empty, what is asked for is the torch path's (float64, tight)."""
-    thin_op()
     args = inputs(9, 12, 10, 3, F64, seed=60, recompute=recompute)
     got = backward("cpp", monkeypatch, args, needs=needs)
     expected = backward("torch", monkeypatch, args, needs=needs)
@@ -157,11 +143,10 @@ def test_each_subset_of_gradients(needs, recompute, monkeypatch):
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["y_pre", "recompute"])
-def test_gradients_through_the_registered_ops_check_in_float64(recompute, monkeypatch):
+def test_gradients_through_the_registered_ops_check_in_float64(recompute, monkeypatch, thin_pass):
     """FASTADAPT_BACKEND=cpp: fastadapt::dora_linear's gradients in x, bias, A, B and the magnitude
     by gradcheck (the norm a constant, as in PEFT: detached; a row-strided x, 3-row chunks); the
     backward op's cpp implementation is the one that ran and handed the products to C++."""
-    thin_op()
     monkeypatch.setenv("FASTADAPT_BACKEND", "cpp")
     monkeypatch.setattr(ops, "_CPP_CHUNK_ROWS", 3)
     calls = []
@@ -182,10 +167,9 @@ def test_gradients_through_the_registered_ops_check_in_float64(recompute, monkey
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["y_pre", "recompute"])
-def test_cpp_backend_gives_the_torch_backends_layer_gradients(recompute, monkeypatch):
+def test_cpp_backend_gives_the_torch_backends_layer_gradients(recompute, monkeypatch, thin_pass):
     """dora_linear in float32 (x, bias, A, B, magnitude trainable) under both backends: the same
     output and gradients within float32's tolerance."""
-    thin_op()
     dy, x, weight, bias, lora_a, lora_b, magnitude, *_ = inputs(300, 40, 36, 16, F32, seed=80)
     results = {}
     for backend in ("torch", "cpp"):
@@ -197,11 +181,10 @@ def test_cpp_backend_gives_the_torch_backends_layer_gradients(recompute, monkeyp
         assert_rel_close(a, e.double(), F32, name=name)
 
 
-def test_configurations_it_does_not_take_run_the_torch_body(monkeypatch):
+def test_configurations_it_does_not_take_run_the_torch_body(monkeypatch, thin_pass):
     """Rank 1, a half base with a float32 adapter, a float32 adapter on a float64 base,
     column-strided x / dy / y_pre, only db wanted: the cpp backend runs the torch body, bit for bit;
     the dropout op (no cpp implementation) runs its torch one."""
-    thin_op()
     args = inputs(9, 12, 10, 4, F32, seed=90)
     dy, x, weight, bias, lora_a, lora_b, magnitude, norm, u, y_pre = args
     bf16 = torch.bfloat16   # PEFT's float32 adapter (and u, the norm) on a bfloat16 base

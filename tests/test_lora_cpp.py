@@ -11,7 +11,6 @@ import warnings
 import pytest
 import torch
 
-from fastadapt import _cpp
 from fastadapt.numerics import assert_rel_close
 from fastadapt.ops import lowrank as lowrank_ops
 from fastadapt.ops import lowrank_lora as ops
@@ -22,16 +21,6 @@ NAMES = ("dx", "db", "dA", "dB")
 ALL = [True, True, True, True]
 # the forward op has no cpp implementation: FASTADAPT_BACKEND=cpp runs its torch one, and says so once
 pytestmark = pytest.mark.filterwarnings("ignore:lora_linear. backend 'cpp' is not implemented")
-
-
-def thin_op():
-    """torch.ops.fastadapt_cpu.lora_backward_thin; skips where this machine cannot build csrc/ or its
-    CPU has no AVX-512 (the cpp backend runs the torch path there)."""
-    if _cpp.extension() is None:
-        pytest.skip("csrc/ could not be built here (no C++ compiler or ninja): only the torch path runs")
-    if not torch.ops.fastadapt_cpu.lora_thin_supported():
-        pytest.skip("this CPU has no AVX-512F: lora_linear_backward's cpp backend runs the torch path")
-    return torch.ops.fastadapt_cpu.lora_backward_thin
 
 
 def inputs(rows, d_in, d_out, rank, dtype, seed):
@@ -63,11 +52,10 @@ def assert_same_bits(got, expected, names=NAMES):
 @pytest.mark.parametrize("rank", [2, 16, 64])
 @pytest.mark.parametrize("rows", [1, 7, 300])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-def test_cpp_against_the_torch_path(dtype, rows, rank, chunk, monkeypatch):
+def test_cpp_against_the_torch_path(dtype, rows, rank, chunk, monkeypatch, thin_pass):
     """Every output of the cpp backend against the torch path's on the same inputs widened to
     float64 (float32: the table's tolerance; float64: 1e-10); 4-row chunks make 75 chunks for 300
     rows, more than the op's 32 groups (several chunks add into one partial)."""
-    thin_op()
     monkeypatch.setattr(ops, "_LORA_CHUNK_ROWS", chunk)
     args = inputs(rows, 24, 20, rank, dtype, seed=rows + rank)
     scaling = 0.75
@@ -81,11 +69,11 @@ def test_cpp_against_the_torch_path(dtype, rows, rank, chunk, monkeypatch):
 @pytest.mark.parametrize("rank", [1, 16, 20, 64])
 @pytest.mark.parametrize("rows", [1, 7, 300])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-def test_op_against_float64(dtype, rows, rank):
+def test_op_against_float64(dtype, rows, rank, thin_pass):
     """The C++ op itself on 7-row chunks: dx_low = s dY B A, dA = s (dY B)^T x, dB = s dY^T u within
     the table's tolerance (rank 1: the registered op runs the torch path, the C++ op still takes it;
     20 ranks: a partial register of ranks; 70 columns: a partial register of columns)."""
-    op = thin_op()
+    op = thin_pass
     dy, x, _, lora_a, lora_b, u = inputs(rows, 70, 50, rank, dtype, seed=3 * rows + rank)
     t = 1.5 * dy.double() @ lora_b.double()
     expected = [t @ lora_a.double(), t.T @ x.double(), 1.5 * dy.double().T @ u.double()]
@@ -95,9 +83,8 @@ def test_op_against_float64(dtype, rows, rank):
         assert_rel_close(a, e, dtype, name=name)
 
 
-def test_row_strided_dy_and_x_give_the_contiguous_bits(monkeypatch):
+def test_row_strided_dy_and_x_give_the_contiguous_bits(monkeypatch, thin_pass):
     """Row-sliced views (row stride 2 d, unit column stride) go to the C++ op as they are."""
-    thin_op()
     dy, x, weight, lora_a, lora_b, u = inputs(37, 24, 20, 16, F32, seed=40)
     wide_dy, wide_x = randn(74, 20, seed=41).to(F32), randn(74, 24, seed=42).to(F32)
     wide_dy[1::2], wide_x[::2] = dy, x
@@ -109,10 +96,10 @@ def test_row_strided_dy_and_x_give_the_contiguous_bits(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-def test_results_do_not_depend_on_the_thread_count(dtype, monkeypatch):
+def test_results_do_not_depend_on_the_thread_count(dtype, monkeypatch, thin_pass):
     """dA, dB through the registered op (5 chunks of 128 rows, the last ragged; its dx adds BLAS's
     dY W, not this op's) and every output of the C++ op on 10-row chunks (52 chunks in 32 groups)."""
-    op = thin_op()
+    op = thin_pass
     args = inputs(517, 96, 80, 16, dtype, seed=50)
     dy, x, _, lora_a, lora_b, u = args
     threads = torch.get_num_threads()
@@ -130,9 +117,8 @@ def test_results_do_not_depend_on_the_thread_count(dtype, monkeypatch):
 
 @pytest.mark.parametrize("needs", [[False, False, True, False], [True, False, False, False],
                                    [False, False, False, True], [True, True, False, True]], ids=str)
-def test_each_subset_of_gradients(needs, monkeypatch):
+def test_each_subset_of_gradients(needs, monkeypatch, thin_pass):
     """What is not asked for is empty, what is asked for is the torch path's (float64, tight)."""
-    thin_op()
     args = inputs(9, 12, 10, 3, F64, seed=60)
     got = backward("cpp", monkeypatch, *args, 1.5, needs=needs)
     expected = backward("torch", monkeypatch, *args, 1.5, needs=needs)
@@ -142,9 +128,8 @@ def test_each_subset_of_gradients(needs, monkeypatch):
             assert_rel_close(a, e, F64, name=name)
 
 
-def test_u_not_kept_is_recomputed(monkeypatch):
+def test_u_not_kept_is_recomputed(monkeypatch, thin_pass):
     """The forward keeps no u where x is cheaper to save: the cpp backend forms x A^T again."""
-    thin_op()
     dy, x, weight, lora_a, lora_b, u = inputs(11, 12, 10, 4, F64, seed=70)
     got = backward("cpp", monkeypatch, dy, x, weight, lora_a, lora_b, u.new_empty(0, 4), 1.25)
     expected = backward("torch", monkeypatch, dy, x, weight, lora_a, lora_b, u, 1.25)
@@ -153,11 +138,10 @@ def test_u_not_kept_is_recomputed(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [7, 13])
-def test_gradients_through_the_registered_ops_check_in_float64(rows, monkeypatch):
+def test_gradients_through_the_registered_ops_check_in_float64(rows, monkeypatch, thin_pass):
     """FASTADAPT_BACKEND=cpp: lora_linear's gradients by gradcheck (two adapters with different
     scalings, a row-strided x, 3-row chunks); the backward op's cpp implementation is the one
     that ran and handed the products to C++."""
-    thin_op()
     monkeypatch.setenv("FASTADAPT_BACKEND", "cpp")
     monkeypatch.setattr(ops, "_LORA_CHUNK_ROWS", 3)
     calls = []
@@ -175,10 +159,9 @@ def test_gradients_through_the_registered_ops_check_in_float64(rows, monkeypatch
     assert calls and all(calls)
 
 
-def test_cpp_backend_gives_the_torch_backends_layer_gradients(monkeypatch):
+def test_cpp_backend_gives_the_torch_backends_layer_gradients(monkeypatch, thin_pass):
     """lora_linear in float32 (x, bias, A, B trainable) under both backends: the same output and
     gradients within float32's tolerance."""
-    thin_op()
     dy, x, weight, lora_a, lora_b, _ = inputs(300, 40, 36, 16, F32, seed=80)
     bias = randn(36, seed=85).to(F32)
     results = {}
@@ -191,10 +174,9 @@ def test_cpp_backend_gives_the_torch_backends_layer_gradients(monkeypatch):
         assert_rel_close(a, e.double(), F32, name=name)
 
 
-def test_configurations_it_does_not_take_run_the_torch_path(monkeypatch):
+def test_configurations_it_does_not_take_run_the_torch_path(monkeypatch, thin_pass):
     """Dropout, merged mode, rank 1, a half base, a float32 adapter on a float64 base and
     column-strided x or dy: the cpp backend runs the torch path, bit for bit."""
-    thin_op()
     dy, x, weight, lora_a, lora_b, u = inputs(9, 12, 10, 4, F32, seed=90)
     cases = {
         "dropout": dict(ranks=[2, 2], ps=[0.25, 0.0], seeds=[torch.tensor(7)]),
@@ -214,8 +196,8 @@ def test_configurations_it_does_not_take_run_the_torch_path(monkeypatch):
         assert_same_bits(backward("cpp", monkeypatch, *args, 1.5), backward("torch", monkeypatch, *args, 1.5))
 
 
-def test_empty_batch_gives_zero_factor_gradients():
-    op = thin_op()
+def test_empty_batch_gives_zero_factor_gradients(thin_pass):
+    op = thin_pass
     dy, x, weight, lora_a, lora_b, u = inputs(0, 12, 10, 4, F32, seed=95)
     dx, d_a, d_b, colsum = op(dy, x, u, lora_b, lora_a, 2.0, True, True, True)
     assert dx.shape == (0, 12) and d_a.shape == (4, 12) and d_b.shape == (10, 4) and colsum.numel() == 0
@@ -224,8 +206,8 @@ def test_empty_batch_gives_zero_factor_gradients():
     assert colsum.shape == (10,) and not colsum.any()
 
 
-def test_bad_input_raises_naming_the_parameter():
-    op = thin_op()
+def test_bad_input_raises_naming_the_parameter(thin_pass):
+    op = thin_pass
     dy, x, weight, lora_a, lora_b, u = inputs(5, 12, 10, 4, F32, seed=96)
     with pytest.raises(ValueError, match="chunk_rows=0 must be positive"):
         op(dy, x, u, lora_b, lora_a, 1.0, True, True, True, 0)

@@ -127,6 +127,17 @@ def thin_pass_runs() -> bool:
     return _cpp.extension() is not None and _avx512_cpu()
 
 
+def thin_pass_takes(rank: int, rows: tuple, others: tuple) -> bool:
+    """True when csrc/lora.cpp's pass takes a backward: CPU float32 / float64 tensors all in the
+    first row tensor's dtype, rank >= 2 (rank 1 is BLAS's matrix-vector product, faster), the (N, d)
+    ``rows`` tensors with a unit column stride (a column-strided view runs the torch body rather
+    than pay a copy), and :func:`thin_pass_runs`."""
+    dtype = rows[0].dtype
+    return (rows[0].device.type == "cpu" and dtype in (torch.float32, torch.float64) and rank > 1
+            and all(t.dtype == dtype for t in (*rows, *others))
+            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in rows) and thin_pass_runs())
+
+
 @functools.lru_cache(maxsize=None)
 def _avx512_cpu() -> bool:
     return bool(torch.ops.fastadapt_cpu.lora_thin_supported())

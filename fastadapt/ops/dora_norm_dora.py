@@ -230,15 +230,11 @@ _CPP_CHUNK_ROWS = 128
 
 
 def _cpp_serves(dy, x, weight, lora_A, lora_B, magnitude, norm, u, y_pre, needs) -> bool:
-    """True when csrc/lora.cpp takes this backward: an AVX-512 CPU, float32 / float64 tensors in one
-    dtype, rank >= 2 (rank 1 is BLAS's matrix-vector product, faster), dx, dA, dB or dm wanted, dy,
-    x and y_pre rows with a unit column stride (a column-strided view runs the torch body rather
-    than pay a copy)."""
-    dtype = dy.dtype
+    """True when csrc/lora.cpp takes this backward (``gemm.thin_pass_takes``, y_pre a row tensor
+    too): dx, dA, dB or dm wanted."""
     pre = () if y_pre is None else (y_pre,)
-    return (dy.device.type == "cpu" and dtype in (torch.float32, torch.float64) and lora_A.shape[0] > 1
-            and any(needs[:4]) and all(t.dtype == dtype for t in (x, weight, lora_A, lora_B, magnitude, norm, u, *pre))
-            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x, *pre)) and gemm.thin_pass_runs())
+    return any(needs[:4]) and gemm.thin_pass_takes(lora_A.shape[0], (dy, x, *pre),
+                                                  (weight, lora_A, lora_B, magnitude, norm, u))
 
 
 @dora_linear_backward_op.impl("cpp")

@@ -238,15 +238,10 @@ _LORA_CHUNK_ROWS = 128
 
 def _cpp_serves(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, u: Tensor, ps, merged: bool,
                 needs) -> bool:
-    """True when csrc/lora.cpp takes this backward: an AVX-512 CPU, float32 / float64 tensors in one
-    dtype, rank >= 2 (rank 1 is BLAS's matrix-vector product, faster), no dropout, not merged, some
-    thin product wanted, dy and x rows with a unit column stride (a column-strided view runs the
-    torch path rather than pay a copy)."""
-    dtype = dy.dtype
-    return (dy.device.type == "cpu" and dtype in (torch.float32, torch.float64) and not merged
-            and lora_A.shape[0] > 1 and not any(p > 0 for p in ps) and (needs[0] or needs[2] or needs[3])
-            and all(t.dtype == dtype for t in (x, weight, lora_A, lora_B, u))
-            and all(t.shape[1] <= 1 or t.stride(1) == 1 for t in (dy, x)) and gemm.thin_pass_runs())
+    """True when csrc/lora.cpp takes this backward (``gemm.thin_pass_takes``): no dropout, not
+    merged, some thin product wanted."""
+    return (not merged and not any(p > 0 for p in ps) and (needs[0] or needs[2] or needs[3])
+            and gemm.thin_pass_takes(lora_A.shape[0], (dy, x), (weight, lora_A, lora_B, u)))
 
 
 @lora_linear_backward_op.impl("cpp")
